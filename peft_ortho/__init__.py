@@ -1,0 +1,33 @@
+"""peft-ortho: adapters that merge without crosstalk, as peft tuners.
+
+``import peft_ortho`` registers its tuners with peft, after which ``get_peft_model``,
+``PeftModel.from_pretrained``, ``PeftConfig.from_pretrained`` and transformers' ``load_adapter`` know them.
+"""
+
+from ._registry import PeftOrthoType, register_all
+from .errors import (
+    AdapterFileError,
+    BasisError,
+    BasisMismatchError,
+    IncompatibleAdaptersError,
+    PeftOrthoError,
+    UnsupportedLayerError,
+)
+from .tuners.ortho_lora import OrthoLoraConfig, OrthoLoraModel
+
+register_all()
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "AdapterFileError",
+    "BasisError",
+    "BasisMismatchError",
+    "IncompatibleAdaptersError",
+    "OrthoLoraConfig",
+    "OrthoLoraModel",
+    "PeftOrthoError",
+    "PeftOrthoType",
+    "UnsupportedLayerError",
+    "__version__",
+]
