@@ -39,8 +39,10 @@ def register(peft_type: PeftOrthoType, config_cls: type, model_cls: type, prefix
         (mapping.PEFT_TYPE_TO_PREFIX_MAPPING, prefix),
     ):
         current = table.get(peft_type)
-        if current is not None and current is not value and getattr(current, "__qualname__", current) != getattr(
-            value, "__qualname__", value
+        if (
+            current is not None
+            and current is not value
+            and getattr(current, "__qualname__", current) != getattr(value, "__qualname__", value)
         ):
             raise RuntimeError(f"peft already has a different {peft_type.value} registered: {current!r}")
         table[peft_type] = value

@@ -33,7 +33,9 @@ class OrthoLoraConfig(LoraConfig):
 
     basis: str = field(
         default="orthogonal",
-        metadata={"help": "'orthogonal' (rows of a seeded orthogonal matrix) or 'gaussian' (i.i.d., paper's alternative)."},
+        metadata={
+            "help": "'orthogonal' (rows of a seeded orthogonal matrix) or 'gaussian' (i.i.d., paper's alternative)."
+        },
     )
     basis_seed: int = field(default=0, metadata={"help": "Seed shared by everyone whose adapters should merge."})
     slot: Optional[Union[int, str]] = field(

@@ -72,7 +72,9 @@ def resolve_rows(config, n: int, r: int, adapter_name: str, layer_name: str) -> 
             layer=layer_name,
         )
     if len(set(expected)) != r or min(expected) < 0 or max(expected) >= n:
-        raise BasisMismatchError(f"invalid basis rows recorded for shape {key}", adapter=adapter_name, layer=layer_name)
+        raise BasisMismatchError(
+            f"invalid basis rows recorded for shape {key}", adapter=adapter_name, layer=layer_name
+        )
     config.basis_rows = {**(config.basis_rows or {}), key: expected}
     return expected
 

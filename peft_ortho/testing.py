@@ -1,0 +1,143 @@
+"""Tiny models built from configs, for tests, examples and benchmarks. Nothing here touches the network.
+
+``tiny_sd_pipeline()`` returns a real ``diffusers.StableDiffusionPipeline`` (UNet2DConditionModel,
+CLIPTextModel, a CLIP BPE tokenizer whose vocabulary is written in code, AutoencoderKL, DDIM scheduler)
+small enough to run a denoising step in milliseconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+import tempfile
+
+import torch
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def tiny_unet(seed: int = 0, cross_attention_dim: int = 32, sample_size: int = 8, block_out_channels=(32, 64)):
+    """A two-block ``UNet2DConditionModel`` (cross-attention in both blocks), random weights from ``seed``."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=tuple(block_out_channels),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    ).eval()
+
+
+def tiny_text_encoder(seed: int = 0, hidden_size: int = 32, vocab_size: int = 1000):
+    """A two-layer ``CLIPTextModel`` built from a config."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    return CLIPTextModel(config).eval()
+
+
+def _byte_alphabet() -> list[str]:
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(extra))]
+
+
+def _write_tokenizer_files(folder: str) -> None:
+    # Byte-level BPE needs its byte -> printable-character alphabet (GPT-2's); a character vocabulary plus
+    # end-of-word forms is enough for a working CLIP tokenizer (every word splits into characters).
+    chars = _byte_alphabet()
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in chars:
+        vocab.setdefault(ch, len(vocab))
+    for ch in chars:
+        vocab.setdefault(ch + "</w>", len(vocab))
+    merges = ["#version: 0.2"]
+    for a in string.ascii_lowercase:
+        for b in "aeiou":
+            merges.append(f"{a} {b}</w>")
+            vocab.setdefault(f"{a}{b}</w>", len(vocab))
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("\n".join(merges) + "\n")
+
+
+def tiny_tokenizer(folder: str | None = None, model_max_length: int = 16):
+    """A real ``CLIPTokenizer`` whose vocabulary (about 650 tokens) is written in code."""
+    from transformers import CLIPTokenizer
+
+    folder = folder or tempfile.mkdtemp(prefix="peft_ortho_tok_")
+    _write_tokenizer_files(folder)
+    return CLIPTokenizer(
+        os.path.join(folder, "vocab.json"),
+        os.path.join(folder, "merges.txt"),
+        model_max_length=model_max_length,
+        pad_token="<|endoftext|>",
+    )
+
+
+def tiny_vae(seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(8,),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=8,
+    ).eval()
+
+
+def tiny_sd_pipeline(seed: int = 0):
+    """A complete ``StableDiffusionPipeline`` of tiny random models, no safety checker."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        unet=tiny_unet(seed),
+        text_encoder=tiny_text_encoder(seed),
+        tokenizer=tiny_tokenizer(),
+        vae=tiny_vae(seed),
+        scheduler=DDIMScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1
+        ),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def unet_inputs(unet, batch: int = 2, seq: int = 5, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Deterministic inputs for one UNet call: ``sample``, ``timestep``, ``encoder_hidden_states``."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = unet.config
+    return {
+        "sample": torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g),
+        "timestep": torch.tensor([10] * batch),
+        "encoder_hidden_states": torch.randn(batch, seq, cfg.cross_attention_dim, generator=g),
+    }

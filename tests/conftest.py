@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny models built from configs, no network."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import peft_ortho  # noqa: E402,F401  (registers the tuners)
+from peft_ortho import testing  # noqa: E402
+
+
+class MLP(nn.Module):
+    """Linear + k×k Conv2d + 1×1 Conv2d model with a plain ``forward``; ``in`` widths 32, 16·9, 8."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin0 = nn.Linear(32, 64)
+        self.lin1 = nn.Linear(64, 32)
+        self.conv = nn.Conv2d(16, 8, 3, padding=1)
+        self.conv1x1 = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x, img=None):
+        y = self.lin1(torch.relu(self.lin0(x)))
+        if img is None:
+            return y
+        return y, self.conv1x1(self.conv(img))
+
+
+@pytest.fixture
+def mlp():
+    torch.manual_seed(0)
+    return MLP()
+
+
+@pytest.fixture
+def tiny_unet():
+    return testing.tiny_unet()
+
+
+@pytest.fixture
+def tiny_pipe():
+    return testing.tiny_sd_pipeline()
+
+
+@pytest.fixture
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=32)).eval()
