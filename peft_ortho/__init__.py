@@ -17,6 +17,8 @@ from .tuners.ortho_lora import OrthoLoraConfig, OrthoLoraModel
 
 register_all()
 
+from .compose import MergedAdapter, compose  # noqa: E402  (after registration: compose reads adapter configs)
+
 __version__ = "0.1.0.dev0"
 
 __all__ = [
@@ -24,10 +26,12 @@ __all__ = [
     "BasisError",
     "BasisMismatchError",
     "IncompatibleAdaptersError",
+    "MergedAdapter",
     "OrthoLoraConfig",
     "OrthoLoraModel",
     "PeftOrthoError",
     "PeftOrthoType",
     "UnsupportedLayerError",
     "__version__",
+    "compose",
 ]

@@ -84,7 +84,7 @@ def expected_basis(config, n: int, r: int, adapter_name: str, layer_name: str) -
     rows = resolve_rows(config, n, r, adapter_name, layer_name)
     a64 = bases.basis_rows(config.basis, config.basis_seed, n, rows)
     key = bases.shape_key(n, r)
-    digest = bases.checksum(a64)
+    digest = bases.basis_checksum(config.basis, config.basis_seed, n, rows)
     recorded = (config.basis_checksums or {}).get(key)
     if recorded is not None and recorded != digest:
         raise BasisMismatchError(

@@ -1,0 +1,158 @@
+"""Compatibility checks between adapters, before and during the merge pass.
+
+Refusals raise ``IncompatibleAdaptersError`` / ``BasisMismatchError`` / ``AdapterFileError`` naming the adapter and
+the layer. Situations that are merely lossy (two random orthogonal slots sharing rows) are ``CollisionWarning``s
+carrying the number of shared rows.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from types import SimpleNamespace
+
+import torch
+
+from .. import bases
+from .._io import check_finite
+from ..bases import ALGORITHM_VERSION
+from ..errors import BasisMismatchError, IncompatibleAdaptersError
+from ..tuners.ortho_lora.layer import expected_basis
+from .load import Adapter, LayerFactors
+
+
+class CollisionWarning(UserWarning):
+    """Two orthogonal adapters share basis rows on some layers: their merge will have crosstalk there."""
+
+
+def check_weights(adapters: list[Adapter], weights) -> list[float]:
+    if weights is None:
+        return [1.0] * len(adapters)
+    weights = [float(w) for w in weights]
+    if len(weights) != len(adapters):
+        raise ValueError(f"got {len(weights)} weights for {len(adapters)} adapters")
+    for adapter, w in zip(adapters, weights):
+        if not math.isfinite(w):
+            raise IncompatibleAdaptersError(f"weight {w} is not finite", adapter=adapter.name)
+    return weights
+
+
+def check_configs(adapters: list[Adapter], *, allow_different_base: bool = False) -> None:
+    """Checks that need only the configs: base model, basis seed and algorithm."""
+    bases = [(a, a.base_model) for a in adapters if a.base_model]
+    for (a, base_a), (b, base_b) in itertools.combinations(bases, 2):
+        if base_a != base_b and not allow_different_base:
+            raise IncompatibleAdaptersError(
+                f"was trained on base model {base_a!r} but {b.name!r} on {base_b!r}; merging adapters of different "
+                "bases gives garbage (pass allow_different_base=True if these names denote the same weights)",
+                adapter=a.name,
+            )
+    ortho = [a for a in adapters if a.is_orthogonal]
+    for a in ortho:
+        algorithm = a.config.get("basis_algorithm")
+        if algorithm != ALGORITHM_VERSION:
+            raise BasisMismatchError(
+                f"basis algorithm {algorithm!r} is not {ALGORITHM_VERSION!r}, the one this peft-ortho generates",
+                adapter=a.name,
+            )
+    for a, b in itertools.combinations(ortho, 2):
+        for field in ("basis", "basis_seed"):
+            if a.config.get(field) != b.config.get(field):
+                raise IncompatibleAdaptersError(
+                    f"{field}={a.config.get(field)!r} but adapter {b.name!r} has {field}={b.config.get(field)!r}: "
+                    "orthogonal adapters only merge without crosstalk when drawn from the same basis",
+                    adapter=a.name,
+                )
+
+
+def shared_rows(adapters: list[Adapter]) -> dict[tuple[str, str], dict[str, int]]:
+    """For each pair of orthogonal adapters, the number of basis rows they share per ``"in/r"`` shape."""
+    ortho = [a for a in adapters if a.is_orthogonal]
+    out = {}
+    for a, b in itertools.combinations(ortho, 2):
+        rows_a, rows_b = a.config.get("basis_rows") or {}, b.config.get("basis_rows") or {}
+        by_width_a = {k.split("/")[0]: set(v) for k, v in rows_a.items()}
+        by_width_b = {k.split("/")[0]: set(v) for k, v in rows_b.items()}
+        common = {w: len(by_width_a[w] & by_width_b[w]) for w in by_width_a.keys() & by_width_b.keys()}
+        common = {w: c for w, c in common.items() if c}
+        if common:
+            out[(a.name, b.name)] = common
+    return out
+
+
+def warn_collisions(adapters: list[Adapter]) -> None:
+    for (a, b), common in shared_rows(adapters).items():
+        detail = ", ".join(f"{c} shared rows at input width {w}" for w, c in sorted(common.items()))
+        warnings.warn(
+            f"adapters {a!r} and {b!r} share basis rows ({detail}): on those layers each reads part of the other's "
+            "input subspace, so the merge has crosstalk there (see merged.report for the measured ratio). Use "
+            "distinct `slot`s or `concept_id`s to avoid it.",
+            CollisionWarning,
+            stacklevel=3,
+        )
+
+
+def check_shapes(adapters: list[Adapter], layer: tuple[str | None, str], factors: list[LayerFactors]) -> None:
+    """Ranks agree within each adapter, and every adapter's ΔW (and conv kernel) has the same shape on this layer."""
+    ref_name, ref = adapters[0].name, factors[0]
+    for adapter, f in zip(adapters, factors):
+        if f.A.shape[0] != f.B.shape[1]:
+            raise IncompatibleAdaptersError(
+                f"lora_A has rank {f.A.shape[0]} but lora_B has rank {f.B.shape[1]}",
+                adapter=adapter.name,
+                layer=layer[1],
+            )
+        shape, ref_shape = (f.B.shape[0], f.A.shape[1]), (ref.B.shape[0], ref.A.shape[1])
+        if shape != ref_shape or f.a_shape[1:] != ref.a_shape[1:]:
+            raise IncompatibleAdaptersError(
+                f"ΔW has shape {shape} (kernel {f.a_shape[2:]}) but adapter {ref_name!r} has {ref_shape} (kernel "
+                f"{ref.a_shape[2:]}) on the same layer: the adapters were trained on different base models",
+                adapter=adapter.name,
+                layer=layer[1],
+            )
+
+
+def check_finite_factors(
+    adapters: list[Adapter], layer: tuple[str | None, str], factors: list[LayerFactors], skip_orthogonal_A: bool
+) -> None:
+    """No NaN/Inf. One reduction per tensor; the exact element-wise test runs only to name a suspect."""
+    for adapter, f in zip(adapters, factors):
+        tensors = {"lora_B": f.B} if skip_orthogonal_A and adapter.is_orthogonal else {"lora_A": f.A, "lora_B": f.B}
+        for kind, t in tensors.items():
+            if not bool(torch.isfinite(t.sum())):  # NaN/Inf always reach the sum; overflow only makes a suspect
+                check_finite({f"{layer[1]}.{kind}": t}, adapter=adapter.name)
+
+
+def check_basis(adapter: Adapter, layer: str, factors: LayerFactors) -> None:
+    """The stored ``lora_A`` must be, bit for bit, the basis rows its config records (and their checksum).
+
+    The config-level part (rows follow from the slot, checksum matches the regenerated rows) depends only on the
+    ``(in, r)`` shape, so it runs once per adapter and shape; the tensor comparison runs for every layer.
+    """
+    r, n = factors.A.shape
+    key = bases.shape_key(n, r)
+    spec = adapter.__dict__.setdefault("_basis_spec", None)
+    if spec is None:
+        cfg = adapter.config
+        spec = adapter._basis_spec = SimpleNamespace(
+            basis=cfg.get("basis", "orthogonal"),
+            basis_seed=cfg.get("basis_seed", 0),
+            basis_algorithm=cfg.get("basis_algorithm"),
+            slot=cfg.get("slot"),
+            concept_id=cfg.get("concept_id"),
+            basis_rows=dict(cfg.get("basis_rows") or {}),
+            basis_checksums=dict(cfg.get("basis_checksums") or {}),
+            verified=set(),
+        )
+    if key not in spec.verified:
+        expected_basis(spec, n, r, adapter.name, layer)  # rows follow from the slot; checksum matches
+        spec.verified.add(key)
+    # Compare in the dtype the file stores: the cast is part of the contract.
+    expected = bases.basis_rows_as(spec.basis, spec.basis_seed, n, spec.basis_rows[key], factors.stored_dtype)
+    if not torch.equal(factors.A.to(factors.stored_dtype), expected):
+        raise BasisMismatchError(
+            "lora_A is not the basis its config records (the checkpoint was edited or mixed up)",
+            adapter=adapter.name,
+            layer=layer,
+        )

@@ -1,0 +1,125 @@
+"""Writing a merged adapter: a PEFT adapter folder, a diffusers LoRA file, or fused into a model's weights."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .._io import atomic_dir
+from ..errors import IncompatibleAdaptersError
+from .load import PEFT_PREFIX
+from .merge import MergedLayer
+
+
+def lora_tensors(layers: dict[str, MergedLayer], svd_rank: int | None = None) -> tuple[dict, dict[str, int]]:
+    """``{"<layer>.lora_A.weight": A, "<layer>.lora_B.weight": B}`` in peft's stored shapes, and rank per layer."""
+    tensors, ranks = {}, {}
+    for name, layer in layers.items():
+        A, B = layer.factors(svd_rank)
+        a_shape, b_shape = layer.stored_shapes(A.shape[0])
+        tensors[f"{name}.lora_A.weight"] = A.reshape(a_shape).contiguous()
+        tensors[f"{name}.lora_B.weight"] = B.reshape(b_shape).contiguous()
+        ranks[name] = A.shape[0]
+    return tensors, ranks
+
+
+def lora_config_dict(ranks: dict[str, int], base_model: str | None) -> dict:
+    """A plain ``peft.LoraConfig`` for the merged factors: scale 1 (weights and alphas live in ``B``).
+
+    Every layer may have its own rank (Σ of the ranks of the adapters that touch it), so each gets an exact
+    ``rank_pattern``/``alpha_pattern`` entry anchored on its full module name.
+    """
+    from peft import LoraConfig
+
+    common = max(set(ranks.values()), key=list(ranks.values()).count)
+    pattern = {f"^{name.replace('.', '[.]')}$": r for name, r in ranks.items() if r != common}
+    config = LoraConfig(
+        r=common,
+        lora_alpha=common,
+        target_modules=sorted(ranks),
+        rank_pattern=pattern,
+        alpha_pattern=dict(pattern),
+        base_model_name_or_path=base_model,
+    )
+    out = config.to_dict()
+    out["peft_type"] = "LORA"
+    out["target_modules"] = sorted(ranks)
+    return out
+
+
+def save_peft_folder(folder: str, layers: dict[str, MergedLayer], base_model, svd_rank, card_text: str) -> None:
+    tensors, ranks = lora_tensors(layers, svd_rank)
+    save_file({PEFT_PREFIX + k: v for k, v in tensors.items()}, os.path.join(folder, "adapter_model.safetensors"))
+    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+        json.dump(lora_config_dict(ranks, base_model), f, indent=2, sort_keys=True)
+    with open(os.path.join(folder, "README.md"), "w") as f:
+        f.write(card_text)
+
+
+def save_peft(out_dir, by_component, base_model, svd_rank, card_text, overwrite=False) -> str:
+    """One PEFT adapter; with several components (unet + text_encoder), one sub-folder each."""
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        if list(by_component) == [None]:
+            save_peft_folder(tmp, by_component[None], base_model, svd_rank, card_text)
+        else:
+            for component, layers in by_component.items():
+                sub = os.path.join(tmp, component or "model")
+                os.makedirs(sub)
+                save_peft_folder(sub, layers, base_model, svd_rank, card_text)
+            with open(os.path.join(tmp, "README.md"), "w") as f:
+                f.write(card_text)
+    return os.path.abspath(out_dir)
+
+
+def save_diffusers_file(out_dir, by_component, default_component, svd_rank, overwrite=False) -> str:
+    from ..export import write_diffusers_file
+
+    tensors_by_component, metadata_by_component = {}, {}
+    for component, layers in by_component.items():
+        component = component or default_component
+        tensors, ranks = lora_tensors(layers, svd_rank)
+        tensors_by_component[component] = tensors
+        metadata_by_component[component] = lora_config_dict(ranks, None)
+    return write_diffusers_file(out_dir, tensors_by_component, metadata_by_component, overwrite=overwrite)
+
+
+def fuse_targets(model: nn.Module, shapes: dict[str, tuple[int, int]]) -> dict[str, tuple[torch.Tensor, bool]]:
+    """Find every layer's weight in ``model`` and check its ``(out, in)`` before anything is modified."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    targets = {}
+    for name, shape in shapes.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError as e:
+            raise IncompatibleAdaptersError(f"the model has no module {name!r}", layer=name) from e
+        module = getattr(module, "base_layer", module)
+        weight = getattr(module, "weight", None)
+        if weight is None:
+            raise IncompatibleAdaptersError(f"{type(module).__name__} has no weight to fuse into", layer=name)
+        transposed = type(module).__name__ == "Conv1D"  # transformers' Conv1D stores W as (in, out)
+        out_f, in_f = (weight.shape[1], weight.shape[0]) if transposed else (weight.shape[0], weight[0].numel())
+        if (out_f, in_f) != tuple(shape):
+            raise IncompatibleAdaptersError(
+                f"ΔW has shape {tuple(shape)} but the model's weight is {(out_f, in_f)}: wrong base model", layer=name
+            )
+        targets[name] = (weight, transposed)
+    return targets
+
+
+@torch.no_grad()
+def fuse_layer(weight: torch.Tensor, transposed: bool, layer: MergedLayer) -> None:
+    """``W ← W + ΔW`` in place: one GEMM (``W.addmm_(B, A)``) for stacked factors."""
+    if layer.delta is not None:
+        delta = layer.delta.to(weight.device, weight.dtype)
+        weight += delta.t() if transposed else delta.reshape(weight.shape)
+        return
+    A, B = layer.A.to(weight.device, weight.dtype), layer.B.to(weight.device, weight.dtype)
+    if transposed:
+        weight.addmm_(A.t(), B.t())
+    else:
+        weight.view(weight.shape[0], -1).addmm_(B, A)

@@ -1,0 +1,224 @@
+"""Local files → ``Adapter``: config, per-layer LoRA factors and scales, read lazily from safetensors.
+
+Accepted layouts, all normalised to ``{component: {layer: (lora_A key, lora_B key)}}``:
+
+- a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``; keys
+  ``base_model.model.<layer>.lora_A.weight``), component ``None``;
+- a diffusers LoRA file (``unet.<layer>.lora_A.weight``, ``text_encoder.…``; alpha from the
+  ``lora_adapter_metadata`` header or ``.alpha`` tensors);
+- a kohya / older diffusers file, converted with diffusers' own converters (``lora_state_dict``).
+
+Tensors are zero-copy views of a private memory map of each file: pages are read when a layer is used, so holding
+many adapters costs little and a merge reads each weight once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from .._io import mmap_safetensors, refuse_pickle
+from .._registry import PeftOrthoType
+from ..errors import AdapterFileError
+from .resolve import Source
+
+KNOWN_PEFT_TYPES = ("LORA", PeftOrthoType.ORTHO_LORA.value)
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class LayerFactors:
+    """One layer of one adapter: ``ΔW = scale · B A`` with ``A`` ``(r, in)`` and ``B`` ``(out, r)`` (flattened).
+
+    ``a_shape``/``b_shape`` keep the stored shapes (``(r, C, kh, kw)`` / ``(out, r, 1, 1)`` for convs) for export.
+    """
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+    a_shape: tuple[int, ...]
+    b_shape: tuple[int, ...]
+    stored_dtype: torch.dtype = torch.float32
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+
+@dataclass
+class Adapter:
+    """A validated-on-read adapter: where it came from, its config, and lazy access to its layers."""
+
+    source: Source
+    config: dict
+    peft_type: str
+    layer_keys: dict[tuple[str | None, str], tuple[str, str]]
+    scales: dict[tuple[str | None, str], float]
+    tensors: dict[str, torch.Tensor] = field(repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    @property
+    def is_orthogonal(self) -> bool:
+        return self.peft_type == PeftOrthoType.ORTHO_LORA.value
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+    def layers(self) -> list[tuple[str | None, str]]:
+        return list(self.layer_keys)
+
+    def delta_shape(self, layer: tuple[str | None, str]) -> tuple[int, int]:
+        """``(out, in)`` of the layer's ΔW (from shapes only; nothing is read)."""
+        a_key, b_key = self.layer_keys[layer]
+        return self.tensors[b_key].shape[0], math.prod(self.tensors[a_key].shape[1:])
+
+    def factors(self, layer: tuple[str | None, str], dtype: torch.dtype = torch.float32) -> LayerFactors:
+        a_key, b_key = self.layer_keys[layer]
+        a, b = self.tensors[a_key], self.tensors[b_key]
+        return LayerFactors(
+            A=a.reshape(a.shape[0], -1).to(dtype),
+            B=b.reshape(b.shape[0], -1).to(dtype),
+            scale=self.scales[layer],
+            a_shape=tuple(a.shape),
+            b_shape=tuple(b.shape),
+            stored_dtype=a.dtype,
+        )
+
+
+def _scale(config: dict, layer: str, r: int) -> float:
+    from peft.utils.other import get_pattern_key
+
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    r_cfg = rank_pattern.get(get_pattern_key(rank_pattern.keys(), layer), config.get("r", r))
+    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), layer), config.get("lora_alpha", r_cfg))
+    if r_cfg != r:
+        raise AdapterFileError(f"config says rank {r_cfg} but the tensors have rank {r}", layer=layer)
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def _pair_keys(keys, strip: str, adapter: str) -> dict[str, tuple[str, str]]:
+    """Group ``<layer>.lora_A.weight``/``<layer>.lora_B.weight`` keys; anything else is an error."""
+    a_keys, b_keys = {}, {}
+    for key in keys:
+        if not key.startswith(strip):
+            raise AdapterFileError(f"unexpected tensor {key!r} (expected keys under {strip!r})", adapter=adapter)
+        rest = key[len(strip) :]
+        if rest.endswith(".lora_A.weight"):
+            a_keys[rest[: -len(".lora_A.weight")]] = key
+        elif rest.endswith(".lora_B.weight"):
+            b_keys[rest[: -len(".lora_B.weight")]] = key
+        else:
+            raise AdapterFileError(
+                f"unexpected tensor {key!r}: only lora_A/lora_B weights can be merged", adapter=adapter, layer=rest
+            )
+    for layer in a_keys.keys() ^ b_keys.keys():
+        missing = "lora_B" if layer in a_keys else "lora_A"
+        raise AdapterFileError(f"{missing} weight is missing", adapter=adapter, layer=layer)
+    return {layer: (a_keys[layer], b_keys[layer]) for layer in sorted(a_keys)}
+
+
+def load_adapter(source: Source) -> Adapter:
+    """Read one resolved source (config + tensor index; tensors stay lazy)."""
+    if os.path.isdir(source.path):
+        return _load_peft_folder(source)
+    return _load_single_file(source)
+
+
+def _load_peft_folder(source: Source) -> Adapter:
+    folder, name = source.path, source.name
+    with open(os.path.join(folder, "adapter_config.json")) as f:
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as e:
+            raise AdapterFileError(f"adapter_config.json is not valid JSON ({e})", adapter=name) from e
+    peft_type = str(config.get("peft_type"))
+    if peft_type not in KNOWN_PEFT_TYPES:
+        raise AdapterFileError(
+            f"peft_type {peft_type!r} cannot be merged (supported: {', '.join(KNOWN_PEFT_TYPES)})", adapter=name
+        )
+    weights = os.path.join(folder, "adapter_model.safetensors")
+    if not os.path.isfile(weights):
+        for candidate in os.listdir(folder):
+            refuse_pickle(os.path.join(folder, candidate), adapter=name)
+        raise AdapterFileError("adapter_model.safetensors is missing", adapter=name)
+    tensors, _ = mmap_safetensors(weights, adapter=name)
+    pairs = _pair_keys(tensors, PEFT_PREFIX, name)
+    layer_keys, scales = {}, {}
+    for layer, (a_key, b_key) in pairs.items():
+        layer_keys[(None, layer)] = (a_key, b_key)
+        try:
+            scales[(None, layer)] = _scale(config, layer, tensors[a_key].shape[0])
+        except AdapterFileError as e:
+            raise AdapterFileError(str(e), adapter=name) from e
+    return Adapter(source, config, peft_type, layer_keys, scales, tensors)
+
+
+def _load_single_file(source: Source) -> Adapter:
+    path, name = source.path, source.name
+    tensors, metadata = mmap_safetensors(path, adapter=name)
+    meta_config = json.loads(metadata["lora_adapter_metadata"]) if "lora_adapter_metadata" in metadata else None
+    if not any(".lora_A." in k for k in tensors):
+        tensors, alphas = _convert_with_diffusers(tensors, name)
+    else:
+        alphas = {k[: -len(".alpha")]: float(v) for k, v in tensors.items() if k.endswith(".alpha")}
+        tensors = {k: v for k, v in tensors.items() if not k.endswith(".alpha")}
+    components = sorted({k.split(".", 1)[0] for k in tensors})
+    layer_keys, scales = {}, {}
+    for component in components:
+        pairs = _pair_keys([k for k in tensors if k.startswith(component + ".")], component + ".", name)
+        comp_meta = _component_metadata(meta_config, component)
+        for layer, (a_key, b_key) in pairs.items():
+            r = tensors[a_key].shape[0]
+            if comp_meta is not None:
+                scale = _scale(comp_meta, layer, r)
+            else:
+                alpha = alphas.get(f"{component}.{layer}", alphas.get(a_key[: -len(".weight")], r))
+                scale = alpha / r
+            layer_keys[(component, layer)] = (a_key, b_key)
+            scales[(component, layer)] = scale
+    config = {"peft_type": "LORA", "base_model_name_or_path": None, "format": "single-file"}
+    return Adapter(source, config, "LORA", layer_keys, scales, tensors)
+
+
+def _component_metadata(meta: dict | None, component: str) -> dict | None:
+    """diffusers writes per-component LoraConfig dicts as ``{"unet.r": 4, ...}`` or nested; accept both."""
+    if meta is None:
+        return None
+    if component in meta and isinstance(meta[component], dict):
+        return meta[component]
+    prefixed = {k[len(component) + 1 :]: v for k, v in meta.items() if k.startswith(component + ".")}
+    return prefixed or (meta if "r" in meta else None)
+
+
+def _convert_with_diffusers(tensors: dict, name: str) -> tuple[dict, dict]:
+    """kohya and older diffusers layouts → ``<component>.<layer>.lora_A/B.weight`` using diffusers' converters."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+
+    try:
+        state_dict, network_alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(dict(tensors))
+    except Exception as e:
+        raise AdapterFileError(f"not a LoRA layout diffusers can read ({e})", adapter=name) from e
+    out, alphas = {}, {}
+    for component in sorted({k.split(".", 1)[0] for k in state_dict}):
+        part = {k[len(component) + 1 :]: v for k, v in state_dict.items() if k.startswith(component + ".")}
+        try:
+            peft_part = (
+                convert_unet_state_dict_to_peft(part) if component == "unet" else convert_state_dict_to_peft(part)
+            )
+        except Exception as e:
+            raise AdapterFileError(f"could not convert the {component} LoRA keys ({e})", adapter=name) from e
+        out.update({f"{component}.{k}": v for k, v in peft_part.items()})
+    for key, alpha in (network_alphas or {}).items():
+        layer = key.rsplit(".", 3)[0] if key.endswith(".down.weight.alpha") else key.rsplit(".", 1)[0]
+        alphas[layer.replace(".processor", "").replace("_lora", "")] = float(alpha)
+    return out, alphas

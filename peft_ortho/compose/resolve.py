@@ -1,0 +1,127 @@
+"""Names → local files: a Hub repo id (optionally ``@revision``), a local adapter folder, or one ``.safetensors``.
+
+Hub access goes through ``huggingface_hub`` (its cache, ``revision``, ``token``, ``HF_HUB_OFFLINE``) and downloads
+only the files an adapter needs. The commit a Hub name resolved to is recorded, so a merged adapter's card can
+say exactly what went into it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from .._io import PICKLE_SUFFIXES, refuse_pickle
+from ..errors import AdapterFileError
+
+ADAPTER_FILES = ["adapter_config.json", "*.safetensors"]
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one adapter comes from. ``path`` is a local folder (``kind`` hub/folder) or a file (``kind`` file)."""
+
+    name: str
+    kind: str
+    path: str
+    repo_id: str | None = None
+    revision: str | None = None
+    commit: str | None = None
+
+    @property
+    def label(self) -> str:
+        """Short name for messages and reports."""
+        return self.name
+
+
+def split_revision(name: str) -> tuple[str, str | None]:
+    """``"alice/rex@v1.2"`` → ``("alice/rex", "v1.2")``."""
+    if "@" in name:
+        repo, _, revision = name.rpartition("@")
+        return repo, revision or None
+    return name, None
+
+
+def resolve(name: str, *, token: str | bool | None = None, cache_dir: str | None = None) -> Source:
+    """Resolve one adapter name to local files (downloading through the Hub cache only when needed)."""
+    if os.path.isdir(name):
+        folder = os.path.abspath(name)
+        if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
+            raise AdapterFileError(f"folder {folder} has no adapter_config.json: not a PEFT adapter", adapter=name)
+        return Source(name=name, kind="folder", path=folder)
+    if os.path.isfile(name):
+        refuse_pickle(name, adapter=name)
+        if not name.endswith(".safetensors"):
+            raise AdapterFileError("a single-file LoRA must be a .safetensors file", adapter=name)
+        return Source(name=name, kind="file", path=os.path.abspath(name))
+    repo_id, revision = split_revision(name)
+    looks_like_path = name.startswith((".", "/", "~")) or repo_id.count("/") != 1
+    if looks_like_path or name.endswith((".safetensors", *PICKLE_SUFFIXES)):
+        raise AdapterFileError(f"no such file or folder: {name}", adapter=name)
+    if not _REPO_ID.match(repo_id):
+        raise AdapterFileError(
+            "not a local folder, a .safetensors file, or a Hub repo id ('owner/name[@revision]')", adapter=name
+        )
+    return _resolve_hub(name, repo_id, revision, token=token, cache_dir=cache_dir)
+
+
+def _resolve_hub(name: str, repo_id: str, revision: str | None, *, token, cache_dir) -> Source:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        folder = snapshot_download(
+            repo_id,
+            revision=revision,
+            allow_patterns=ADAPTER_FILES,
+            token=token,
+            cache_dir=cache_dir,
+        )
+    except LocalEntryNotFoundError as e:
+        raise AdapterFileError(
+            f"{repo_id}@{revision or 'main'} is not in the local Hub cache and the Hub cannot be reached "
+            f"(offline mode or no network): {e}",
+            adapter=name,
+        ) from e
+    except (RepositoryNotFoundError, HfHubHTTPError) as e:
+        raise AdapterFileError(f"cannot fetch {repo_id}@{revision or 'main'} from the Hub: {e}", adapter=name) from e
+    # snapshot folders are named by the commit they hold.
+    commit = os.path.basename(os.path.normpath(folder))
+    has_config = os.path.isfile(os.path.join(folder, "adapter_config.json"))
+    weights = [f for f in os.listdir(folder) if f.endswith(".safetensors")]
+    if not weights:
+        raise AdapterFileError(
+            f"{repo_id}@{revision or 'main'} has no .safetensors weights (pickled .bin weights are never read)",
+            adapter=name,
+        )
+    if has_config:
+        return Source(name, "hub", folder, repo_id=repo_id, revision=revision, commit=commit)
+    if len(weights) != 1:
+        raise AdapterFileError(
+            f"{repo_id} has no adapter_config.json and several .safetensors files {sorted(weights)}; "
+            "name the file you mean as a local path",
+            adapter=name,
+        )
+    return Source(name, "hub", os.path.join(folder, weights[0]), repo_id=repo_id, revision=revision, commit=commit)
+
+
+def resolve_all(names: list[str], *, token=None, cache_dir=None, progress: bool = True) -> list[Source]:
+    """Resolve every name (a progress bar when there are many); duplicates are refused."""
+    from tqdm.auto import tqdm
+
+    sources = []
+    seen: dict[tuple, str] = {}
+    for name in tqdm(names, desc="resolving adapters", disable=not progress or len(names) < 4):
+        source = resolve(name, token=token, cache_dir=cache_dir)
+        identity = (source.repo_id, source.commit) if source.kind == "hub" else (os.path.realpath(source.path),)
+        if identity in seen:
+            from ..errors import IncompatibleAdaptersError
+
+            raise IncompatibleAdaptersError(
+                f"is the same adapter as {seen[identity]!r}; each adapter may appear once (use weights to scale)",
+                adapter=name,
+            )
+        seen[identity] = name
+        sources.append(source)
+    return sources

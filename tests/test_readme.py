@@ -1,0 +1,44 @@
+"""The README promises exactly two set-up commands, and CI runs the second one verbatim."""
+
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def setup_commands() -> list[str]:
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    section = readme.split("## Set up", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    return [line.strip() for line in block.splitlines() if line.strip()]
+
+
+def test_readme_has_exactly_two_setup_commands():
+    commands = setup_commands()
+    assert len(commands) == 2, commands
+    assert "examples/quickstart.py" in commands[0] and "torch==2.13.0" in commands[0]
+    assert commands[1].startswith("python -m pytest")
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = open(os.path.join(ROOT, ".ci", "run")).read().splitlines()
+    last = [line.strip() for line in ci if line.strip() and not line.lstrip().startswith("#")][-1]
+    assert last == setup_commands()[1]
+
+
+def test_quickstart_runs_offline(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    script = os.path.join(ROOT, "examples", "quickstart.py")
+    out = subprocess.run(
+        [sys.executable, script, "--steps", "3", "--out", str(tmp_path / "q")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "trained 'rex'" in out.stdout and "trained 'mia'" in out.stdout
+    assert "load_lora_weights" in out.stdout
+    assert os.path.isfile(tmp_path / "q" / "rex+mia-diffusers" / "pytorch_lora_weights.safetensors")
