@@ -200,25 +200,37 @@ def _component_metadata(meta: dict | None, component: str) -> dict | None:
 
 
 def _convert_with_diffusers(tensors: dict, name: str) -> tuple[dict, dict]:
-    """kohya and older diffusers layouts → ``<component>.<layer>.lora_A/B.weight`` using diffusers' converters."""
+    """kohya and older diffusers layouts → ``<component>.<layer>.lora_A/B.weight`` using diffusers' converters.
+
+    Alphas are mapped through the same converter as their down-projection key, so their layer names agree.
+    """
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
     from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+    from diffusers.utils.state_dict_utils import StateDictType
 
     try:
         state_dict, network_alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(dict(tensors))
     except Exception as e:
         raise AdapterFileError(f"not a LoRA layout diffusers can read ({e})", adapter=name) from e
+    network_alphas = network_alphas or {}
     out, alphas = {}, {}
     for component in sorted({k.split(".", 1)[0] for k in state_dict}):
+
+        def convert(part, component=component):
+            if component == "unet":
+                return convert_unet_state_dict_to_peft(part)
+            # diffusers only infers the old layout when `to_out_lora` keys exist: name it explicitly.
+            return convert_state_dict_to_peft(part, original_type=StateDictType.DIFFUSERS_OLD)
+
         part = {k[len(component) + 1 :]: v for k, v in state_dict.items() if k.startswith(component + ".")}
         try:
-            peft_part = (
-                convert_unet_state_dict_to_peft(part) if component == "unet" else convert_state_dict_to_peft(part)
-            )
+            out.update({f"{component}.{k}": v for k, v in convert(part).items()})
+            for key, alpha in network_alphas.items():
+                if key.startswith(component + ".") and key.endswith(".alpha"):
+                    down = key[len(component) + 1 : -len(".alpha")]
+                    (converted,) = convert({down: None})
+                    layer = converted.rsplit(".lora_A", 1)[0]
+                    alphas[f"{component}.{layer}"] = float(alpha)
         except Exception as e:
             raise AdapterFileError(f"could not convert the {component} LoRA keys ({e})", adapter=name) from e
-        out.update({f"{component}.{k}": v for k, v in peft_part.items()})
-    for key, alpha in (network_alphas or {}).items():
-        layer = key.rsplit(".", 3)[0] if key.endswith(".down.weight.alpha") else key.rsplit(".", 1)[0]
-        alphas[layer.replace(".processor", "").replace("_lora", "")] = float(alpha)
     return out, alphas
