@@ -6,7 +6,9 @@ into a plain diffusers pipeline. Offline, on a tiny Stable Diffusion built from 
 What it does:
 1. builds a tiny ``StableDiffusionPipeline`` (random weights; nothing is downloaded);
 2. trains an ``OrthoLoraConfig`` adapter on the UNet for each of two concepts ("rex": warm blobs, "mia": cool
-   stripes), each with its own ``concept_id`` so they land on different slots of the shared basis (seed 0);
+   stripes) on different slots of the shared basis (seed 0). The two collaborators agreed on slots 0 and 1;
+   ``concept_id="..."`` hashes a name to a slot instead, which on this tiny model's 32-wide layers (8 slots) would
+   collide one time in eight — ``compose`` would then warn with the number of shared rows;
 3. merges both with ``peft_ortho.compose`` (exact stacking) and prints the interference report;
 4. writes a diffusers LoRA file and loads it with the real ``pipe.load_lora_weights`` into a fresh pipeline;
 5. checks that pipeline's UNet reproduces the merged model, and that each concept's loss stays improved.
@@ -15,6 +17,7 @@ What it does:
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import time
 
@@ -82,10 +85,10 @@ def main() -> None:
     from peft import get_peft_model
 
     folders = {}
-    for name in CONCEPTS:
-        # Each person starts from the same base and the same basis seed, and picks their own concept id.
-        unet = tiny_sd_pipeline().unet.train()
-        config = OrthoLoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=UNET_TARGETS, concept_id=name)
+    for slot, name in enumerate(CONCEPTS):
+        # Each person starts from the same base and the same basis seed, on their own slot.
+        unet = copy.deepcopy(pipe.unet).train()
+        config = OrthoLoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=UNET_TARGETS, slot=slot)
         unet = get_peft_model(unet, config)
         optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=3e-3)
         latents, context = data[name]
@@ -107,15 +110,16 @@ def main() -> None:
     lora_dir = merged.save_diffusers(os.path.join(args.out, "rex+mia-diffusers"), overwrite=True)
     print(f"wrote {lora_dir}")
 
+    # The loading side: a plain diffusers pipeline, no peft-ortho needed to read the file.
     fresh = tiny_sd_pipeline()
     fresh.load_lora_weights(os.path.dirname(lora_dir) if os.path.isfile(lora_dir) else lora_dir)
-    reference = merged.fuse(tiny_sd_pipeline().unet)
+    reference = merged.fuse(copy.deepcopy(pipe.unet))
     for name in CONCEPTS:
         latents, context = data[name]
         with torch.no_grad():
             loaded = denoising_loss(fresh.unet, fresh.scheduler, latents, context).item()
             fused = denoising_loss(reference, pipe.scheduler, latents, context).item()
-            base = denoising_loss(tiny_sd_pipeline().unet, pipe.scheduler, latents, context).item()
+            base = denoising_loss(pipe.unet, pipe.scheduler, latents, context).item()
         print(f"{name!r}: base loss {base:.4f}, merged (diffusers load_lora_weights) {loaded:.4f}, fused {fused:.4f}")
     image = fresh(CONCEPTS["rex"], num_inference_steps=4, height=8, width=8, output_type="np").images[0]
     print(f"generated an image of {CONCEPTS['rex']!r} with the merged LoRA: shape {image.shape}")

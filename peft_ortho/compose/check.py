@@ -18,7 +18,7 @@ from .. import bases
 from .._io import check_finite
 from ..bases import ALGORITHM_VERSION
 from ..errors import BasisMismatchError, IncompatibleAdaptersError
-from ..tuners.ortho_lora.layer import expected_basis
+from ..tuners.ortho_lora.layer import expected_basis, matches_basis
 from .load import Adapter, LayerFactors
 
 
@@ -148,9 +148,14 @@ def check_basis(adapter: Adapter, layer: str, factors: LayerFactors) -> None:
     if key not in spec.verified:
         expected_basis(spec, n, r, adapter.name, layer)  # rows follow from the slot; checksum matches
         spec.verified.add(key)
-    # Compare in the dtype the file stores: the cast is part of the contract.
-    expected = bases.basis_rows_as(spec.basis, spec.basis_seed, n, spec.basis_rows[key], factors.stored_dtype)
-    if not torch.equal(factors.A.to(factors.stored_dtype), expected):
+    # Fast path: the rows cast to the dtype the file stores. Slow path (only on a miss): the rows rounded through a
+    # narrower float dtype first, as after a legitimate dtype move (trained in fp32, saved after .double()).
+    rows = spec.basis_rows[key]
+    stored = factors.A.to(factors.stored_dtype)
+    expected = bases.basis_rows_as(spec.basis, spec.basis_seed, n, rows, factors.stored_dtype)
+    if not torch.equal(stored, expected) and not matches_basis(
+        stored, bases.basis_rows(spec.basis, spec.basis_seed, n, rows)
+    ):
         raise BasisMismatchError(
             "lora_A is not the basis its config records (the checkpoint was edited or mixed up)",
             adapter=adapter.name,

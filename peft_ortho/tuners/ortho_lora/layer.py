@@ -98,6 +98,21 @@ def expected_basis(config, n: int, r: int, adapter_name: str, layer_name: str) -
     return a64
 
 
+# Float dtypes a ``lora_A`` may have been rounded to on its way to a file: a model trained in float32 and then moved
+# with ``.double()``, or to bfloat16 and back to float32, stores the basis rounded to the narrower dtype in the wider
+# one. Such a tensor still holds exactly the named basis, so loading must accept it.
+_ROUNDING_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+def matches_basis(tensor: torch.Tensor, a64: torch.Tensor) -> bool:
+    """Whether ``tensor`` is, bit for bit, the float64 basis ``a64`` rounded to some float dtype (then stored as is)."""
+    t = tensor.detach().cpu()
+    a64 = a64.reshape(t.shape)
+    if torch.equal(t, a64.to(t.dtype)):
+        return True
+    return any(torch.equal(t, a64.to(d).to(t.dtype)) for d in _ROUNDING_DTYPES if d != t.dtype)
+
+
 def freeze_lora_A(module: LoraLayer, adapter_name: str) -> None:
     """Declare ``lora_A`` frozen through peft's own mechanism, so ``set_adapter`` & co. keep it frozen."""
     frozen = dict(module.frozen_peft_weight_names)  # instance copy: never mutate the class-level default
@@ -108,12 +123,19 @@ def freeze_lora_A(module: LoraLayer, adapter_name: str) -> None:
 
 def init_orthogonal_lora(module: LoraLayer, adapter_name: str, config, layer_name: str) -> None:
     """Write the shared basis into ``lora_A[adapter_name]`` (cast at the end), zero ``lora_B``, freeze ``lora_A``."""
+    write_basis(module, adapter_name, config, layer_name)
+    weight = module.lora_B[adapter_name].weight
+    if not weight.is_meta and config.init_lora_weights is not False:
+        with torch.no_grad():
+            weight.zero_()
+    freeze_lora_A(module, adapter_name)
+
+
+def write_basis(module: LoraLayer, adapter_name: str, config, layer_name: str) -> None:
+    """Copy the float64 basis into ``lora_A[adapter_name]``, rounded once to the weight's current dtype."""
     weight = module.lora_A[adapter_name].weight  # (r, in) for Linear/Conv1D, (r, C_in, kh, kw) for Conv2d
     r, n = weight.shape[0], weight[0].numel()
     a64 = expected_basis(config, n, r, adapter_name, layer_name)
     if not weight.is_meta:  # meta: low_cpu_mem_usage loading, the values come from the checkpoint
         with torch.no_grad():
             weight.copy_(a64.reshape(weight.shape).to(device=weight.device, dtype=weight.dtype))
-            if config.init_lora_weights is not False:
-                module.lora_B[adapter_name].weight.zero_()
-    freeze_lora_A(module, adapter_name)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import torch
 from peft.tuners.lora import LoraLayer, LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from ...errors import BasisMismatchError
-from .layer import check_supported_layer, expected_basis, init_orthogonal_lora
+from .layer import check_supported_layer, expected_basis, init_orthogonal_lora, matches_basis, write_basis
 
 
 class OrthoLoraModel(LoraModel):
@@ -29,18 +28,43 @@ class OrthoLoraModel(LoraModel):
         module = target if isinstance(target, LoraLayer) else getattr(parent, target_name)
         init_orthogonal_lora(module, adapter_name, lora_config, current_key)
 
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """peft upcasts bf16/fp16 adapters to float32 once they exist: write the basis again where the cast happened.
+
+        The basis was written in the base layer's dtype; upcasting that copy would leave a float32 ``lora_A`` holding
+        the bfloat16-rounded basis (rows orthogonal only to ~1e-3). Rewriting from float64 rounds once, to the final
+        dtype. Only layers whose dtype the cast changed are rewritten, so weights loaded from a checkpoint (peft casts
+        again after loading) stay exactly as loaded.
+        """
+        config = self.peft_config.get(adapter_name) if isinstance(self.peft_config, dict) else None
+        layers = {
+            name: (module, module.lora_A[adapter_name].weight.dtype)
+            for name, module in self.model.named_modules()
+            if isinstance(module, LoraLayer) and adapter_name in module.lora_A
+        }
+        super()._cast_adapter_dtype(adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        if config is None:
+            return
+        for name, (module, dtype) in layers.items():
+            if module.lora_A[adapter_name].weight.dtype != dtype:
+                write_basis(module, adapter_name, config, name)
+
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """Refuse a checkpoint whose ``lora_A`` tensors are not the basis its config names (bit-exact check)."""
+        """Refuse a checkpoint whose ``lora_A`` tensors are not the basis its config names (bit-exact check).
+
+        Bit-exact up to rounding: a ``lora_A`` stored as the basis rounded to any float dtype (float64, float32,
+        bfloat16, float16) is accepted, since dtype moves before saving (``.double()``, bf16 and back) are legitimate.
+        """
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         for key, tensor in remapped.items():
             if ".lora_A." not in key or not key.endswith(".weight"):
                 continue
             layer = key.removeprefix("base_model.model.").split(".lora_A.")[0]
             r, n = tensor.shape[0], tensor[0].numel()
-            expected = expected_basis(config, n, r, adapter_name, layer).reshape(tensor.shape).to(tensor.dtype)
-            if not torch.equal(tensor.cpu(), expected):
-                err = (tensor.cpu().double() - expected.double()).abs().max().item()
+            a64 = expected_basis(config, n, r, adapter_name, layer).reshape(tensor.shape)
+            if not matches_basis(tensor, a64):
+                err = (tensor.detach().cpu().double() - a64).abs().max().item()
                 raise BasisMismatchError(
                     f"the checkpoint's lora_A differs from the basis its config names (max abs diff {err:.3g}); "
                     "the file was edited or belongs to another config",
