@@ -11,8 +11,11 @@ from .errors import (
     BasisMismatchError,
     IncompatibleAdaptersError,
     PeftOrthoError,
+    UnsupportedAdapterError,
     UnsupportedLayerError,
 )
+from .export import save_diffusers
+from .hub import model_card, push_to_hub
 from .tuners.ortho_lora import OrthoLoraConfig, OrthoLoraModel
 
 register_all()
@@ -31,7 +34,11 @@ __all__ = [
     "OrthoLoraModel",
     "PeftOrthoError",
     "PeftOrthoType",
+    "UnsupportedAdapterError",
     "UnsupportedLayerError",
     "__version__",
+    "model_card",
+    "push_to_hub",
+    "save_diffusers",
     "compose",
 ]

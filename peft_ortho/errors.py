@@ -40,3 +40,7 @@ class AdapterFileError(PeftOrthoError, ValueError):
 
 class IncompatibleAdaptersError(PeftOrthoError, ValueError):
     """Two adapters cannot be merged correctly (different base, basis, shapes, overlapping blocks...)."""
+
+
+class UnsupportedAdapterError(PeftOrthoError, ValueError):
+    """The adapter is not a LoRA the target format can hold (another peft type, DoRA, modules_to_save, ...)."""

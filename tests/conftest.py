@@ -12,6 +12,9 @@ from torch import nn  # noqa: E402
 import peft_ortho  # noqa: E402,F401  (registers the tuners)
 from peft_ortho import testing  # noqa: E402
 
+# Tiny models: one thread per xdist worker beats two workers fighting over two cores with two threads each.
+torch.set_num_threads(1)
+
 
 class MLP(nn.Module):
     """Linear + k×k Conv2d + 1×1 Conv2d model with a plain ``forward``; ``in`` widths 32, 16·9, 8."""

@@ -93,10 +93,15 @@ def fuse_targets(model: nn.Module, shapes: dict[str, tuple[int, int]]) -> dict[s
         model = model.get_base_model()
     targets = {}
     for name, shape in shapes.items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError as e:
-            raise IncompatibleAdaptersError(f"the model has no module {name!r}", layer=name) from e
+        module = None
+        for candidate in (name, f"text_model.{name}"):  # CLIP in transformers < 5 nests under text_model
+            try:
+                module = model.get_submodule(candidate)
+                break
+            except AttributeError:
+                continue
+        if module is None:
+            raise IncompatibleAdaptersError(f"the model has no module {name!r}", layer=name)
         module = getattr(module, "base_layer", module)
         weight = getattr(module, "weight", None)
         if weight is None:

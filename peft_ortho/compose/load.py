@@ -169,8 +169,15 @@ def _load_single_file(source: Source) -> Adapter:
     if not any(".lora_A." in k for k in tensors):
         tensors, alphas = _convert_with_diffusers(tensors, name)
     else:
-        alphas = {k[: -len(".alpha")]: float(v) for k, v in tensors.items() if k.endswith(".alpha")}
+        alphas = {
+            _normalise_text_encoder_key(k[: -len(".alpha")]): float(v)
+            for k, v in tensors.items()
+            if k.endswith(".alpha")
+        }
         tensors = {k: v for k, v in tensors.items() if not k.endswith(".alpha")}
+    # transformers 5's CLIPTextModel has no ``text_model.`` level; older files (kohya, diffusers < 0.35) do. One
+    # spelling per layer, so the same module from two files is recognised as one layer.
+    tensors = {_normalise_text_encoder_key(k): v for k, v in tensors.items()}
     components = sorted({k.split(".", 1)[0] for k in tensors})
     layer_keys, scales = {}, {}
     for component in components:
@@ -187,6 +194,13 @@ def _load_single_file(source: Source) -> Adapter:
             scales[(component, layer)] = scale
     config = {"peft_type": "LORA", "base_model_name_or_path": None, "format": "single-file"}
     return Adapter(source, config, "LORA", layer_keys, scales, tensors)
+
+
+def _normalise_text_encoder_key(key: str) -> str:
+    component, _, rest = key.partition(".")
+    if component.startswith("text_encoder") and rest.startswith("text_model."):
+        return f"{component}.{rest[len('text_model.') :]}"
+    return key
 
 
 def _component_metadata(meta: dict | None, component: str) -> dict | None:
@@ -230,7 +244,7 @@ def _convert_with_diffusers(tensors: dict, name: str) -> tuple[dict, dict]:
                     down = key[len(component) + 1 : -len(".alpha")]
                     (converted,) = convert({down: None})
                     layer = converted.rsplit(".lora_A", 1)[0]
-                    alphas[f"{component}.{layer}"] = float(alpha)
+                    alphas[_normalise_text_encoder_key(f"{component}.{layer}")] = float(alpha)
         except Exception as e:
             raise AdapterFileError(f"could not convert the {component} LoRA keys ({e})", adapter=name) from e
     return out, alphas

@@ -1,0 +1,340 @@
+"""Model cards and Hub uploads for peft-ortho adapters.
+
+``PeftModel.save_pretrained`` writes peft's generic card template (``library_name: peft``, no base model for
+models built from a config, no method tag, a page of "More Information Needed"), and ``PeftModel.push_to_hub`` under
+transformers 5 replaces it with ``library_name: transformers``. Neither says that the adapter needs
+``import peft_ortho`` to load, nor which shared basis it was drawn from — which is exactly what a collaborator needs
+to know before merging. So peft-ortho writes its own card and uploads with ``huggingface_hub`` directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+
+from ._io import atomic_dir, refuse_pickle
+from .errors import AdapterFileError
+from .export import DIFFUSERS_WEIGHT_NAME, LORA_LIKE_PEFT_TYPES, collect_diffusers_lora, write_diffusers_file
+
+METHOD_TAGS = {
+    "ORTHO_LORA": ("orthogonal-adaptation", "Orthogonal adaptation (Po et al., CVPR 2024, arXiv 2312.02432)"),
+    "BLOCK_LORA": ("blocklora", "BlockLoRA (Zhu et al., 2025, arXiv 2503.08575)"),
+    "SODA": ("soda", "SODA"),
+    "LORA": ("lora", "LoRA (Hu et al., 2021)"),
+}
+PEFT_ORTHO_TYPES = ("ORTHO_LORA", "BLOCK_LORA", "SODA")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def _config_dict(config) -> dict:
+    if config is None:
+        return {}
+    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    peft_type = d.get("peft_type")
+    d["peft_type"] = str(getattr(peft_type, "value", peft_type)) if peft_type is not None else None
+    return d
+
+
+def _cell(value) -> str:
+    text = "" if value is None else str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _table(rows: Sequence[Mapping]) -> str:
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _provenance(d: dict) -> str:
+    """The basis facts a collaborator compares before merging: seed, algorithm, slot, rows and checksums."""
+    lines = [
+        "## Basis provenance",
+        "",
+        "Adapters merge without crosstalk only if they were drawn from the same basis (same `basis`, `basis_seed` "
+        "and `basis_algorithm`) on different rows. Compare these values with yours before merging; "
+        "`peft_ortho.compose` checks them, and the checksums, automatically.",
+        "",
+        "| field | value |",
+        "|---|---|",
+    ]
+    for field in ("basis", "basis_seed", "basis_algorithm", "slot", "concept_id", "r", "lora_alpha"):
+        if field in d:
+            lines.append(f"| `{field}` | `{_cell(json.dumps(d[field]))}` |")
+    rows, sums = d.get("basis_rows") or {}, d.get("basis_checksums") or {}
+    if rows or sums:
+        lines += ["", "| layer shape (`in/r`) | basis rows | checksum |", "|---|---|---|"]
+        for key in sorted(set(rows) | set(sums), key=lambda k: [int(x) for x in k.split("/")] if "/" in k else [k]):
+            r = rows.get(key)
+            shown = "" if r is None else (f"{r[0]}–{r[-1]}" if r == list(range(r[0], r[0] + len(r))) else str(r))
+            lines.append(f"| `{key}` | {shown} | `{sums.get(key, '')}` |")
+    return "\n".join(lines)
+
+
+def model_card(
+    config=None,
+    *,
+    base_model: str | None = None,
+    extra_tags: Iterable[str] = (),
+    sources: Sequence[Mapping] | None = None,
+    summary: str | None = None,
+    repo_id: str | None = None,
+    diffusers_weight_name: str | None = None,
+):
+    """A ``huggingface_hub.ModelCard`` for a peft-ortho (or plain LoRA) adapter.
+
+    Metadata: ``library_name: peft``; ``base_model`` (the argument, else ``config.base_model_name_or_path``); tags
+    ``peft-ortho``, the method (``orthogonal-adaptation``...), ``lora`` for LoRA-type adapters, ``diffusers`` when a
+    diffusers file is shipped (``diffusers_weight_name``), then ``extra_tags``. Body: what the adapter is, how to load
+    it (``import peft_ortho`` then ``PeftModel.from_pretrained``; ``pipe.load_lora_weights`` for the diffusers file),
+    the basis provenance (seed, algorithm, slot, rows, checksums), and optionally a ``summary`` paragraph and a
+    ``sources`` table (one row per mapping, columns in first-seen order; used by ``compose`` for merged adapters).
+    ``config``: a peft config, its dict, or ``None`` (a merged plain LoRA described by ``sources``).
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    d = _config_dict(config)
+    peft_type = d.get("peft_type") or "LORA"
+    base_model = base_model or d.get("base_model_name_or_path") or None
+    source_types = {str(s.get("peft_type")) for s in sources or () if s.get("peft_type")}
+    tags = ["peft-ortho"]
+    for t in [peft_type, *sorted(source_types)]:
+        if t in METHOD_TAGS and METHOD_TAGS[t][0] not in tags and t != "LORA":
+            tags.append(METHOD_TAGS[t][0])
+    if peft_type in LORA_LIKE_PEFT_TYPES or peft_type == "BLOCK_LORA":
+        tags.append("lora")
+    if diffusers_weight_name:
+        tags.append("diffusers")
+    tags += [t for t in extra_tags if t not in tags]
+
+    name = repo_id or "<repo_id>"
+    method = METHOD_TAGS.get(peft_type, (None, peft_type))[1]
+    needs_plugin = peft_type in PEFT_ORTHO_TYPES
+    parts = [f"# {repo_id.split('/')[-1] if repo_id else 'peft-ortho adapter'}", ""]
+    if summary:
+        parts += [summary, ""]
+    parts += [
+        f"A [PEFT](https://github.com/huggingface/peft) adapter of type `{peft_type}` — {method} — made with "
+        f"peft-ortho{f', for `{base_model}`' if base_model else ''}.",
+    ]
+    if peft_type == "ORTHO_LORA":
+        parts += [
+            "",
+            "It is a standard LoRA (`ΔW = (lora_alpha / r) · B A` per layer) whose down-projection `A` is frozen to "
+            "rows of an orthogonal basis shared through a seed; only `B` was trained. Adapters drawn from the same "
+            "basis on different rows read orthogonal input subspaces, so they can be summed without crosstalk.",
+        ]
+    parts += ["", "## How to load", "", "```python"]
+    if needs_plugin:
+        parts.append("import peft_ortho  # registers the peft-ortho adapter types with peft: import it first")
+    parts += [
+        "from peft import PeftModel",
+        "",
+        f"model = PeftModel.from_pretrained(base_model, {name!r})",
+        "```",
+    ]
+    if needs_plugin:
+        parts += [
+            "",
+            f"Without `import peft_ortho`, peft does not know the `{peft_type}` adapter type and fails with a "
+            f"`KeyError: '{peft_type}'`. Install it with `pip install peft-ortho`.",
+        ]
+    if diffusers_weight_name:
+        parts += [
+            "",
+            f"The repository also holds `{diffusers_weight_name}`, the same LoRA in the layout diffusers reads "
+            "(scale included), so plain diffusers loads it without peft-ortho:",
+            "",
+            "```python",
+            f"pipe.load_lora_weights({name!r}, weight_name={diffusers_weight_name!r})",
+            "```",
+        ]
+    if peft_type == "ORTHO_LORA":
+        parts += ["", _provenance(d)]
+    if sources:
+        parts += ["", "## Sources", "", _table(sources)]
+    parts += ["", "## Framework versions", "", *_versions()]
+    data = ModelCardData(library_name="peft", base_model=base_model, tags=tags)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(parts) + "\n")
+
+
+def _versions() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    lines = [f"- peft-ortho {__version__}"]
+    for package in ("peft", "diffusers", "transformers", "torch"):
+        try:
+            lines.append(f"- {package} {version(package)}")
+        except PackageNotFoundError:  # pragma: no cover - optional for a given adapter
+            pass
+    return lines
+
+
+def _diffusers_component(model, component: str) -> str | None:
+    """``component`` if diffusers can load ``model``'s adapter there, else ``None`` (e.g. an LLM adapter)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    modules = {c.__module__.split(".")[0] for c in type(base).__mro__}
+    if "diffusers" in modules:
+        return None if component.startswith("text_encoder") else component
+    if "transformers" in modules and component.startswith("text_encoder"):
+        return component
+    return None
+
+
+# Module names only diffusers' UNets and diffusion transformers have; how a saved folder is recognised as loadable.
+_DIFFUSERS_BLOCKS = ("down_blocks.", "up_blocks.", "mid_block.", "transformer_blocks.", "single_transformer_blocks.")
+
+
+def _looks_like_diffusers(modules: Iterable[str], component: str) -> bool:
+    if component.startswith("text_encoder"):
+        return True  # asked for explicitly: component defaults to "unet"
+    return any(m.startswith(_DIFFUSERS_BLOCKS) for m in modules)
+
+
+def _stage(model, folder: str, *, include_diffusers: bool, component: str, card_kwargs: dict, save_kwargs: dict):
+    """Write the adapter files, the diffusers file (when loadable) and our README.md into ``folder``."""
+    if save_kwargs.get("safe_serialization") is False:
+        raise ValueError("peft-ortho saves safetensors only (a pickle can run arbitrary code when loaded)")
+    if isinstance(model, (str, os.PathLike)):
+        src = os.fspath(model)
+        config_path = os.path.join(src, "adapter_config.json")
+        if not os.path.isfile(config_path):
+            raise AdapterFileError("adapter_config.json is missing: not a peft adapter folder", adapter=src)
+        if not os.path.isfile(os.path.join(src, "adapter_model.safetensors")):
+            for candidate in sorted(os.listdir(src)):
+                refuse_pickle(os.path.join(src, candidate), adapter=src)
+            raise AdapterFileError("adapter_model.safetensors is missing", adapter=src)
+        for f in ADAPTER_FILES:
+            shutil.copyfile(os.path.join(src, f), os.path.join(folder, f))
+        with open(config_path) as f:
+            config = json.load(f)
+        adapter_name = "default"
+        diffusers_component = component if include_diffusers else None
+    else:
+        from peft import PeftModel
+
+        if not isinstance(model, PeftModel):
+            # A model with adapters injected in place (diffusers' add_adapter) would save its full weights here.
+            raise TypeError(
+                f"expected a PeftModel or a saved adapter folder, got {type(model).__name__}; wrap the model with "
+                "get_peft_model, or export its adapter with peft_ortho.save_diffusers"
+            )
+        save_kwargs = {**save_kwargs, "safe_serialization": True}
+        model.save_pretrained(folder, **save_kwargs)
+        selected = save_kwargs.get("selected_adapters")
+        adapter_name = selected[0] if selected else getattr(model, "active_adapter", "default")
+        config = model.peft_config[adapter_name]
+        diffusers_component = _diffusers_component(model, component) if include_diffusers else None
+    peft_type = _config_dict(config).get("peft_type")
+    weight_name = None
+    tensors = None
+    if diffusers_component and peft_type in LORA_LIKE_PEFT_TYPES:
+        tensors, cfg, name = collect_diffusers_lora(model, diffusers_component, adapter_name=adapter_name)
+        if isinstance(model, (str, os.PathLike)) and not _looks_like_diffusers(tensors, diffusers_component):
+            tensors = None  # a folder of, e.g., an LLM adapter: no diffusers pipeline could load it
+    if tensors is not None:
+        staging = tempfile.mkdtemp(dir=folder)
+        try:
+            path = write_diffusers_file(
+                os.path.join(staging, "out"),
+                {diffusers_component: tensors},
+                {diffusers_component: cfg},
+                adapter_configs={diffusers_component: cfg},
+                adapter=name,
+            )
+            os.replace(path, os.path.join(folder, DIFFUSERS_WEIGHT_NAME))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        weight_name = DIFFUSERS_WEIGHT_NAME
+    # Replaces the README.md peft's save_pretrained just wrote (its generic template).
+    card = model_card(config, diffusers_weight_name=weight_name, **card_kwargs)
+    card.save(os.path.join(folder, "README.md"))
+
+
+def save_pretrained(
+    model,
+    out_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    include_diffusers: bool = False,
+    component: str = "unet",
+    base_model: str | None = None,
+    extra_tags: Iterable[str] = (),
+    **kwargs,
+) -> str:
+    """``model.save_pretrained(out_dir, **kwargs)`` with peft-ortho's model card as ``README.md``; returns the folder.
+
+    ``model``: a ``PeftModel`` (``kwargs`` go to its ``save_pretrained``; safetensors only) or a saved adapter
+    folder. With ``include_diffusers`` and a diffusers-loadable LoRA (a UNet/transformer adapter, or a text encoder
+    one with ``component="text_encoder"``), ``pytorch_lora_weights.safetensors`` is written too. Written into a
+    temporary folder and moved into place: an interrupted save leaves ``out_dir`` as it was.
+    """
+    card_kwargs = {"base_model": base_model, "extra_tags": tuple(extra_tags)}
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        _stage(
+            model,
+            tmp,
+            include_diffusers=include_diffusers,
+            component=component,
+            card_kwargs=card_kwargs,
+            save_kwargs=kwargs,
+        )
+    return os.path.abspath(os.fspath(out_dir))
+
+
+def push_to_hub(
+    model,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool | None = None,
+    commit_message: str | None = None,
+    revision: str | None = None,
+    include_diffusers: bool = True,
+    component: str = "unet",
+    api=None,
+    base_model: str | None = None,
+    extra_tags: Iterable[str] = (),
+    **kwargs,
+):
+    """Upload the adapter, peft-ortho's model card and (when loadable) the diffusers file to ``repo_id``.
+
+    Stages everything in a temporary folder (see ``save_pretrained``), creates the repo if needed
+    (``create_repo(exist_ok=True, private=private)``), creates the branch ``revision`` if given, and uploads the
+    folder in one commit with ``upload_folder``. ``api``: an ``HfApi`` instance or subclass to use instead of
+    ``HfApi(token=token)``. Returns ``upload_folder``'s ``CommitInfo``.
+    """
+    from huggingface_hub import HfApi
+
+    if api is None:
+        api = HfApi(token=token)
+    elif isinstance(api, type):
+        api = api(token=token)
+    card_kwargs = {"base_model": base_model, "extra_tags": tuple(extra_tags), "repo_id": repo_id}
+    with tempfile.TemporaryDirectory(prefix="peft_ortho_push_") as tmp:
+        _stage(
+            model,
+            tmp,
+            include_diffusers=include_diffusers,
+            component=component,
+            card_kwargs=card_kwargs,
+            save_kwargs=kwargs,
+        )
+        api.create_repo(repo_id=repo_id, exist_ok=True, private=private, repo_type="model")
+        if revision is not None and not revision.startswith("refs/pr/"):
+            api.create_branch(repo_id=repo_id, branch=revision, exist_ok=True, repo_type="model")
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=tmp,
+            commit_message=commit_message or "Upload peft-ortho adapter",
+            revision=revision,
+            repo_type="model",
+        )
