@@ -66,7 +66,13 @@ def _run(args) -> int:
         return 0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        merged = compose(args.names, weights=args.weights, method=getattr(args, "method", "auto"), progress=True)
+        merged = compose(
+            args.names,
+            weights=args.weights,
+            method=getattr(args, "method", "auto"),
+            component=getattr(args, "component", "unet"),
+            progress=sys.stderr.isatty(),  # progress bars only for a person watching; logs get one-line errors
+        )
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     if args.command == "inspect":
@@ -99,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)  # usage errors: argparse prints usage and exits 2
     try:
         return _run(args)
-    except (PeftOrthoError, FileExistsError, FileNotFoundError, ValueError) as e:
+    except (PeftOrthoError, OSError, ValueError) as e:
         print(f"peft-ortho: error: {e}", file=sys.stderr)
         return 1
 

@@ -109,16 +109,29 @@ class MergedAdapter:
             }
             for a, s, w in zip(self.adapters, self.sources, self.weights)
         ]
-        summary = (
-            f"Merged with peft-ortho `compose` (method `{self.method}`). {self.statement}\n\n```\n{self.report}\n```"
-        )
+        summary = f"Merged with peft-ortho `compose` (method `{self.method}`). {self.statement}"
+        if not self.exact:
+            errors = {}
+            for (comp, name), layer in self.layers.items():
+                layer.factors(self.svd_rank)  # decomposed once; the file reuses it
+                errors[name if comp is None else f"{comp}.{name}"] = layer.svd_error
+            worst = max(errors, key=errors.get)
+            summary += (
+                f"\n\nRank-{self.svd_rank or 'Σr'} SVD of the merged deltas, relative Frobenius error per layer: "
+                f"max {errors[worst]:.3g} (`{worst}`), mean {sum(errors.values()) / len(errors):.3g}.\n\n"
+                + "\n".join(f"- `{k}`: {v:.3g}" for k, v in sorted(errors.items()))
+            )
+        summary += f"\n\n```\n{self.report}\n```"
         return str(model_card(None, base_model=self.base_model, sources=rows, summary=summary))
 
     def save_pretrained(self, out_dir: str, *, overwrite: bool = False) -> str:
         """A PEFT LoRA adapter (plain ``LoraConfig``; loads with ``PeftModel.from_pretrained``) + model card."""
         from .export import save_peft
 
-        return save_peft(out_dir, self.by_component(), self.base_model, self.svd_rank, self.card(), overwrite)
+        fan_in_fan_out = any(a.config.get("fan_in_fan_out") for a in self.adapters)  # GPT-2 style Conv1D targets
+        return save_peft(
+            out_dir, self.by_component(), self.base_model, self.svd_rank, self.card(), overwrite, fan_in_fan_out
+        )
 
     def save_diffusers(self, out_dir: str, *, component: str = "unet", overwrite: bool = False) -> str:
         """``pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights`` (PEFT-adapter layers go to ``component``)."""
@@ -164,6 +177,7 @@ def compose(
     svd_rank: int | None = None,
     allow_different_base: bool = False,
     stream: bool = False,
+    component: str = "unet",
     progress: bool = True,
 ) -> MergedAdapter:
     """Merge adapters given by name (Hub repo id ``owner/name[@revision]``, local folder, or ``.safetensors`` file).
@@ -172,7 +186,9 @@ def compose(
     slots. ``"ties"``, ``"dare_linear"``, ``"dare_ties"``, ``"svd"`` combine plain LoRAs in delta space with peft's
     ``merge_utils``. Raises, naming the adapter and the layer, on anything it cannot merge correctly; warns
     (``CollisionWarning``) when orthogonal adapters share basis rows. ``stream=True`` keeps peak memory independent
-    of the number of adapters (for ``fuse`` of very many), at the cost of a second read of the files.
+    of the number of adapters (for ``fuse`` of very many), at the cost of a second read of the files. When PEFT
+    adapter folders are merged with diffusers files (which name their components), the folders' layers belong to
+    ``component``.
     """
     if method not in METHODS:
         raise ValueError(f"unknown merge method {method!r}; choose one of {METHODS}")
@@ -180,6 +196,9 @@ def compose(
         raise ValueError("compose needs at least one adapter name")
     sources = resolve_all(list(names), token=token, cache_dir=cache_dir, progress=progress)
     adapters = [load_adapter(s) for s in sources]
+    if any(c is not None for a in adapters for c, _ in a.layers()):
+        for adapter in adapters:
+            adapter.assign_component(component)
     weights = check_weights(adapters, weights)
     check_configs(adapters, allow_different_base=allow_different_base)
     warn_collisions(adapters)

@@ -27,7 +27,7 @@ def lora_tensors(layers: dict[str, MergedLayer], svd_rank: int | None = None) ->
     return tensors, ranks
 
 
-def lora_config_dict(ranks: dict[str, int], base_model: str | None) -> dict:
+def lora_config_dict(ranks: dict[str, int], base_model: str | None, fan_in_fan_out: bool = False) -> dict:
     """A plain ``peft.LoraConfig`` for the merged factors: scale 1 (weights and alphas live in ``B``).
 
     Every layer may have its own rank (Σ of the ranks of the adapters that touch it), so each gets an exact
@@ -44,6 +44,7 @@ def lora_config_dict(ranks: dict[str, int], base_model: str | None) -> dict:
         rank_pattern=pattern,
         alpha_pattern=dict(pattern),
         base_model_name_or_path=base_model,
+        fan_in_fan_out=fan_in_fan_out,
     )
     out = config.to_dict()
     out["peft_type"] = "LORA"
@@ -51,25 +52,28 @@ def lora_config_dict(ranks: dict[str, int], base_model: str | None) -> dict:
     return out
 
 
-def save_peft_folder(folder: str, layers: dict[str, MergedLayer], base_model, svd_rank, card_text: str) -> None:
+def save_peft_folder(
+    folder: str, layers: dict[str, MergedLayer], base_model, svd_rank, card_text: str, fan_in_fan_out=False
+) -> None:
     tensors, ranks = lora_tensors(layers, svd_rank)
     save_file({PEFT_PREFIX + k: v for k, v in tensors.items()}, os.path.join(folder, "adapter_model.safetensors"))
     with open(os.path.join(folder, "adapter_config.json"), "w") as f:
-        json.dump(lora_config_dict(ranks, base_model), f, indent=2, sort_keys=True)
+        json.dump(lora_config_dict(ranks, base_model, fan_in_fan_out), f, indent=2, sort_keys=True)
     with open(os.path.join(folder, "README.md"), "w") as f:
         f.write(card_text)
 
 
-def save_peft(out_dir, by_component, base_model, svd_rank, card_text, overwrite=False) -> str:
+def save_peft(out_dir, by_component, base_model, svd_rank, card_text, overwrite=False, fan_in_fan_out=False) -> str:
     """One PEFT adapter; with several components (unet + text_encoder), one sub-folder each."""
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        if list(by_component) == [None]:
-            save_peft_folder(tmp, by_component[None], base_model, svd_rank, card_text)
+        if len(by_component) == 1:
+            (layers,) = by_component.values()
+            save_peft_folder(tmp, layers, base_model, svd_rank, card_text, fan_in_fan_out)
         else:
             for component, layers in by_component.items():
                 sub = os.path.join(tmp, component or "model")
                 os.makedirs(sub)
-                save_peft_folder(sub, layers, base_model, svd_rank, card_text)
+                save_peft_folder(sub, layers, base_model, svd_rank, card_text, fan_in_fan_out)
             with open(os.path.join(tmp, "README.md"), "w") as f:
                 f.write(card_text)
     return os.path.abspath(out_dir)

@@ -75,6 +75,11 @@ class Adapter:
     def layers(self) -> list[tuple[str | None, str]]:
         return list(self.layer_keys)
 
+    def assign_component(self, component: str) -> None:
+        """Place a PEFT-folder adapter (component ``None``) under ``component``, to merge it with diffusers files."""
+        self.layer_keys = {(c if c is not None else component, n): v for (c, n), v in self.layer_keys.items()}
+        self.scales = {(c if c is not None else component, n): v for (c, n), v in self.scales.items()}
+
     def delta_shape(self, layer: tuple[str | None, str]) -> tuple[int, int]:
         """``(out, in)`` of the layer's ΔW (from shapes only; nothing is read)."""
         a_key, b_key = self.layer_keys[layer]

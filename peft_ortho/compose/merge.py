@@ -36,12 +36,13 @@ class MergedLayer:
     ``a_shape`` is the stored shape of one ``lora_A`` (conv kernels), used to write files in the layout peft expects.
     """
 
-    __slots__ = ("A", "B", "delta", "a_shape", "b_shape", "ranks", "svd_error")
+    __slots__ = ("A", "B", "delta", "a_shape", "b_shape", "ranks", "svd_error", "_svd")
 
     def __init__(self, A=None, B=None, delta=None, a_shape=None, b_shape=None, ranks=None):
         self.A, self.B, self.delta = A, B, delta
         self.a_shape, self.b_shape, self.ranks = a_shape, b_shape, ranks
         self.svd_error: float | None = None
+        self._svd: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def out_features(self) -> int:
@@ -60,10 +61,12 @@ class MergedLayer:
         if self.delta is None:
             return self.A, self.B
         rank = min(svd_rank or sum(self.ranks), *self.delta.shape)
-        U, S, Vh = torch.linalg.svd(self.delta.float(), full_matrices=False)
-        total = float(S.square().sum())
-        self.svd_error = float(S[rank:].square().sum() / total) ** 0.5 if total > 0 else 0.0
-        return Vh[:rank].contiguous(), (U[:, :rank] * S[:rank]).contiguous()
+        if self._svd is None or self._svd[0] != rank:  # the card and the file both need it: decompose once
+            U, S, Vh = torch.linalg.svd(self.delta.float(), full_matrices=False)
+            total = float(S.square().sum())
+            self.svd_error = float(S[rank:].square().sum() / total) ** 0.5 if total > 0 else 0.0
+            self._svd = (rank, Vh[:rank].contiguous(), (U[:, :rank] * S[:rank]).contiguous())
+        return self._svd[1], self._svd[2]
 
     def stored_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Shapes of ``lora_A``/``lora_B`` as peft stores them for this layer type, at ``rank``."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import torch
 
@@ -141,7 +142,9 @@ class Report:
         ax.set_ylabel("adapter i (directions read)")
         ax.set_title("crosstalk ‖ΔW_j A_iᵀ‖ / ‖ΔW_i A_iᵀ‖", fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        with warnings.catch_warnings():  # long names: "tight layout not applied" is cosmetic, not the user's problem
+            warnings.simplefilter("ignore")
+            fig.tight_layout()
+            fig.savefig(path, dpi=120)
         plt.close(fig)
         return path

@@ -47,9 +47,17 @@ def resolve(name: str, *, token: str | bool | None = None, cache_dir: str | None
     """Resolve one adapter name to local files (downloading through the Hub cache only when needed)."""
     if os.path.isdir(name):
         folder = os.path.abspath(name)
-        if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
-            raise AdapterFileError(f"folder {folder} has no adapter_config.json: not a PEFT adapter", adapter=name)
-        return Source(name=name, kind="folder", path=folder)
+        if os.path.isfile(os.path.join(folder, "adapter_config.json")):
+            return Source(name=name, kind="folder", path=folder)
+        weights = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+        if len(weights) == 1:  # a diffusers LoRA folder (pytorch_lora_weights.safetensors)
+            return Source(name=name, kind="file", path=os.path.join(folder, weights[0]))
+        for f in os.listdir(folder):
+            refuse_pickle(os.path.join(folder, f), adapter=name)
+        raise AdapterFileError(
+            f"folder {folder} has no adapter_config.json and {len(weights)} .safetensors files: not an adapter",
+            adapter=name,
+        )
     if os.path.isfile(name):
         refuse_pickle(name, adapter=name)
         if not name.endswith(".safetensors"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from peft.tuners.lora import LoraLayer, LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -22,6 +24,7 @@ class OrthoLoraModel(LoraModel):
     ) -> None:
         base_layer = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         check_supported_layer(base_layer, adapter_name, current_key)
+        self._warn_reused_random_rows(lora_config, adapter_name)
         super()._create_and_replace(
             lora_config, adapter_name, target, target_name, parent, current_key, parameter_name=parameter_name
         )
@@ -48,6 +51,23 @@ class OrthoLoraModel(LoraModel):
         for name, (module, dtype) in layers.items():
             if module.lora_A[adapter_name].weight.dtype != dtype:
                 write_basis(module, adapter_name, config, name)
+
+    def _warn_reused_random_rows(self, config, adapter_name: str) -> None:
+        """``slot="random"`` draws rows once and records them in the config: reusing that config object for another
+        adapter gives it the *same* rows, a full collision. Say so once, where it happens."""
+        if config.slot != "random":
+            return
+        owner = (id(self.model), adapter_name)
+        previous = config.__dict__.setdefault("_random_rows_owner", owner)
+        if previous != owner and not config.__dict__.get("_random_rows_warned"):
+            config.__dict__["_random_rows_warned"] = True
+            warnings.warn(
+                f"adapter {adapter_name!r}: this OrthoLoraConfig(slot='random') already drew its rows for another "
+                "adapter, so both get the same rows and collide completely when merged. Create a new "
+                "OrthoLoraConfig per concept (or use distinct `slot`s / `concept_id`s).",
+                UserWarning,
+                stacklevel=4,
+            )
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
