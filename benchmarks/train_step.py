@@ -50,6 +50,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from _common import reset_peak_rss, status_kb, write_section  # noqa: E402
+
 import peft_ortho  # noqa: E402  (registers ORTHO_LORA with peft)
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -57,7 +59,6 @@ ARMS = ("lora", "ortho")
 ARM_NAMES = {"lora": "peft LoRA", "ortho": "OrthoLora (peft-ortho)"}
 START, END = "<!-- train_step:start -->", "<!-- train_step:end -->"
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "benchmarks.md")
-HEADER = "# Benchmarks\n"
 
 # SD1.5 widths (320, 640, 1280), SD1.5's cross_attention_dim and head count, fewer blocks and a small latent so that
 # a training step takes about a second on 2 CPU cores.
@@ -188,23 +189,6 @@ def matmul_work(arm: Arm, batch: tuple[torch.Tensor, ...]) -> tuple[int, float]:
 # ---------------------------------------------------------------------------------------------------------- memory
 
 
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
-
-
 def memory_child(arm: str, rank: int, quick: bool, steps: int, threads: int, conn) -> None:
     """Runs in a fresh process: peak RSS added by injecting ``arm`` and training ``steps`` steps; sends a dict."""
     import gc
@@ -213,12 +197,12 @@ def memory_child(arm: str, rank: int, quick: bool, steps: int, threads: int, con
     unet = build_unet(quick)
     batches = make_batches(quick, steps)
     gc.collect()
-    reset = _reset_peak_rss()
-    baseline_kb = _status_kb("VmRSS")
+    reset = reset_peak_rss()
+    baseline_kb = status_kb("VmRSS")
     state = inject(unet, arm, rank)
     for batch in batches:
         train_step(state, batch)
-    peak_kb = _status_kb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_kb = status_kb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     method = "VmHWM after clear_refs" if reset else "ru_maxrss"
     conn.send(
         {"arm": arm, "peak_delta_mb": (peak_kb - baseline_kb) / 1024, "inject_s": state.inject_s, "method": method}
@@ -408,20 +392,6 @@ def render(args: argparse.Namespace, arms: dict[str, Arm], memory: dict[str, dic
     return "\n".join(lines)
 
 
-def write_section(path: str, text: str) -> None:
-    """Replace the text between this benchmark's markers in ``path`` (append the block if absent)."""
-    content = open(path).read() if os.path.exists(path) else HEADER
-    block = f"{START}\n{text}\n{END}"
-    if START in content and END in content:
-        content = content[: content.index(START)] + block + content[content.index(END) + len(END) :]
-    else:
-        content = content.rstrip() + "\n\n" + block + "\n"
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(content)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------------------------------------- main
 
 
@@ -495,7 +465,7 @@ def main() -> None:
     }
     text = render(args, arms, memory, info)
     print(text)
-    write_section(args.out, text)
+    write_section(args.out, START, END, text)
 
 
 if __name__ == "__main__":

@@ -64,16 +64,6 @@ def same_tensors(path_a, path_b) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These tiny models gain nothing from threads; with ``-n 2`` on 2 cores, two threads per worker oversubscribe
-    the CPU and OpenMP's spin-waits make small ops 100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def unet0():
     return testing.tiny_unet()

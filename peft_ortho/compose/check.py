@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import torch
 
 from .. import bases
-from .._io import check_finite
+from .._io import all_finite, check_finite
 from ..bases import ALGORITHM_VERSION
 from ..errors import BasisMismatchError, IncompatibleAdaptersError
 from ..tuners.ortho_lora.layer import expected_basis, matches_basis
@@ -113,15 +113,14 @@ def check_shapes(adapters: list[Adapter], layer: tuple[str | None, str], factors
             )
 
 
-def check_finite_factors(
-    adapters: list[Adapter], layer: tuple[str | None, str], factors: list[LayerFactors], skip_orthogonal_A: bool
-) -> None:
-    """No NaN/Inf. One reduction per tensor; the exact element-wise test runs only to name a suspect."""
-    for adapter, f in zip(adapters, factors):
-        tensors = {"lora_B": f.B} if skip_orthogonal_A and adapter.is_orthogonal else {"lora_A": f.A, "lora_B": f.B}
-        for kind, t in tensors.items():
-            if not bool(torch.isfinite(t.sum())):  # NaN/Inf always reach the sum; overflow only makes a suspect
-                check_finite({f"{layer[1]}.{kind}": t}, adapter=adapter.name)
+def check_adapter_finite(adapter: Adapter) -> None:
+    """No NaN/Inf anywhere in the adapter: one reduction over its file, element-wise only to name a suspect."""
+    if all_finite(adapter.tensors):
+        return
+    for (_, name), (a_key, b_key) in adapter.layer_keys.items():
+        check_finite(
+            {f"{name}.lora_A": adapter.tensors[a_key], f"{name}.lora_B": adapter.tensors[b_key]}, adapter.name
+        )
 
 
 def check_basis(adapter: Adapter, layer: str, factors: LayerFactors) -> None:
@@ -143,16 +142,18 @@ def check_basis(adapter: Adapter, layer: str, factors: LayerFactors) -> None:
             concept_id=cfg.get("concept_id"),
             basis_rows=dict(cfg.get("basis_rows") or {}),
             basis_checksums=dict(cfg.get("basis_checksums") or {}),
-            verified=set(),
+            expected={},  # (shape key, dtype) -> the verified rows in that dtype
         )
-    if key not in spec.verified:
+    expected = spec.expected.get((key, factors.stored_dtype))
+    if expected is None:
         expected_basis(spec, n, r, adapter.name, layer)  # rows follow from the slot; checksum matches
-        spec.verified.add(key)
+        rows = spec.basis_rows[key]
+        expected = bases.basis_rows_as(spec.basis, spec.basis_seed, n, rows, factors.stored_dtype)
+        spec.expected[(key, factors.stored_dtype)] = expected
     # Fast path: the rows cast to the dtype the file stores. Slow path (only on a miss): the rows rounded through a
     # narrower float dtype first, as after a legitimate dtype move (trained in fp32, saved after .double()).
     rows = spec.basis_rows[key]
     stored = factors.A.to(factors.stored_dtype)
-    expected = bases.basis_rows_as(spec.basis, spec.basis_seed, n, rows, factors.stored_dtype)
     if not torch.equal(stored, expected) and not matches_basis(
         stored, bases.basis_rows(spec.basis, spec.basis_seed, n, rows)
     ):

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .check import check_basis, check_finite_factors, check_shapes
+from .check import check_adapter_finite, check_basis, check_shapes
 from .load import Adapter
 
 EXACT_METHODS = ("auto", "linear", "cat")
@@ -92,6 +92,9 @@ def iter_merged_layers(
     """
     if method not in METHODS:
         raise ValueError(f"unknown merge method {method!r}; choose one of {METHODS}")
+    if check:
+        for adapter in adapters:
+            check_adapter_finite(adapter)
     layer_owners: dict[tuple[str | None, str], list[int]] = {}
     for i, adapter in enumerate(adapters):
         for layer in adapter.layers():
@@ -100,11 +103,10 @@ def iter_merged_layers(
         group = [adapters[i] for i in owners]
         fs = [a.factors(layer, dtype=dtype) for a in group]  # views of the memory maps: nothing copied yet
         check_shapes(group, layer, fs)
-        if check:
+        if check:  # finite values were checked per adapter, in one reduction over each file (check_adapter_finite)
             for adapter, f in zip(group, fs):
                 if adapter.is_orthogonal:
-                    check_basis(adapter, layer[1], f)  # bit-equal to the basis, hence also finite
-            check_finite_factors(group, layer, fs, skip_orthogonal_A=True)
+                    check_basis(adapter, layer[1], f)
         if not merge:
             yield layer, None
             continue
