@@ -99,6 +99,16 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
+def median_of(repeats: int, run, reset=None) -> float:
+    """Median wall time of ``run`` over ``repeats`` calls, ``reset`` (untimed) before each."""
+    times = []
+    for _ in range(repeats):
+        if reset is not None:
+            reset()
+        times.append(run())
+    return statistics.median(times)
+
+
 def bench_floor(unet, layers, names) -> float:
     from safetensors.torch import load_file
 
@@ -248,13 +258,48 @@ def measure_memory(folder: str, ns: list[int], quick: bool, stream: bool) -> dic
     return out
 
 
+def plot_times(rows: list[dict], path: str) -> str | None:
+    """Merge time vs N, one line per method (log scale); None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    series = {
+        "floor (stacked addmm, in memory)": "floor",
+        "peft-ortho compose + fuse": "compose_fuse",
+        "peft-ortho compose only": "compose",
+        "peft add_weighted_adapter cat + merge": "peft_cat",
+        "peft add_weighted_adapter svd + merge": "peft_svd",
+        "diffusers set_adapters + fuse_lora": "diffusers",
+    }
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, key in series.items():
+        points = [(r["n"], r[key]) for r in rows if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=label)
+    ax.set_xlabel("adapters merged (N, rank 16 each)")
+    ax.set_ylabel("seconds (median)")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("Merging into SD1.5-shaped attention layers, 2 CPU cores", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--ns", type=int, nargs="+")
     p.add_argument("--memory-ns", type=int, nargs="+")
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="forward passes per inference timing")
+    p.add_argument("--timing-repeats", type=int, default=3, help="merges per timing (median reported)")
     p.add_argument("--svd-max-n", type=int, default=15, help="peft svd is slow: only up to this N")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks.md"))
     p.add_argument("--latent", type=int, help="latent size for the inference timing (default 64: SD1.5 at 512 px)")
@@ -285,15 +330,15 @@ def main() -> None:
             with warnings.catch_warnings():  # concept ids collide on 320-wide layers at large N; timing only
                 warnings.simplefilter("ignore")
                 compose(ortho[:n], progress=False)  # warm the page cache and basis caches
-            row["floor"] = bench_floor(unet, layers, ortho[:n])
+            k, o, pl = args.timing_repeats, ortho[:n], plain[:n]
+            row["floor"] = median_of(k, lambda o=o: bench_floor(unet, layers, o), restore)
+            row["compose_fuse"] = median_of(k, lambda o=o: bench_compose(unet, o, fuse=True), restore)
             restore()
-            row["compose_fuse"] = bench_compose(unet, ortho[:n], fuse=True)
-            restore()
-            row["compose"] = bench_compose(unet, ortho[:n], fuse=False)
-            row["peft_cat"] = bench_peft(unet, plain[:n], "cat")
-            row["peft_linear"] = bench_peft(unet, plain[:n], "linear")
-            row["peft_svd"] = bench_peft(unet, plain[:n], "svd") if n <= args.svd_max_n else None
-            row["diffusers"] = bench_diffusers(unet, plain[:n])
+            row["compose"] = median_of(k, lambda o=o: bench_compose(unet, o, fuse=False))
+            row["peft_cat"] = median_of(k, lambda pl=pl: bench_peft(unet, pl, "cat"))
+            row["peft_linear"] = median_of(k, lambda pl=pl: bench_peft(unet, pl, "linear"))
+            row["peft_svd"] = bench_peft(unet, pl, "svd") if n <= args.svd_max_n else None  # ~15 s: once
+            row["diffusers"] = median_of(k, lambda pl=pl: bench_diffusers(unet, pl))
             rows.append(row)
             print(json.dumps(row), flush=True)
         n_inf = 5 if args.quick else 15
@@ -357,9 +402,12 @@ def main() -> None:
             for mode, m in memory.items()
         ),
         "",
-        "Targets (issue #3): compose + fuse ≤ 1.2× the floor; compose without fusing ≤ 0.2 s; inference with 15 "
+        "Times are medians of `--timing-repeats` merges (peft svd: one). Targets (issue #3): compose + fuse ≤ 1.2× the floor; compose without fusing ≤ 0.2 s; inference with 15 "
         "composed concepts ≤ 1.07× the base; peak memory independent of N.",
     ]
+    plot = plot_times(rows, os.path.join(os.path.dirname(args.out), "merge_times.png"))
+    if plot:
+        lines += ["", f"![merge time vs N]({os.path.basename(plot)})"]
     text = "\n".join(lines)
     print(text)
     write_section(args.out, START, END, text)

@@ -130,7 +130,7 @@ def basis_rows(kind: str, seed: int, n: int, rows: Sequence[int]) -> torch.Tenso
     return _basis_rows_cached(kind, int(seed), int(n), tuple(int(i) for i in rows)).clone()
 
 
-@lru_cache(maxsize=512)
+@lru_cache(maxsize=64)  # an adapter uses one row set per (width, rank): a few entries each; bounded memory
 def _basis_rows_cached(kind: str, seed: int, n: int, rows: tuple[int, ...]) -> torch.Tensor:
     # Many layers share a (width, rank) shape: verifying 15 adapters on SD1.5 would otherwise regenerate the same
     # rows thousands of times.
@@ -151,7 +151,7 @@ def basis_rows_as(kind: str, seed: int, n: int, rows: Sequence[int], dtype: torc
     return _basis_rows_as_cached(kind, int(seed), int(n), tuple(int(i) for i in rows), dtype)
 
 
-@lru_cache(maxsize=512)
+@lru_cache(maxsize=64)
 def _basis_rows_as_cached(kind: str, seed: int, n: int, rows: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return _basis_rows_cached(kind, seed, n, rows).to(dtype)
 

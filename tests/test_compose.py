@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import warnings
 
@@ -659,6 +660,10 @@ def test_overlapping_random_slots_warn_with_shared_row_count(unet0, tmp_path):
     assert "2 shared rows" in message
     report = merged.report
     assert report.crosstalk[0, 1].item() > 1e-2 and report.crosstalk[1, 0].item() > 1e-2
+    # the warning carries the measured crosstalk: here every layer collides, so it is the report's larger direction
+    warned = float(re.search(r"measured crosstalk there ([0-9.e+-]+)", message).group(1))
+    expected = max(report.crosstalk[0, 1].item(), report.crosstalk[1, 0].item())
+    assert math.isclose(warned, expected, rel_tol=1e-2)
     # two orthonormal rows shared out of four: overlap sqrt(2) / 4 on every layer
     for entry in report.layers.values():
         (overlap,) = entry["overlap"].values()

@@ -40,6 +40,8 @@ class MergedAdapter:
         if stream:
             for _ in iter_merged_layers(self.adapters, self.weights, self.method, merge=False, **self._merge_options):
                 pass
+            for adapter in self.adapters:  # verified; keep nothing that grows with the number of adapters
+                adapter.__dict__.pop("_basis_spec", None)
         else:
             self.__dict__["layers"] = dict(self.iter_layers(check=True))
 
@@ -201,9 +203,9 @@ def compose(
             adapter.assign_component(component)
     weights = check_weights(adapters, weights)
     check_configs(adapters, allow_different_base=allow_different_base)
-    warn_collisions(adapters)
     merged = MergedAdapter(
         adapters, weights, method, svd_rank=svd_rank, density=density, majority_sign_method=majority_sign_method
     )
     merged._build(stream)
+    warn_collisions(adapters, weights)  # after the checks: the crosstalk it reports is measured on valid tensors
     return merged

@@ -81,13 +81,35 @@ def shared_rows(adapters: list[Adapter]) -> dict[tuple[str, str], dict[str, int]
     return out
 
 
-def warn_collisions(adapters: list[Adapter]) -> None:
+def pair_crosstalk(a: Adapter, b: Adapter, weights: tuple[float, float], widths: set[int]) -> float:
+    """Measured crosstalk between two adapters over their common layers of the given input widths.
+
+    The larger of the two directions of ``sqrt(Σ‖ΔW_j A_iᵀ‖²) / sqrt(Σ‖ΔW_i A_iᵀ‖²)`` (the report's definition),
+    from ``r × r`` Gram blocks only.
+    """
+    num, den = [0.0, 0.0], [0.0, 0.0]
+    for layer in a.layer_keys.keys() & b.layer_keys.keys():
+        fa, fb = a.factors(layer, torch.float64), b.factors(layer, torch.float64)
+        if fa.A.shape[1] not in widths:
+            continue
+        Ba, Bb = fa.B * (weights[0] * fa.scale), fb.B * (weights[1] * fb.scale)
+        for k, (Bi, Ai, Bj, Aj) in enumerate(((Ba, fa.A, Bb, fb.A), (Bb, fb.A, Ba, fa.A))):
+            num[k] += float(torch.linalg.matrix_norm(Bj @ (Aj @ Ai.t())) ** 2)
+            den[k] += float(torch.linalg.matrix_norm(Bi @ (Ai @ Ai.t())) ** 2)
+    return max(math.sqrt(n / d) if d > 0 else (0.0 if n == 0 else math.inf) for n, d in zip(num, den))
+
+
+def warn_collisions(adapters: list[Adapter], weights: list[float]) -> None:
+    """A ``CollisionWarning`` per pair of orthogonal adapters that share basis rows, with the measured crosstalk."""
+    by_name = {a.name: (a, w) for a, w in zip(adapters, weights)}
     for (a, b), common in shared_rows(adapters).items():
+        (adapter_a, w_a), (adapter_b, w_b) = by_name[a], by_name[b]
+        crosstalk = pair_crosstalk(adapter_a, adapter_b, (w_a, w_b), {int(w) for w in common})
         detail = ", ".join(f"{c} shared rows at input width {w}" for w, c in sorted(common.items()))
         warnings.warn(
             f"adapters {a!r} and {b!r} share basis rows ({detail}): on those layers each reads part of the other's "
-            "input subspace, so the merge has crosstalk there (see merged.report for the measured ratio). Use "
-            "distinct `slot`s or `concept_id`s to avoid it.",
+            f"input subspace; measured crosstalk there {crosstalk:.3g} (0 for disjoint slots; per layer in "
+            "merged.report). Use distinct `slot`s or `concept_id`s to avoid it.",
             CollisionWarning,
             stacklevel=3,
         )
