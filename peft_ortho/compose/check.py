@@ -89,9 +89,9 @@ def pair_crosstalk(a: Adapter, b: Adapter, weights: tuple[float, float], widths:
     """
     num, den = [0.0, 0.0], [0.0, 0.0]
     for layer in a.layer_keys.keys() & b.layer_keys.keys():
-        fa, fb = a.factors(layer, torch.float64), b.factors(layer, torch.float64)
-        if fa.A.shape[1] not in widths:
+        if a.delta_shape(layer)[1] not in widths:  # from shapes: only the colliding layers are read
             continue
+        fa, fb = a.factors(layer), b.factors(layer)
         Ba, Bb = fa.B * (weights[0] * fa.scale), fb.B * (weights[1] * fb.scale)
         for k, (Bi, Ai, Bj, Aj) in enumerate(((Ba, fa.A, Bb, fb.A), (Bb, fb.A, Ba, fa.A))):
             num[k] += float(torch.linalg.matrix_norm(Bj @ (Aj @ Ai.t())) ** 2)
