@@ -81,6 +81,16 @@ def shared_rows(adapters: list[Adapter]) -> dict[tuple[str, str], dict[str, int]
     return out
 
 
+def _layers_by_width(adapter: Adapter) -> dict[int, set]:
+    """The adapter's layers grouped by input width (from shapes; cached on the adapter)."""
+    index = adapter.__dict__.get("_layers_by_width")
+    if index is None:
+        index = adapter._layers_by_width = {}
+        for layer in adapter.layers():
+            index.setdefault(adapter.delta_shape(layer)[1], set()).add(layer)
+    return index
+
+
 def pair_crosstalk(a: Adapter, b: Adapter, weights: tuple[float, float], widths: set[int]) -> float:
     """Measured crosstalk between two adapters over their common layers of the given input widths.
 
@@ -88,9 +98,9 @@ def pair_crosstalk(a: Adapter, b: Adapter, weights: tuple[float, float], widths:
     from ``r × r`` Gram blocks only.
     """
     num, den = [0.0, 0.0], [0.0, 0.0]
-    for layer in a.layer_keys.keys() & b.layer_keys.keys():
-        if a.delta_shape(layer)[1] not in widths:  # from shapes: only the colliding layers are read
-            continue
+    by_width_a, by_width_b = _layers_by_width(a), _layers_by_width(b)
+    common = [layer for w in widths for layer in by_width_a.get(w, set()) & by_width_b.get(w, set())]
+    for layer in common:  # only the colliding layers are read
         fa, fb = a.factors(layer), b.factors(layer)
         Ba, Bb = fa.B * (weights[0] * fa.scale), fb.B * (weights[1] * fb.scale)
         for k, (Bi, Ai, Bj, Aj) in enumerate(((Ba, fa.A, Bb, fb.A), (Bb, fb.A, Ba, fa.A))):
@@ -145,15 +155,8 @@ def check_adapter_finite(adapter: Adapter) -> None:
         )
 
 
-def check_basis(adapter: Adapter, layer: str, factors: LayerFactors) -> None:
-    """The stored ``lora_A`` must be, bit for bit, the basis rows its config records (and their checksum).
-
-    The config-level part (rows follow from the slot, checksum matches the regenerated rows) depends only on the
-    ``(in, r)`` shape, so it runs once per adapter and shape; the tensor comparison runs for every layer.
-    """
-    r, n = factors.A.shape
-    key = bases.shape_key(n, r)
-    spec = adapter.__dict__.setdefault("_basis_spec", None)
+def _basis_spec(adapter: Adapter) -> SimpleNamespace:
+    spec = adapter.__dict__.get("_basis_spec")
     if spec is None:
         cfg = adapter.config
         spec = adapter._basis_spec = SimpleNamespace(
@@ -164,21 +167,57 @@ def check_basis(adapter: Adapter, layer: str, factors: LayerFactors) -> None:
             concept_id=cfg.get("concept_id"),
             basis_rows=dict(cfg.get("basis_rows") or {}),
             basis_checksums=dict(cfg.get("basis_checksums") or {}),
+            rows64={},  # shape key -> float64 rows, generated in one batch per width (prepare_basis_checks)
             expected={},  # (shape key, dtype) -> the verified rows in that dtype
         )
+    return spec
+
+
+def prepare_basis_checks(adapters: list[Adapter]) -> None:
+    """Generate the basis rows every orthogonal adapter records, one batched pass per (basis, seed, width).
+
+    Verifying N adapters then costs one butterfly pass per width instead of N; rows shared by several adapters are
+    generated once.
+    """
+    wanted: dict[tuple[str, int, int], set[int]] = {}
+    for adapter in adapters:
+        if adapter.is_orthogonal:
+            spec = _basis_spec(adapter)
+            for key, rows in spec.basis_rows.items():
+                n = int(key.split("/")[0])
+                wanted.setdefault((spec.basis, int(spec.basis_seed), n), set()).update(int(i) for i in rows)
+    generated = {}
+    for (kind, seed, n), rows in wanted.items():
+        if rows and max(rows) < n and min(rows) >= 0:  # bad rows are reported per layer by expected_basis
+            order = sorted(rows)
+            generated[(kind, seed, n)] = (bases.basis_rows(kind, seed, n, order), {r: i for i, r in enumerate(order)})
+    for adapter in adapters:
+        if adapter.is_orthogonal:
+            spec = _basis_spec(adapter)
+            for key, rows in spec.basis_rows.items():
+                block = generated.get((spec.basis, int(spec.basis_seed), int(key.split("/")[0])))
+                if block is not None:
+                    spec.rows64[key] = block[0][[block[1][int(i)] for i in rows]]
+
+
+def check_basis(adapter: Adapter, layer: str, factors: LayerFactors) -> None:
+    """The stored ``lora_A`` must be, bit for bit, the basis rows its config records (and their checksum).
+
+    The config-level part (rows follow from the slot, checksum matches the regenerated rows) depends only on the
+    ``(in, r)`` shape, so it runs once per adapter and shape; the tensor comparison runs for every layer.
+    """
+    r, n = factors.A.shape
+    key = bases.shape_key(n, r)
+    spec = _basis_spec(adapter)
     expected = spec.expected.get((key, factors.stored_dtype))
     if expected is None:
-        expected_basis(spec, n, r, adapter.name, layer)  # rows follow from the slot; checksum matches
-        rows = spec.basis_rows[key]
-        expected = bases.basis_rows_as(spec.basis, spec.basis_seed, n, rows, factors.stored_dtype)
-        spec.expected[(key, factors.stored_dtype)] = expected
+        a64 = expected_basis(spec, n, r, adapter.name, layer, a64=spec.rows64.get(key))
+        spec.rows64[key] = a64
+        expected = spec.expected[(key, factors.stored_dtype)] = a64.to(factors.stored_dtype)
     # Fast path: the rows cast to the dtype the file stores. Slow path (only on a miss): the rows rounded through a
     # narrower float dtype first, as after a legitimate dtype move (trained in fp32, saved after .double()).
-    rows = spec.basis_rows[key]
     stored = factors.A.to(factors.stored_dtype)
-    if not torch.equal(stored, expected) and not matches_basis(
-        stored, bases.basis_rows(spec.basis, spec.basis_seed, n, rows)
-    ):
+    if not torch.equal(stored, expected) and not matches_basis(stored, spec.rows64[key]):
         raise BasisMismatchError(
             "lora_A is not the basis its config records (the checkpoint was edited or mixed up)",
             adapter=adapter.name,

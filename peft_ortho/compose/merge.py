@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .check import check_adapter_finite, check_basis, check_shapes
+from .check import check_adapter_finite, check_basis, check_shapes, prepare_basis_checks
 from .load import Adapter
 
 EXACT_METHODS = ("auto", "linear", "cat")
@@ -95,6 +95,7 @@ def iter_merged_layers(
     if check:
         for adapter in adapters:
             check_adapter_finite(adapter)
+        prepare_basis_checks(adapters)
     layer_owners: dict[tuple[str | None, str], list[int]] = {}
     for i, adapter in enumerate(adapters):
         for layer in adapter.layers():

@@ -79,12 +79,18 @@ def resolve_rows(config, n: int, r: int, adapter_name: str, layer_name: str) -> 
     return expected
 
 
-def expected_basis(config, n: int, r: int, adapter_name: str, layer_name: str) -> torch.Tensor:
-    """Float64 ``(r, n)`` down-projection for this layer, checked against the checksum the config records."""
+def expected_basis(config, n: int, r: int, adapter_name: str, layer_name: str, a64=None) -> torch.Tensor:
+    """Float64 ``(r, n)`` down-projection for this layer, checked against the checksum the config records.
+
+    ``a64``: the rows already generated (compose generates every adapter's rows of one width in one batched pass).
+    """
     rows = resolve_rows(config, n, r, adapter_name, layer_name)
-    a64 = bases.basis_rows(config.basis, config.basis_seed, n, rows)
+    if a64 is None:
+        a64 = bases.basis_rows(config.basis, config.basis_seed, n, rows)
+        digest = bases.basis_checksum(config.basis, config.basis_seed, n, rows)
+    else:
+        digest = bases.checksum(a64)
     key = bases.shape_key(n, r)
-    digest = bases.basis_checksum(config.basis, config.basis_seed, n, rows)
     recorded = (config.basis_checksums or {}).get(key)
     if recorded is not None and recorded != digest:
         raise BasisMismatchError(
