@@ -740,17 +740,19 @@ def test_sign_conflicts_opposite_updates(unet0, tmp_path):
 # ----------------------------------------------------------------------------------------------------- safe export
 
 
+def exploding_save_file(tensors, filename, *args, **kwargs):
+    """A save that writes part of its file, then fails (disk full)."""
+    with open(filename, "wb") as f:
+        f.write(b"partial")
+    raise RuntimeError("disk full")
+
+
 def test_interrupted_save_leaves_nothing(ad, tmp_path, monkeypatch):
     from peft_ortho.compose import export
 
     merged = compose([ad["o0"], ad["o1"]])
     parent = tmp_path / "outputs"
     parent.mkdir()
-
-    def exploding_save_file(tensors, filename, *args, **kwargs):
-        with open(filename, "wb") as f:
-            f.write(b"partial")
-        raise RuntimeError("disk full")
 
     monkeypatch.setattr(export, "save_file", exploding_save_file)
     with pytest.raises(RuntimeError, match="disk full"):
@@ -812,11 +814,6 @@ def test_interrupted_diffusers_save_leaves_nothing(ad, tmp_path, monkeypatch):
     merged = compose([ad["o0"], ad["l0"]])
     parent = tmp_path / "outputs"
     parent.mkdir()
-
-    def exploding_save_file(tensors, filename, *args, **kwargs):
-        with open(filename, "wb") as f:
-            f.write(b"partial")
-        raise RuntimeError("disk full")
 
     monkeypatch.setattr(export, "save_file", exploding_save_file)
     monkeypatch.setattr(peft_ortho.export, "save_file", exploding_save_file)
