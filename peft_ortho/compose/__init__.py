@@ -79,7 +79,7 @@ class MergedAdapter:
     def iter_layers(self, *, check: bool = False):
         """``((component, layer), MergedLayer)`` one at a time, each read and merged on the fly.
 
-        Checks already ran in ``compose`` (``validate``); ``check=True`` repeats them.
+        Checks already ran in ``compose``; ``check=True`` repeats them.
         """
         return iter_merged_layers(self.adapters, self.weights, self.method, check=check, **self._merge_options)
 
@@ -91,9 +91,9 @@ class MergedAdapter:
     def report(self) -> Report:
         return Report(self.adapters, self.weights, self.method)
 
-    def by_component(self, layers=None) -> dict[str | None, dict[str, MergedLayer]]:
+    def by_component(self) -> dict[str | None, dict[str, MergedLayer]]:
         out: dict = {}
-        for (component, name), layer in self.layers.items() if layers is None else layers:
+        for (component, name), layer in self.layers.items():
             out.setdefault(component, {})[name] = layer
         return out
 

@@ -51,7 +51,7 @@ class LayerFactors:
 
 @dataclass
 class Adapter:
-    """A validated-on-read adapter: where it came from, its config, and lazy access to its layers."""
+    """One adapter read from disk: where it came from, its config, and its layers' factors (memory-mapped views)."""
 
     source: Source
     config: dict
