@@ -9,13 +9,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from .errors import AdapterFileError
 
@@ -61,20 +61,27 @@ def refuse_pickle(path: str, adapter: str | None = None) -> None:
         )
 
 
-def load_safetensors(path: str, adapter: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Load every tensor and the metadata of a safetensors file, with errors that name the adapter."""
-    refuse_pickle(path, adapter)
-    if not os.path.isfile(path):
-        raise AdapterFileError(f"no such file: {path}", adapter=adapter)
+def read_adapter_folder(folder: str, adapter: str | None = None) -> tuple[dict, str]:
+    """``(adapter_config.json as a dict, path of adapter_model.safetensors)`` of a saved PEFT adapter folder.
+
+    Pickled weights beside a missing safetensors file are refused by name, never read.
+    """
+    if not os.path.isdir(folder):
+        raise AdapterFileError(f"no such adapter folder: {folder}", adapter=adapter)
+    config_path = os.path.join(folder, "adapter_config.json")
+    if not os.path.isfile(config_path):
+        raise AdapterFileError("adapter_config.json is missing: not a peft adapter folder", adapter=adapter)
     try:
-        with safe_open(path, framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise AdapterFileError(
-            f"{os.path.basename(path)} is not a readable safetensors file ({e})", adapter=adapter
-        ) from e
-    return tensors, metadata
+        with open(config_path) as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise AdapterFileError(f"adapter_config.json is not valid JSON ({e})", adapter=adapter) from e
+    weights = os.path.join(folder, "adapter_model.safetensors")
+    if not os.path.isfile(weights):
+        for candidate in sorted(os.listdir(folder)):
+            refuse_pickle(os.path.join(folder, candidate), adapter)
+        raise AdapterFileError("adapter_model.safetensors is missing", adapter=adapter)
+    return config, weights
 
 
 def all_finite(tensors: dict[str, torch.Tensor]) -> bool:
@@ -133,7 +140,6 @@ def mmap_safetensors(path: str, adapter: str | None = None) -> tuple[dict[str, t
     a truncated or corrupt file is an ``AdapterFileError`` rather than a crash. Pages are read on first touch: a
     merge that streams layer by layer keeps only what it is working on in memory.
     """
-    import json
     import math
     import struct
 

@@ -33,7 +33,7 @@ from collections.abc import Mapping
 import torch
 from safetensors.torch import save_file
 
-from ._io import atomic_dir, check_finite, load_safetensors, refuse_pickle
+from ._io import atomic_dir, check_finite, mmap_safetensors, read_adapter_folder, refuse_pickle
 from .errors import AdapterFileError, UnsupportedAdapterError
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -337,22 +337,8 @@ def _read_adapter_folder(folder: str, adapter_name: str) -> tuple[dict, dict[str
         raise AdapterFileError(
             "expected an adapter folder (adapter_config.json + adapter_model.safetensors)", adapter=name
         )
-    if not os.path.isdir(folder):
-        raise AdapterFileError(f"no such adapter folder: {folder}", adapter=name)
-    config_path = os.path.join(folder, "adapter_config.json")
-    if not os.path.isfile(config_path):
-        raise AdapterFileError("adapter_config.json is missing: not a peft adapter folder", adapter=name)
-    try:
-        with open(config_path) as f:
-            config = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise AdapterFileError(f"adapter_config.json is not readable JSON ({e})", adapter=name) from e
-    weights = os.path.join(folder, "adapter_model.safetensors")
-    if not os.path.isfile(weights):
-        for candidate in sorted(os.listdir(folder)):
-            refuse_pickle(os.path.join(folder, candidate), adapter=name)
-        raise AdapterFileError("adapter_model.safetensors is missing", adapter=name)
-    tensors, _ = load_safetensors(weights, adapter=name)
+    config, weights = read_adapter_folder(folder, adapter=name)
+    tensors, _ = mmap_safetensors(weights, adapter=name)
     return config, tensors, name
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .._io import mmap_safetensors, refuse_pickle
+from .._io import mmap_safetensors, read_adapter_folder
 from .._registry import PeftOrthoType
 from ..errors import AdapterFileError
 from .resolve import Source
@@ -140,21 +140,12 @@ def load_adapter(source: Source) -> Adapter:
 
 def _load_peft_folder(source: Source) -> Adapter:
     folder, name = source.path, source.name
-    with open(os.path.join(folder, "adapter_config.json")) as f:
-        try:
-            config = json.load(f)
-        except json.JSONDecodeError as e:
-            raise AdapterFileError(f"adapter_config.json is not valid JSON ({e})", adapter=name) from e
+    config, weights = read_adapter_folder(folder, adapter=name)
     peft_type = str(config.get("peft_type"))
     if peft_type not in KNOWN_PEFT_TYPES:
         raise AdapterFileError(
             f"peft_type {peft_type!r} cannot be merged (supported: {', '.join(KNOWN_PEFT_TYPES)})", adapter=name
         )
-    weights = os.path.join(folder, "adapter_model.safetensors")
-    if not os.path.isfile(weights):
-        for candidate in os.listdir(folder):
-            refuse_pickle(os.path.join(folder, candidate), adapter=name)
-        raise AdapterFileError("adapter_model.safetensors is missing", adapter=name)
     tensors, _ = mmap_safetensors(weights, adapter=name)
     pairs = _pair_keys(tensors, PEFT_PREFIX, name)
     layer_keys, scales = {}, {}
