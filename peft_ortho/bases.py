@@ -146,16 +146,6 @@ def _basis_rows_cached(kind: str, seed: int, n: int, rows: tuple[int, ...]) -> t
     return _orthogonal_rows(seed, n, rows)
 
 
-def basis_rows_as(kind: str, seed: int, n: int, rows: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-    """``basis_rows`` cast to ``dtype``, cached. Shared: treat as read-only (used for comparisons)."""
-    return _basis_rows_as_cached(kind, int(seed), int(n), tuple(int(i) for i in rows), dtype)
-
-
-@lru_cache(maxsize=64)
-def _basis_rows_as_cached(kind: str, seed: int, n: int, rows: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    return _basis_rows_cached(kind, seed, n, rows).to(dtype)
-
-
 def basis_checksum(kind: str, seed: int, n: int, rows: Sequence[int]) -> str:
     """``checksum`` of ``basis_rows(kind, seed, n, rows)``, cached."""
     return _checksum_cached(kind, int(seed), int(n), tuple(int(i) for i in rows))
