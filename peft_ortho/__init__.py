@@ -9,6 +9,7 @@ from .errors import (
     AdapterFileError,
     BasisError,
     BasisMismatchError,
+    BlockError,
     IncompatibleAdaptersError,
     PeftOrthoError,
     UnsupportedAdapterError,
@@ -16,6 +17,7 @@ from .errors import (
 )
 from .export import save_diffusers
 from .hub import model_card, push_to_hub
+from .tuners.block_lora import BlockLoraConfig, BlockLoraModel
 from .tuners.ortho_lora import OrthoLoraConfig, OrthoLoraModel
 
 register_all()
@@ -28,6 +30,9 @@ __all__ = [
     "AdapterFileError",
     "BasisError",
     "BasisMismatchError",
+    "BlockError",
+    "BlockLoraConfig",
+    "BlockLoraModel",
     "IncompatibleAdaptersError",
     "MergedAdapter",
     "OrthoLoraConfig",

@@ -54,6 +54,8 @@ def is_registered(peft_type: PeftOrthoType) -> bool:
 
 def register_all() -> None:
     """Register every tuner peft-ortho ships. Called once by ``import peft_ortho``."""
+    from .tuners.block_lora import BlockLoraConfig, BlockLoraModel
     from .tuners.ortho_lora import OrthoLoraConfig, OrthoLoraModel
 
     register(PeftOrthoType.ORTHO_LORA, OrthoLoraConfig, OrthoLoraModel, OrthoLoraModel.prefix)
+    register(PeftOrthoType.BLOCK_LORA, BlockLoraConfig, BlockLoraModel, BlockLoraModel.prefix)

@@ -30,6 +30,10 @@ class BasisMismatchError(PeftOrthoError, ValueError):
     """An adapter's frozen down-projection is not the basis its config says it was drawn from."""
 
 
+class BlockError(PeftOrthoError, ValueError):
+    """A BlockLoRA block cannot serve this layer (too few channels, rank too large, layout of another model)."""
+
+
 class UnsupportedLayerError(PeftOrthoError, TypeError):
     """A targeted module is of a type the tuner does not support."""
 

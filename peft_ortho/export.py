@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 
 from ._io import atomic_dir, check_finite, mmap_safetensors, read_adapter_folder, refuse_pickle
 from .errors import AdapterFileError, UnsupportedAdapterError
+from .tuners.block_lora.layout import lora_config_dict, pad_state_dict
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
@@ -43,6 +44,8 @@ PEFT_PREFIX = "base_model.model."
 
 # peft types whose adapters are plain lora_A/lora_B pairs and export as they are.
 LORA_LIKE_PEFT_TYPES = ("LORA", "ORTHO_LORA")
+# ... and those that become one exactly once their block factor is zero-padded to the whole layer.
+BLOCK_PEFT_TYPES = ("BLOCK_LORA",)
 
 # init_lora_weights values that rewrite the *base* weights when the adapter is created: the saved lora_A/lora_B are
 # then a delta against a modified base, not against the published one, and would load wrong in diffusers.
@@ -141,11 +144,13 @@ def diffusers_lora_metadata(config, *, adapter: str | None = None) -> dict:
     from peft import LoraConfig
 
     d = _config_dict(config)
+    if d["peft_type"] in BLOCK_PEFT_TYPES:
+        d = lora_config_dict(d)
     peft_type = d["peft_type"]
     if peft_type not in LORA_LIKE_PEFT_TYPES:
         raise UnsupportedAdapterError(
             f"peft_type {peft_type!r} cannot be exported to diffusers: only LoRA-type adapters "
-            f"({', '.join(LORA_LIKE_PEFT_TYPES)}) are plain lora_A/lora_B pairs diffusers can load",
+            f"({', '.join(LORA_LIKE_PEFT_TYPES + BLOCK_PEFT_TYPES)}) are lora_A/lora_B pairs diffusers can load",
             adapter=adapter,
         )
     refusals = {
@@ -394,6 +399,9 @@ def collect_diffusers_lora(
         diffusers_lora_metadata(config, adapter=name)
     else:
         config, peft_state_dict, name = _read_live_adapter(model_or_dir, adapter_name, component)
+    config_dict = _config_dict(config)
+    if config_dict["peft_type"] in BLOCK_PEFT_TYPES:  # stored as blocks; diffusers needs the whole layers' factors
+        peft_state_dict = pad_state_dict(config_dict, peft_state_dict, adapter=name)
     prefixed = to_diffusers_state_dict(peft_state_dict, component, adapter=name)
     check_finite(prefixed, adapter=name)
     tensors = {k.removeprefix(f"{component}."): v for k, v in prefixed.items()}

@@ -17,7 +17,13 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from ._io import atomic_dir, refuse_pickle
 from .errors import AdapterFileError
-from .export import DIFFUSERS_WEIGHT_NAME, LORA_LIKE_PEFT_TYPES, collect_diffusers_lora, write_diffusers_file
+from .export import (
+    BLOCK_PEFT_TYPES,
+    DIFFUSERS_WEIGHT_NAME,
+    LORA_LIKE_PEFT_TYPES,
+    collect_diffusers_lora,
+    write_diffusers_file,
+)
 
 METHOD_TAGS = {
     "ORTHO_LORA": ("orthogonal-adaptation", "Orthogonal adaptation (Po et al., CVPR 2024, arXiv 2312.02432)"),
@@ -107,7 +113,7 @@ def model_card(
     for t in [peft_type, *sorted(source_types)]:
         if t in METHOD_TAGS and METHOD_TAGS[t][0] not in tags and t != "LORA":
             tags.append(METHOD_TAGS[t][0])
-    if peft_type in LORA_LIKE_PEFT_TYPES or peft_type == "BLOCK_LORA":
+    if peft_type in LORA_LIKE_PEFT_TYPES + BLOCK_PEFT_TYPES:
         tags.append("lora")
     if diffusers_weight_name:
         tags.append("diffusers")
@@ -129,6 +135,13 @@ def model_card(
             "It is a standard LoRA (`ΔW = (lora_alpha / r) · B A` per layer) whose down-projection `A` is frozen to "
             "rows of an orthogonal basis shared through a seed; only `B` was trained. Adapters drawn from the same "
             "basis on different rows read orthogonal input subspaces, so they can be summed without crosstalk.",
+        ]
+    if peft_type == "BLOCK_LORA":
+        parts += [
+            "",
+            f"A LoRA confined to block {d.get('resolved_block')} of {d.get('num_blocks')} along the "
+            f"`{d.get('block_axis')}` axis of every adapted layer (both factors trained, only the block stored). "
+            "Adapters in different blocks change disjoint weights, so they sum exactly, without sign conflicts.",
         ]
     parts += ["", "## How to load", "", "```python"]
     if needs_plugin:
@@ -236,7 +249,7 @@ def _stage(model, folder: str, *, include_diffusers: bool, component: str, card_
     peft_type = _config_dict(config).get("peft_type")
     weight_name = None
     tensors = None
-    if diffusers_component and peft_type in LORA_LIKE_PEFT_TYPES:
+    if diffusers_component and peft_type in LORA_LIKE_PEFT_TYPES + BLOCK_PEFT_TYPES:
         tensors, cfg, name = collect_diffusers_lora(model, diffusers_component, adapter_name=adapter_name)
         if isinstance(model, (str, os.PathLike)) and not _looks_like_diffusers(tensors, diffusers_component):
             tensors = None  # a folder of, e.g., an LLM adapter: no diffusers pipeline could load it

@@ -58,13 +58,20 @@ class MergedAdapter:
     def statement(self) -> str:
         """What is exact about this merge and what is not, in one sentence a user can act on."""
         ortho = sum(a.is_orthogonal for a in self.adapters)
-        plain = len(self.adapters) - ortho
+        block = sum(a.is_block for a in self.adapters)
+        plain = len(self.adapters) - ortho - block
         if not self.exact:
             return (
                 f"{self.method} combines the deltas non-linearly: the result is not Σ w_i ΔW_i; LoRA exports re-factor "
                 "it with a truncated SVD (relative error per layer in the card)."
             )
         text = "Exact: the merged ΔW equals Σ w_i ΔW_i (factors stacked, no approximation)."
+        if block > 1:
+            text += (
+                f" The {block} BlockLoRA adapters change disjoint weights (their block layouts were checked), so "
+                "there are no sign conflicts between them; they may still respond to each other's inputs (crosstalk "
+                "in the report, which output erasure during training reduces)."
+            )
         if plain and ortho:
             text += (
                 f" {plain} plain LoRA(s) share input directions with every other adapter, so only the orthogonal "

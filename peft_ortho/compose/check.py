@@ -48,6 +48,7 @@ def check_configs(adapters: list[Adapter], *, allow_different_base: bool = False
                 "bases gives garbage (pass allow_different_base=True if these names denote the same weights)",
                 adapter=a.name,
             )
+    check_blocks(adapters)
     ortho = [a for a in adapters if a.is_orthogonal]
     for a in ortho:
         algorithm = a.config.get("basis_algorithm")
@@ -63,6 +64,42 @@ def check_configs(adapters: list[Adapter], *, allow_different_base: bool = False
                     f"{field}={a.config.get(field)!r} but adapter {b.name!r} has {field}={b.config.get(field)!r}: "
                     "orthogonal adapters only merge without crosstalk when drawn from the same basis",
                     adapter=a.name,
+                )
+
+
+def check_blocks(adapters: list[Adapter]) -> None:
+    """Prove from the configs that BlockLoRA adapters touch disjoint weights on every layer they share.
+
+    Two blocks along the same axis must not overlap; blocks along different axes (rows of one, columns of the other)
+    always intersect, so they are refused too. Layers of different widths mean different base models. The tensors
+    are checked against these layouts when each layer is read (``Adapter.factors``).
+    """
+    blocks = [a for a in adapters if a.is_block]
+    for a, b in itertools.combinations(blocks, 2):
+        layout_a, layout_b = a.config.get("block_layout") or {}, b.config.get("block_layout") or {}
+        axis_a, axis_b = a.config.get("block_axis", "out"), b.config.get("block_axis", "out")
+        for layer in sorted(layout_a.keys() & layout_b.keys()):
+            (n_a, start_a, end_a), (n_b, start_b, end_b) = layout_a[layer], layout_b[layer]
+            if axis_a != axis_b:
+                raise IncompatibleAdaptersError(
+                    f"splits layers along {axis_a!r} but adapter {b.name!r} along {axis_b!r}: a row block and a "
+                    "column block always share weights, so the merge would not be disjoint",
+                    adapter=a.name,
+                    layer=layer,
+                )
+            if n_a != n_b:
+                raise IncompatibleAdaptersError(
+                    f"has {n_a} {axis_a} channels here but adapter {b.name!r} has {n_b}: different base models",
+                    adapter=a.name,
+                    layer=layer,
+                )
+            if max(start_a, start_b) < min(end_a, end_b):
+                raise IncompatibleAdaptersError(
+                    f"block [{start_a}, {end_a}) overlaps block [{start_b}, {end_b}) of adapter {b.name!r} "
+                    f"({axis_a} channels): both trained the same weights, so their sum is not a disjoint merge. "
+                    "Retrain one with another block_index / concept_id",
+                    adapter=a.name,
+                    layer=layer,
                 )
 
 

@@ -24,9 +24,10 @@ import torch
 from .._io import mmap_safetensors, read_adapter_folder
 from .._registry import PeftOrthoType
 from ..errors import AdapterFileError
+from ..tuners.block_lora.layout import pad_factor, stored_dim
 from .resolve import Source
 
-KNOWN_PEFT_TYPES = ("LORA", PeftOrthoType.ORTHO_LORA.value)
+KNOWN_PEFT_TYPES = ("LORA", PeftOrthoType.ORTHO_LORA.value, PeftOrthoType.BLOCK_LORA.value)
 PEFT_PREFIX = "base_model.model."
 
 
@@ -69,6 +70,20 @@ class Adapter:
         return self.peft_type == PeftOrthoType.ORTHO_LORA.value
 
     @property
+    def is_block(self) -> bool:
+        return self.peft_type == PeftOrthoType.BLOCK_LORA.value
+
+    def block(self, layer: tuple[str | None, str]) -> tuple[str, int, int, int] | None:
+        """``(axis, width, start, end)`` of a BlockLoRA adapter's block on ``layer`` (from its config); else None."""
+        if not self.is_block:
+            return None
+        entry = (self.config.get("block_layout") or {}).get(layer[1])
+        if entry is None:
+            raise AdapterFileError("the config's block_layout does not list this layer", adapter=self.name, layer=layer[1])
+        n, start, end = (int(v) for v in entry)
+        return self.config.get("block_axis", "out"), n, start, end
+
+    @property
     def base_model(self) -> str | None:
         return self.config.get("base_model_name_or_path")
 
@@ -82,12 +97,37 @@ class Adapter:
 
     def delta_shape(self, layer: tuple[str | None, str]) -> tuple[int, int]:
         """``(out, in)`` of the layer's ΔW (from shapes only; nothing is read)."""
-        a_key, b_key = self.layer_keys[layer]
-        return self.tensors[b_key].shape[0], math.prod(self.tensors[a_key].shape[1:])
+        a, b = self._stored(layer, pad=False)
+        out, n_in = b.shape[0], math.prod(a.shape[1:])
+        block = self.block(layer)
+        if block is not None:  # the stored factor holds only the block: the layer's width is in the layout
+            axis, n = block[:2]
+            out, n_in = (n, n_in) if axis == "out" else (out, n * math.prod(a.shape[2:]))
+        return out, n_in
 
-    def factors(self, layer: tuple[str | None, str], dtype: torch.dtype = torch.float32) -> LayerFactors:
+    def _stored(self, layer: tuple[str | None, str], pad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lora_A, lora_B)`` as stored; a block adapter's block factor zero-padded to the whole layer if ``pad``."""
         a_key, b_key = self.layer_keys[layer]
         a, b = self.tensors[a_key], self.tensors[b_key]
+        block = self.block(layer)
+        if block is None:
+            return a, b
+        axis, n, start, end = block
+        kind, dim = stored_dim(axis)
+        factor = b if kind == "lora_B" else a
+        if factor.shape[dim] != end - start or not 0 <= start < end <= n:
+            raise AdapterFileError(
+                f"{kind} holds {factor.shape[dim]} block channels but the config's layout [width, start, end] = "
+                f"{[n, start, end]} gives {end - start}",
+                adapter=self.name,
+                layer=layer[1],
+            )
+        if pad:
+            factor = pad_factor(factor, axis, start, n)
+        return (a, factor) if kind == "lora_B" else (factor, b)
+
+    def factors(self, layer: tuple[str | None, str], dtype: torch.dtype = torch.float32) -> LayerFactors:
+        a, b = self._stored(layer)
         return LayerFactors(
             A=a.reshape(a.shape[0], -1).to(dtype),
             B=b.reshape(b.shape[0], -1).to(dtype),

@@ -1,0 +1,5 @@
+from .config import BlockLoraConfig
+from .layer import BlockLoraLayer
+from .model import BlockLoraModel
+
+__all__ = ["BlockLoraConfig", "BlockLoraLayer", "BlockLoraModel"]
