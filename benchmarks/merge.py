@@ -41,11 +41,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _common import reset_peak_rss, status_kb, write_section  # noqa: E402
 
 import peft_ortho  # noqa: E402
-from peft_ortho import OrthoLoraConfig  # noqa: E402
+from peft_ortho import BlockLoraConfig, OrthoLoraConfig  # noqa: E402
 from peft_ortho.compose import compose  # noqa: E402
+from peft_ortho.tuners.block_lora.layout import block_span  # noqa: E402
 from peft_ortho.tuners.ortho_lora.layer import expected_basis  # noqa: E402
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+NUM_BLOCKS = 16  # BlockLoRA: 16 blocks of output channels (20 rows at width 320 hold rank 16)
 START, END = "<!-- merge:start -->", "<!-- merge:end -->"
 
 
@@ -91,6 +93,28 @@ def write_adapters(folder: str, layers: dict, n: int, rank: int) -> tuple[list[s
             cfg.save_pretrained(path)
             (ortho if kind == "ortho" else plain).append(path)
     return ortho, plain
+
+
+def write_block_adapters(folder: str, layers: dict, n: int, rank: int) -> list[str]:
+    """N BlockLoRA adapters in blocks 0..N-1 (output axis), written directly to disk (only the block stored)."""
+    paths = []
+    g = torch.Generator().manual_seed(1)
+    for i in range(min(n, NUM_BLOCKS)):
+        config = BlockLoraConfig(
+            r=rank, lora_alpha=rank, target_modules=list(TARGETS), num_blocks=NUM_BLOCKS, block_index=i
+        )
+        config.resolved_block, config.block_layout, tensors = i, {}, {}
+        for name, m in layers.items():
+            start, end = block_span(m.out_features, NUM_BLOCKS, i)
+            config.block_layout[name] = [m.out_features, start, end]
+            tensors[f"base_model.model.{name}.lora_A.weight"] = torch.randn(rank, m.in_features, generator=g) * 0.05
+            tensors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(end - start, rank, generator=g) * 0.01
+        path = os.path.join(folder, f"block{i}")
+        os.makedirs(path)
+        save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+        config.save_pretrained(path)
+        paths.append(path)
+    return paths
 
 
 def timed(fn) -> float:
@@ -325,6 +349,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         ortho, plain = write_adapters(folder, layers, max(ns + memory_ns), args.rank)
+        block = write_block_adapters(folder, layers, max(ns), args.rank)
         for n in ns:
             row = {"n": n}
             with warnings.catch_warnings():  # concept ids collide on 320-wide layers at large N; timing only
@@ -335,6 +360,11 @@ def main() -> None:
             row["compose_fuse"] = median_of(k, lambda o=o: bench_compose(unet, o, fuse=True), restore)
             restore()
             row["compose"] = median_of(k, lambda o=o: bench_compose(unet, o, fuse=False))
+            if n <= len(block):
+                b = block[:n]
+                compose(b, progress=False)  # page cache
+                row["block_fuse"] = median_of(k, lambda b=b: bench_compose(unet, b, fuse=True), restore)
+                restore()
             row["peft_cat"] = median_of(k, lambda pl=pl: bench_peft(unet, pl, "cat"))
             row["peft_linear"] = median_of(k, lambda pl=pl: bench_peft(unet, pl, "linear"))
             row["peft_svd"] = bench_peft(unet, pl, "svd") if n <= args.svd_max_n else None  # ~15 s: once
@@ -364,16 +394,19 @@ def main() -> None:
         "adapters with random up-projections. Times are wall-clock for one merge into the UNet's weights; "
         "ratios are to the floor (one stacked GEMM per layer, factors already in memory). Our compose + fuse "
         "includes resolving, reading from disk (page cache warm) and checking every tensor (finite values, shapes, "
-        "bit-exact basis provenance); the peft and diffusers columns exclude their loading.",
+        "bit-exact basis provenance); the peft and diffusers columns exclude their loading. BlockLoRA: N adapters "
+        f"in disjoint output blocks ({NUM_BLOCKS} per layer, so up to N = {NUM_BLOCKS}), same rank; compose checks "
+        "their layouts, zero-pads the block factor and stacks.",
         "",
-        "| N | floor (addmm) | compose + fuse | compose only | peft cat + merge | peft linear + merge "
-        "| peft svd + merge | diffusers set_adapters + fuse_lora |",
-        "|---|---|---|---|---|---|---|---|",
+        "| N | floor (addmm) | compose + fuse | compose only | BlockLoRA compose + fuse | peft cat + merge "
+        "| peft linear + merge | peft svd + merge | diffusers set_adapters + fuse_lora |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         f = r["floor"]
         lines.append(
-            f"| {r['n']} | {f:.3f} s | {cell(r['compose_fuse'], f)} | {r['compose']:.3f} s | {cell(r['peft_cat'], f)} "
+            f"| {r['n']} | {f:.3f} s | {cell(r['compose_fuse'], f)} | {r['compose']:.3f} s "
+            f"| {cell(r.get('block_fuse'), f)} | {cell(r['peft_cat'], f)} "
             f"| {cell(r['peft_linear'], f)} | {cell(r['peft_svd'], f)} | {cell(r['diffusers'], f)} |"
         )
     base = latency["base"]
