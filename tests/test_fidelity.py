@@ -1,0 +1,182 @@
+"""The merge-fidelity benchmark's pieces on a toy configuration (never the real cache under benchmarks/.cache)."""
+
+import dataclasses
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("sklearn", reason="the fidelity benchmark's data (digits) ships with scikit-learn")
+
+from benchmarks.fidelity import concepts as C  # noqa: E402
+from benchmarks.fidelity import metrics as M  # noqa: E402
+from benchmarks.fidelity.base_model import BaseConfig, build_tokenizer, class_prompt, load_digits_data  # noqa: E402
+from benchmarks.fidelity.run import START, RunConfig, run, subsets, write_docs  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_digits_data()
+
+
+# ------------------------------------------------------------------------------------------------ metric arithmetic
+
+
+def test_retained_improvement_on_hand_made_numbers():
+    assert M.retained_improvement(1.0, 0.6, 0.5) == pytest.approx(0.8)  # kept 0.4 of a 0.5 gain
+    assert M.retained_improvement(1.0, 0.5, 0.5) == pytest.approx(1.0)  # the merge is as good as the single adapter
+    assert M.retained_improvement(1.0, 1.0, 0.5) == pytest.approx(0.0)  # back to the base
+    assert M.retained_improvement(1.0, 1.2, 0.5) == pytest.approx(-0.4)  # worse than no adapter
+    assert M.retained_improvement(1.0, 0.4, 0.5) == pytest.approx(1.2)  # the others help this concept
+    assert math.isnan(M.retained_improvement(1.0, 0.9, 1.0))  # the adapter learned nothing: nothing to retain
+    assert math.isnan(M.retained_improvement(1.0, 0.9, 1.1))
+
+
+def test_prior_drift_and_identity_accuracy_on_hand_made_numbers():
+    assert M.prior_drift(0.2, 0.21) == pytest.approx(0.05)
+    assert M.prior_drift(0.2, 0.19) == pytest.approx(-0.05)
+    with pytest.raises(ValueError, match="prior loss must be positive"):
+        M.prior_drift(0.0, 0.1)
+    assert M.identity_accuracy(np.array([10, 10, 3, 10]), 10) == 0.75
+    assert M.identity_accuracy(np.array([1, 2]), 10) == 0.0
+    with pytest.raises(ValueError, match="at least one prediction"):
+        M.identity_accuracy(np.array([]), 10)
+
+
+def test_denoise_loss_matches_a_reference_computation():
+    class Shrink(torch.nn.Module):
+        """Predicts ε̂ = 0.5 · x_t, so the loss has a closed form given x_t."""
+
+        def forward(self, x, t, states):
+            return type("Out", (), {"sample": 0.5 * x})()
+
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    images = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    ev = M.make_eval_set(images, ["p0", "p1"], [0, 1, 1], M.timestep_grid(4), seed=5)
+    assert ev.x0.shape == (12, 1, 4, 4) and ev.t.tolist() == [125, 375, 625, 875] * 3
+    assert ev.prompt_idx.tolist() == [0] * 4 + [1] * 8
+    again = M.make_eval_set(images, ["p0", "p1"], [0, 1, 1], M.timestep_grid(4), seed=5)
+    assert torch.equal(ev.noise, again.noise)  # fixed noises: every model sees the same inputs
+
+    def encode(prompts):
+        return torch.zeros(len(prompts), 2, 8)
+
+    x_t = sched.add_noise(ev.x0, ev.noise, ev.t)
+    reference = ((0.5 * x_t - ev.noise) ** 2).mean().item()
+    assert M.denoise_loss(Shrink(), sched, encode, ev, batch=5) == pytest.approx(reference, rel=1e-6)
+
+
+def test_subsets_cover_every_concept():
+    for n in (1, 2, 5, 10, 15):
+        groups = subsets(15, n)
+        assert len(groups) == math.ceil(15 / n)
+        assert all(len(g) == n == len(set(g)) for g in groups)
+        assert set().union(*map(set, groups)) == set(range(15))
+    with pytest.raises(ValueError, match="N must be in"):
+        subsets(5, 6)
+
+
+# ------------------------------------------------------------------------------------------------ concepts
+
+
+def test_concept_generator_is_deterministic_and_distinct(data):
+    a = C.make_concepts(data, list(range(C.MAX_CONCEPTS)))
+    b = C.make_concepts(load_digits_data(), list(range(C.MAX_CONCEPTS)))
+    for x, y in zip(a, b):
+        assert torch.equal(x.images, y.images) and x.prompt == y.prompt
+    assert len(a) >= 16 and len({c.token for c in a}) == len(a)
+    assert a[3].prompt == "a photo of sks3 digit three"
+    # Concepts that share a digit class use disjoint images, from the split the base model never trains on.
+    base_imgs, _ = data.part("base")
+    pool, _ = data.part("concept", 0)
+    assert torch.equal(a[0].images, -pool[:6]) and torch.equal(a[10].images, C.TRANSFORMS[10][1](pool[6:12]))
+    assert not any(torch.equal(-x, y) for x in a[0].images for y in base_imgs[:200])
+    # Every transformation changes a digit, and no two transformations agree on it: distinct identities.
+    digit = data.part("concept", 8)[0][:4]
+    outs = [fn(digit) for _, fn in C.TRANSFORMS]
+    assert all(not torch.allclose(o, digit) for o in outs)
+    assert all(not torch.allclose(outs[i], outs[j]) for i in range(len(outs)) for j in range(i))
+    with pytest.raises(ValueError, match="concept index"):
+        C.make_concept(data, C.MAX_CONCEPTS)
+
+
+def test_classifier_dataset_labels_and_splits(data):
+    x, y = C.classifier_dataset(data, "train", [0, 12])
+    n_base = len(data.base_idx)
+    assert x.shape[1] == 64 and set(y[:n_base].tolist()) == set(range(10))
+    assert (y == 10).sum() == len(data.part("concept", 0)[0]) and (y == 22).sum() == len(data.part("concept", 2)[0])
+    with pytest.raises(ValueError, match="'train' or 'val'"):
+        C.classifier_dataset(data, "test", [0])
+
+
+def test_tokenizer_gives_each_rare_token_one_id():
+    tok = build_tokenizer(rare_tokens=4, max_length=10)
+    ids = tok(["a photo of sks3 digit three", class_prompt(3)], padding="max_length", max_length=10).input_ids
+    assert ids[0][:8] == [0, 3, 4, 5, tok.convert_tokens_to_ids("sks3"), 6, 10, 1]
+    assert ids[1] == [0, 3, 4, 5, 6, 10, 1, 1, 1, 1]  # the class prompt lacks exactly the rare token
+    assert tok.convert_tokens_to_ids("sks3") not in ids[1]
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+
+TOY = RunConfig(
+    base=BaseConfig(train_steps=8, batch_size=8, block_out_channels=(16, 32)),
+    concepts=3,
+    ns=(1, 3),
+    steps=4,
+    sweep=(),
+    num_blocks=8,
+    eval_timesteps=2,
+    samples_per_concept=2,
+    sample_steps=2,
+    prior_images_per_class=1,
+    methods=("lora-sum", "lora-avg", "peft-ties", "ortho-disjoint", "ortho-disjoint-erasure", "block"),
+)
+
+
+def test_quick_run_end_to_end_on_a_toy_budget(tmp_path):
+    logs = []
+    results = run(TOY, str(tmp_path / "cache"), log=logs.append)
+    summary = results["summary"]
+    measured = [m for m in TOY.methods if m in summary]
+    assert {"lora-sum", "lora-avg", "peft-ties", "ortho-disjoint"} <= set(measured)
+    for name in measured:
+        assert set(summary[name]) == {1, 3}
+        assert summary[name][3]["evaluations"] == 3  # one merge of all three, each concept evaluated in it
+        # N = 1 is the single adapter itself for every method (peft turns one adapter into "linear", weight 1).
+        assert summary[name][1]["retained"] == pytest.approx(1.0, abs=1e-4)
+    rows = [r for r in results["rows"] if r["method"] == "lora-sum" and r["n"] == 3]
+    base, single = results["base"]["loss"], results["single_loss"]["lora"]
+    for r in rows:  # the table's number is the formula applied to the measured losses
+        i = r["concept"]
+        assert r["retained"] == pytest.approx((base[i] - r["merged_loss"]) / (base[i] - single[i]))
+    # Averaging three LoRAs is the sum scaled by 1/3: a different merged model, hence a different loss.
+    avg = {r["concept"]: r["merged_loss"] for r in results["rows"] if r["method"] == "lora-avg" and r["n"] == 3}
+    assert all(avg[r["concept"]] != r["merged_loss"] for r in rows)
+    families = {m["family"] for m in results["methods"]}
+    assert sum("trained" in line for line in logs) == 3 * len(families)  # each concept once per family
+
+    # Cached: a second run trains nothing and measures the same numbers.
+    logs2 = []
+    one = dataclasses.replace(TOY, methods=("ortho-disjoint",), ns=(3,))
+    again = run(one, str(tmp_path / "cache"), log=logs2.append)
+    assert not any("trained" in line for line in logs2)
+    assert again["summary"]["ortho-disjoint"][3]["retained"] == pytest.approx(summary["ortho-disjoint"][3]["retained"])
+
+    # The docs section is written between its markers; the rest of the page is kept.
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "benchmarks.md").write_text("# Benchmarks\n\nkept text\n")
+    results["machine"] = "test"
+    from benchmarks.fidelity.concepts import make_concepts
+
+    write_docs(results, make_concepts(load_digits_data(), [0, 1, 2]), "python -m benchmarks.fidelity.run", str(docs))
+    page = (docs / "benchmarks.md").read_text()
+    assert "kept text" in page and START in page and "Retained improvement" in page
+    for png in ("fidelity_base_samples.png", "fidelity_retained.png", "fidelity_concepts.png"):
+        assert os.path.getsize(docs / png) > 1000
