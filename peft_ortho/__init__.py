@@ -19,9 +19,11 @@ from .export import save_diffusers
 from .hub import model_card, push_to_hub
 from .tuners.block_lora import BlockLoraConfig, BlockLoraModel
 from .tuners.ortho_lora import OrthoLoraConfig, OrthoLoraModel
+from .tuners.soda import SodaConfig, SodaModel
 
 register_all()
 
+from . import continual, erasure, optim  # noqa: E402
 from .compose import MergedAdapter, compose  # noqa: E402  (after registration: compose reads adapter configs)
 
 __version__ = "0.1.0.dev0"
@@ -39,6 +41,8 @@ __all__ = [
     "OrthoLoraModel",
     "PeftOrthoError",
     "PeftOrthoType",
+    "SodaConfig",
+    "SodaModel",
     "UnsupportedAdapterError",
     "UnsupportedLayerError",
     "__version__",
@@ -46,4 +50,7 @@ __all__ = [
     "push_to_hub",
     "save_diffusers",
     "compose",
+    "continual",
+    "erasure",
+    "optim",
 ]

@@ -56,6 +56,8 @@ def register_all() -> None:
     """Register every tuner peft-ortho ships. Called once by ``import peft_ortho``."""
     from .tuners.block_lora import BlockLoraConfig, BlockLoraModel
     from .tuners.ortho_lora import OrthoLoraConfig, OrthoLoraModel
+    from .tuners.soda import SodaConfig, SodaModel
 
     register(PeftOrthoType.ORTHO_LORA, OrthoLoraConfig, OrthoLoraModel, OrthoLoraModel.prefix)
     register(PeftOrthoType.BLOCK_LORA, BlockLoraConfig, BlockLoraModel, BlockLoraModel.prefix)
+    register(PeftOrthoType.SODA, SodaConfig, SodaModel, SodaModel.prefix)
