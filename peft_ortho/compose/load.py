@@ -79,7 +79,9 @@ class Adapter:
             return None
         entry = (self.config.get("block_layout") or {}).get(layer[1])
         if entry is None:
-            raise AdapterFileError("the config's block_layout does not list this layer", adapter=self.name, layer=layer[1])
+            raise AdapterFileError(
+                "the config's block_layout does not list this layer", adapter=self.name, layer=layer[1]
+            )
         n, start, end = (int(v) for v in entry)
         return self.config.get("block_axis", "out"), n, start, end
 
