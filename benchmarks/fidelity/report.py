@@ -163,7 +163,8 @@ def markdown(results: dict, labels: dict[str, str], command: str) -> str:
         f"`{command}` ({results['wall_seconds'] / 60:.1f} min wall for the whole run on {results.get('machine', 'CPU')}; "
         "the base model and the trained adapters are cached under `benchmarks/.cache/fidelity/`, so a rerun only "
         "evaluates). `python -m benchmarks.fidelity.run --quick` is the smoke run (5 concepts, N = 1, 2, 5, its own "
-        "smaller base model and budget, no lr sweep) and writes no docs.",
+        "smaller base model and budget, no lr sweep; 4.4 min from scratch on the same 2 cores, every method "
+        "including SODA) and writes no docs.",
         "",
         "**Base model** (`benchmarks/fidelity/base_model.py`): a diffusers `UNet2DConditionModel` "
         f"(block_out_channels {tuple(base_cfg['block_out_channels'])}, cross-attention in every block, "

@@ -113,7 +113,7 @@ QUICK = RunConfig(
     base=BaseConfig(train_steps=500),
     concepts=5,
     ns=(1, 2, 5),
-    steps=60,
+    steps=45,
     sweep=(),
     eval_timesteps=6,
     samples_per_concept=6,
