@@ -453,3 +453,45 @@ def test_torch_compile_matches_eager(mlp):
     loss = F.mse_loss(compiled(x), torch.zeros(3, 64))
     loss.backward()
     assert model.base_model.model.lin0.lora_A["default"].weight.grad is not None
+
+
+@pytest.mark.parametrize("axis", ["out", "in"])
+def test_compose_fuse_updates_blocks_alone_and_equals_the_sum(mlp, tmp_path, axis):
+    """fuse writes each block adapter's block only (no padded GEMM); Linear, k×k and 1×1 convs, with a plain LoRA."""
+    from peft import LoraConfig
+
+    paths, deltas = _save_blocks(tmp_path, mlp, [0, 2, 3], block_axis=axis)
+    plain = get_peft_model(copy.deepcopy(mlp), LoraConfig(r=2, target_modules=TARGETS, init_lora_weights=False))
+    plain.save_pretrained(tmp_path / "plain")
+    deltas.append({n: plain.base_model.model.get_submodule(n).get_delta_weight("default") for n in TARGETS})
+    merged = compose([*paths, str(tmp_path / "plain")], progress=False)
+    assert all(layer.blocks is not None for layer in merged.layers.values())
+    fused = merged.fuse(copy.deepcopy(mlp))
+    for name in TARGETS:
+        expected = getattr(mlp, name).weight + sum(d[name] for d in deltas)
+        torch.testing.assert_close(getattr(fused, name).weight, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("axis", ["out", "in"])
+def test_compose_fuse_blocks_on_conv1d(tiny_gpt2, tmp_path, axis):
+    paths, deltas = [], []
+    for i in range(2):
+        model = get_peft_model(
+            copy.deepcopy(tiny_gpt2),
+            BlockLoraConfig(
+                r=2,
+                target_modules=["c_attn"],
+                num_blocks=4,
+                block_index=i,
+                block_axis=axis,
+                init_lora_weights=False,
+                fan_in_fan_out=True,
+            ),
+        )
+        model.save_pretrained(tmp_path / f"g{i}")
+        paths.append(str(tmp_path / f"g{i}"))
+        deltas.append({n: layer.get_delta_weight("default") for n, layer in block_layers(model).items()})
+    fused = compose(paths, progress=False).fuse(copy.deepcopy(tiny_gpt2))
+    for name in deltas[0]:
+        expected = tiny_gpt2.get_submodule(name).weight + deltas[0][name] + deltas[1][name]
+        torch.testing.assert_close(fused.get_submodule(name).weight, expected, rtol=0, atol=1e-6)

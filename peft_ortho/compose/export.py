@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import torch
@@ -128,7 +129,20 @@ def fuse_layer(weight: torch.Tensor, transposed: bool, layer: MergedLayer) -> No
         weight += delta.t() if transposed else delta.reshape(weight.shape)
         return
     A, B = layer.A.to(weight.device, weight.dtype), layer.B.to(weight.device, weight.dtype)
-    if transposed:
-        weight.addmm_(A.t(), B.t())
-    else:
-        weight.view(weight.shape[0], -1).addmm_(B, A)
+    W = weight.t() if transposed else weight.view(weight.shape[0], -1)  # (out, in) views of the same storage
+    if layer.blocks is None:
+        W.addmm_(B, A)
+        return
+    # BlockLoRA adapters: each updates only its block (N times fewer multiply-adds than the padded stack).
+    kernel = math.prod(layer.a_shape[2:])  # kh·kw for convs, 1 otherwise
+    col = 0
+    for rank, block in zip(layer.ranks, layer.blocks):
+        Bi, Ai = B[:, col : col + rank], A[col : col + rank]
+        col += rank
+        if block is None:
+            W.addmm_(Bi, Ai)
+        elif block[0] == "out":
+            W[block[1] : block[2]].addmm_(Bi[block[1] : block[2]], Ai)
+        else:
+            start, end = block[1] * kernel, block[2] * kernel  # input channels → flattened (C_in·kh·kw) columns
+            W[:, start:end].addmm_(Bi, Ai[:, start:end])

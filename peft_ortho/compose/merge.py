@@ -36,11 +36,14 @@ class MergedLayer:
     ``a_shape`` is the stored shape of one ``lora_A`` (conv kernels), used to write files in the layout peft expects.
     """
 
-    __slots__ = ("A", "B", "delta", "a_shape", "b_shape", "ranks", "svd_error", "_svd")
+    __slots__ = ("A", "B", "delta", "a_shape", "b_shape", "ranks", "blocks", "svd_error", "_svd")
 
-    def __init__(self, A=None, B=None, delta=None, a_shape=None, b_shape=None, ranks=None):
+    def __init__(self, A=None, B=None, delta=None, a_shape=None, b_shape=None, ranks=None, blocks=None):
         self.A, self.B, self.delta = A, B, delta
         self.a_shape, self.b_shape, self.ranks = a_shape, b_shape, ranks
+        # Stacked only: per adapter, None or (axis, start, end) of its BlockLoRA block; its rank columns of B (rows
+        # of A) are zero outside it, which lets ``fuse`` update the block alone.
+        self.blocks = blocks
         self.svd_error: float | None = None
         self._svd: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
@@ -113,6 +116,8 @@ def iter_merged_layers(
             continue
         ranks = [f.rank for f in fs]
         a_shape, b_shape = fs[0].a_shape, fs[0].b_shape
+        blocks = [a.block(layer) for a in group]
+        blocks = [b if b is None else (b[0], b[2], b[3]) for b in blocks] if any(blocks) else None
         if method in EXACT_METHODS:
             # One copy per element: A rows concatenated, B columns written already scaled by w_i · s_i.
             A = torch.cat([f.A for f in fs])
@@ -121,7 +126,7 @@ def iter_merged_layers(
             for i, f in zip(owners, fs):
                 torch.mul(f.B, weights[i] * f.scale, out=B[:, col : col + f.rank])
                 col += f.rank
-            yield layer, MergedLayer(A, B, None, a_shape, b_shape, ranks)
+            yield layer, MergedLayer(A, B, None, a_shape, b_shape, ranks, blocks)
         else:
             deltas = [(f.B * f.scale) @ f.A for f in fs]
             layer_weights = torch.tensor([weights[i] for i in owners], dtype=dtype)
