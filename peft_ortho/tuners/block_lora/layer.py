@@ -16,30 +16,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from ...errors import UnsupportedLayerError
-
-try:  # transformers' GPT-2 style linear layer (weight stored as in × out)
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a dependency
-    Conv1D = ()
-
-SUPPORTED_LAYERS: tuple[type, ...] = (nn.Linear, nn.Conv2d) + ((Conv1D,) if Conv1D else ())
-
-
-def check_supported_layer(base_layer: nn.Module, adapter_name: str, layer_name: str) -> None:
-    if not isinstance(base_layer, SUPPORTED_LAYERS):
-        names = ", ".join(t.__name__ for t in SUPPORTED_LAYERS)
-        raise UnsupportedLayerError(
-            f"{type(base_layer).__name__} is not supported by BlockLoraConfig (supported: {names})",
-            adapter=adapter_name,
-            layer=layer_name,
-        )
-    if isinstance(base_layer, nn.Conv2d) and base_layer.groups != 1:
-        raise UnsupportedLayerError(
-            f"grouped Conv2d (groups={base_layer.groups}) is not supported by BlockLoraConfig",
-            adapter=adapter_name,
-            layer=layer_name,
-        )
+from .._layers import Conv1D
 
 
 def layer_widths(base_layer: nn.Module) -> tuple[int, int, int]:

@@ -9,7 +9,8 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
 from ...errors import BlockError
-from .layer import BlockLoraLayer, check_supported_layer, layer_widths
+from .._layers import check_supported_layer
+from .layer import BlockLoraLayer, layer_widths
 from .layout import block_span, concept_block, layout_entry, spans_overlap
 
 
@@ -85,7 +86,7 @@ class BlockLoraModel(BaseTuner):
         if current_key is None:
             raise ValueError("BlockLoraModel needs the module's key to record its block layout")
         base_layer = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        check_supported_layer(base_layer, adapter_name, current_key)
+        check_supported_layer(base_layer, adapter_name, current_key, "BlockLoraConfig")
         span = layer_block(config, base_layer, adapter_name, current_key)
         self._warn_overlaps(config, adapter_name, current_key, span)
         layer_kwargs = dict(

@@ -8,7 +8,8 @@ from peft.tuners.lora import LoraLayer, LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from ...errors import BasisMismatchError
-from .layer import check_supported_layer, expected_basis, init_orthogonal_lora, matches_basis, write_basis
+from .._layers import check_supported_layer
+from .layer import expected_basis, init_orthogonal_lora, matches_basis, write_basis
 
 
 class OrthoLoraModel(LoraModel):
@@ -23,7 +24,7 @@ class OrthoLoraModel(LoraModel):
         self, lora_config, adapter_name, target, target_name, parent, current_key, *, parameter_name=None
     ) -> None:
         base_layer = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        check_supported_layer(base_layer, adapter_name, current_key)
+        check_supported_layer(base_layer, adapter_name, current_key, "OrthoLoraConfig")
         self._warn_reused_random_rows(lora_config, adapter_name)
         super()._create_and_replace(
             lora_config, adapter_name, target, target_name, parent, current_key, parameter_name=parameter_name

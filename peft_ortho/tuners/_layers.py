@@ -1,0 +1,31 @@
+"""The layer types the LoRA-shaped tuners (orthogonal, block) adapt, and the one check that refuses the others."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import UnsupportedLayerError
+
+try:  # transformers' GPT-2 style linear layer (weight stored as in × out)
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency, but keep the tuners importable
+    Conv1D = ()
+
+SUPPORTED_LAYERS: tuple[type, ...] = (nn.Linear, nn.Conv2d) + ((Conv1D,) if Conv1D else ())
+
+
+def check_supported_layer(base_layer: nn.Module, adapter_name: str, layer_name: str, config_name: str) -> None:
+    """Refuse, before anything is modified, a target the tuner configured by ``config_name`` cannot adapt."""
+    if not isinstance(base_layer, SUPPORTED_LAYERS):
+        names = ", ".join(t.__name__ for t in SUPPORTED_LAYERS)
+        raise UnsupportedLayerError(
+            f"{type(base_layer).__name__} is not supported by {config_name} (supported: {names})",
+            adapter=adapter_name,
+            layer=layer_name,
+        )
+    if isinstance(base_layer, nn.Conv2d) and base_layer.groups != 1:
+        raise UnsupportedLayerError(
+            f"grouped Conv2d (groups={base_layer.groups}) is not supported by {config_name}",
+            adapter=adapter_name,
+            layer=layer_name,
+        )
