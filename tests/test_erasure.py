@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import math
 import random
 
@@ -486,6 +487,7 @@ def test_through_a_ddp_wrapper(tmp_path):
     from torch.nn.parallel import DistributedDataParallel
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    ddp = pred = None
     try:
         base = make_base()
         ddp = DistributedDataParallel(
@@ -494,12 +496,16 @@ def test_through_a_ddp_wrapper(tmp_path):
         x, c = torch.randn(4, 16), embed(POOL[:4])
         erasure = OutputErasure(p=1.0, foreign_prompts=POOL, seed=0)
         erasure.swap(["a"] * 4)
-        teacher = erasure.teacher(ddp, lambda: ddp(x, c))
+        teacher = erasure.teacher(ddp, ddp, x, c)
         assert torch.equal(teacher, base(x, c).detach())
         pred = ddp(x, c)
         erasure.loss(pred, pred.detach(), torch.ones(4, dtype=torch.bool), teacher).backward()
         assert all(q.grad is not None for n, q in ddp.named_parameters() if q.requires_grad)
     finally:
+        # DDP's Reducer must be freed before its process group: destroying the group first can leave
+        # ~ProcessGroupGloo joining its threads forever when the Reducer is collected later.
+        del ddp, pred
+        gc.collect()
         dist.destroy_process_group()
 
 
