@@ -24,7 +24,7 @@ import torch
 from .._io import mmap_safetensors, read_adapter_folder
 from .._registry import PeftOrthoType
 from ..errors import AdapterFileError
-from ..tuners.block_lora.layout import pad_factor, stored_dim
+from ..tuners.block_lora.layout import block_entry, check_block_factor, pad_factor, stored_dim
 from .resolve import Source
 
 KNOWN_PEFT_TYPES = ("LORA", PeftOrthoType.ORTHO_LORA.value, PeftOrthoType.BLOCK_LORA.value)
@@ -77,12 +77,7 @@ class Adapter:
         """``(axis, width, start, end)`` of a BlockLoRA adapter's block on ``layer`` (from its config); else None."""
         if not self.is_block:
             return None
-        entry = (self.config.get("block_layout") or {}).get(layer[1])
-        if entry is None:
-            raise AdapterFileError(
-                "the config's block_layout does not list this layer", adapter=self.name, layer=layer[1]
-            )
-        n, start, end = (int(v) for v in entry)
+        n, start, end = block_entry(self.config, layer[1], adapter=self.name)
         return self.config.get("block_axis", "out"), n, start, end
 
     @property
@@ -115,15 +110,9 @@ class Adapter:
         if block is None:
             return a, b
         axis, n, start, end = block
-        kind, dim = stored_dim(axis)
+        kind, _ = stored_dim(axis)
         factor = b if kind == "lora_B" else a
-        if factor.shape[dim] != end - start or not 0 <= start < end <= n:
-            raise AdapterFileError(
-                f"{kind} holds {factor.shape[dim]} block channels but the config's layout [width, start, end] = "
-                f"{[n, start, end]} gives {end - start}",
-                adapter=self.name,
-                layer=layer[1],
-            )
+        check_block_factor(factor, axis, (n, start, end), adapter=self.name, layer=layer[1])
         if pad:
             factor = pad_factor(factor, axis, start, n)
         return (a, factor) if kind == "lora_B" else (factor, b)

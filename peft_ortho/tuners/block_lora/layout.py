@@ -16,6 +16,8 @@ import hashlib
 
 import torch
 
+from ...errors import AdapterFileError
+
 AXES = ("out", "in")
 
 
@@ -82,33 +84,45 @@ def lora_config_dict(block_config: dict) -> dict:
     return out
 
 
+def block_entry(block_config: dict, module: str, *, adapter: str | None = None) -> tuple[int, int, int]:
+    """``(width, start, end)`` the config's ``block_layout`` records for ``module``; an error if it is not listed."""
+    entry = (block_config.get("block_layout") or {}).get(module)
+    if entry is None:
+        raise AdapterFileError("the config's block_layout does not list this layer", adapter=adapter, layer=module)
+    n, start, end = (int(v) for v in entry)
+    return n, start, end
+
+
+def check_block_factor(
+    factor: torch.Tensor, axis: str, entry: tuple[int, int, int], *, adapter: str | None, layer: str
+) -> None:
+    """The stored block factor must hold exactly the ``[start, end)`` channels its layout entry records."""
+    kind, dim = stored_dim(axis)
+    n, start, end = entry
+    if factor.shape[dim] != end - start or not 0 <= start < end <= n:
+        raise AdapterFileError(
+            f"{kind} holds {factor.shape[dim]} block channels but the config's layout [width, start, end] = "
+            f"{[n, start, end]} gives {end - start}",
+            adapter=adapter,
+            layer=layer,
+        )
+
+
 def pad_state_dict(block_config: dict, state_dict: dict, *, adapter: str | None = None) -> dict:
     """A block adapter's peft tensors → the standard LoRA tensors of the whole layers (block factor zero-padded).
 
     ``state_dict`` has peft keys ``[base_model.model.]<module>.lora_A.weight``; ``<module>`` must be in the config's
     ``block_layout``, whose ``[width, start, end]`` must match the stored block size.
     """
-    from ...errors import AdapterFileError
-
     axis = block_config.get("block_axis", "out")
-    layout = block_config.get("block_layout") or {}
-    kind, dim = stored_dim(axis)
+    kind, _ = stored_dim(axis)
     out = {}
     for key, tensor in state_dict.items():
         if f".{kind}." not in key:
             out[key] = tensor
             continue
         module = key.removeprefix("base_model.model.").rsplit(f".{kind}.", 1)[0]
-        entry = layout.get(module)
-        if entry is None:
-            raise AdapterFileError("the config's block_layout does not list this layer", adapter=adapter, layer=module)
-        n, start, end = entry
-        if tensor.shape[dim] != end - start or not 0 <= start < end <= n:
-            raise AdapterFileError(
-                f"{kind} has {tensor.shape[dim]} block channels but the config's layout [width, start, end] = "
-                f"{entry} gives {end - start}",
-                adapter=adapter,
-                layer=module,
-            )
-        out[key] = pad_factor(tensor, axis, start, n)
+        entry = block_entry(block_config, module, adapter=adapter)
+        check_block_factor(tensor, axis, entry, adapter=adapter, layer=module)
+        out[key] = pad_factor(tensor, axis, entry[1], entry[0])
     return out
