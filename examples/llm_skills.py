@@ -22,6 +22,8 @@ the merged model loses most of both skills. Orthogonal slots stop one adapter fr
 one trained, but each adapter still acts on the other skill's inputs (METHODS.md §5); ``--erasure_weight`` adds
 output erasure on foreign inputs (the base model's behaviour on other task tokens, adapters disabled as teacher),
 the documented remedy, which here preserves COPY but does not make the two skills compose either.
+``benchmarks/llm_composition.py`` and ``benchmarks/llm_probes.py`` study where the crosstalk comes from and which
+training recipes reduce it (docs/llm.md).
 """
 
 from __future__ import annotations

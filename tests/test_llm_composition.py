@@ -93,3 +93,37 @@ def test_quick_run_prints_the_table(study, capsys):
     row = next(line for line in out.splitlines() if line.startswith("| silent | 0 |"))
     cells = [float(c) for c in row.split("|")[3:8]]
     assert all(0.0 <= c <= 1.0 for c in cells)
+
+
+@pytest.fixture(scope="module")
+def probes():
+    spec = importlib.util.spec_from_file_location("llm_probes", os.path.join(ROOT, "benchmarks", "llm_probes.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_probe_answers_follow_each_task_token(probes):
+    x = torch.tensor([[0, 1, 2, 3, 9]] * 6)
+    tasks = torch.tensor([[probes.COPY], [probes.REV], [probes.NEG], [probes.SUCC], [probes.TA], [probes.TB]])
+    alias = probes.answers(tasks, x, "alias")
+    assert alias.tolist() == [
+        [0, 1, 2, 3, 9],
+        [9, 3, 2, 1, 0],
+        [9, 8, 7, 6, 0],
+        [1, 2, 3, 4, 0],
+        [9, 8, 7, 6, 0],  # TA = NEG under a new name
+        [1, 2, 3, 4, 0],  # TB = SUCC under a new name
+    ]
+    combo = probes.answers(tasks, x, "combo")
+    assert combo[4].tolist() == [0, 6, 7, 8, 9]  # NEG of the reversed digits
+    assert combo[5].tolist() == [0, 4, 3, 2, 1]  # SUCC of the reversed digits
+    # Private training: the erasure pool never holds either person's new token.
+    assert not {probes.TA, probes.TB} & set(probes.BASE_TASKS + probes.UNTRAINED)
+
+
+def test_probe_quick_run_prints_the_table(probes, capsys):
+    probes.main(["--quick", "--skills", "combo"])
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| 0 |"))
+    cells = [float(c) for c in row.split("|")[2:10]]
+    assert len(cells) == 8 and all(0.0 <= c <= 1.0 for c in cells)

@@ -1,0 +1,192 @@
+"""Two further probes of LLM skill composition: a base that already knows several operations, and wider layers.
+
+Follows ``benchmarks/llm_composition.py`` (same merge, same module-level erasure) with its own token set. The base
+GPT-2 (2 layers, built from a config, untied head) is pretrained on four operations over 5 digits — ``COPY``,
+``REV`` (reversed), ``NEG`` (``9 − x``), ``SUCC`` (``x + 1 mod 10``) — so it routes its task token the way an
+instruction-following model does. Two people then each teach it a new instruction token, ``TA`` (basis slot 0) and
+``TB`` (slot 1), with an ``OrthoLoraConfig`` adapter trained alone:
+
+- ``--skills alias``: ``TA`` means ``NEG`` and ``TB`` means ``SUCC`` — a new name for a known operation, the
+  smallest change an adapter can make;
+- ``--skills combo``: ``TA`` is ``NEG`` of the reversed digits, ``TB`` is ``SUCC`` of the reversed digits — a new
+  operation built from known ones.
+
+Each step also runs a foreign batch (the base's four task tokens and four tokens no one trains; never the other
+person's token) with output erasure (``KL(base ‖ adapted)``, weight ``--kl``) and module-level erasure
+(``‖s·BAx‖² / ‖x‖²`` per adapted module, weight ``--module``). ``--trigger`` also gives the new token a trainable
+embedding row. Printed: each skill alone, both merged (exact sum of the two deltas), and the base operations merged.
+
+    python benchmarks/llm_probes.py --skills alias --width 128 --rank 4 --seeds 0 1   # about 4 min per seed
+    python benchmarks/llm_probes.py --quick                                            # smoke run, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from llm_composition import S, deltas, merged_model, module_inputs, module_output  # noqa: E402
+from peft import get_peft_model  # noqa: E402
+from peft.tuners.lora import LoraLayer  # noqa: E402
+
+from peft_ortho import OrthoLoraConfig  # noqa: E402
+from peft_ortho.erasure import adapters_disabled  # noqa: E402
+
+K, L = S.K, S.L
+COPY, REV, NEG, SUCC, TA, TB = range(K, K + 6)
+BASE_TASKS = (COPY, REV, NEG, SUCC)
+UNTRAINED = tuple(range(K + 6, K + 10))  # task tokens no one trains: the erasure pool's other half
+SEP = K + 10
+VOCAB = SEP + 1
+NAMES = {COPY: "COPY", REV: "REV", NEG: "NEG", SUCC: "SUCC", TA: "TA", TB: "TB"}
+
+
+def answers(tasks: torch.Tensor, x: torch.Tensor, skills: str) -> torch.Tensor:
+    """``y`` for each row of ``x`` ``(n, L)`` under its task token in ``tasks`` ``(n, 1)``; unknown tokens copy."""
+    flipped = x.flip(1)
+    ta = K - 1 - (x if skills == "alias" else flipped)
+    tb = (x if skills == "alias" else flipped) + 1
+    table = {REV: flipped, NEG: K - 1 - x, SUCC: (x + 1) % K, TA: ta, TB: tb % K}
+    y = x.clone()
+    for token, value in table.items():
+        y = torch.where(tasks == token, value, y)
+    return y
+
+
+def make_batch(tasks, n: int, generator, skills: str) -> torch.Tensor:
+    """``(n, 2L + 2)`` sequences ``[task, x, SEP, y]``; ``tasks`` is a token or an ``(n, 1)`` tensor of tokens."""
+    x = torch.randint(0, K, (n, L), generator=generator)
+    tasks = torch.full((n, 1), tasks) if isinstance(tasks, int) else tasks
+    return torch.cat([tasks, x, torch.full((n, 1), SEP), answers(tasks, x, skills)], 1)
+
+
+def accuracy(model, task: int, skills: str, n: int = 500) -> float:
+    seq = make_batch(task, n, torch.Generator().manual_seed(1234), skills)
+    cur = seq[:, : L + 2]
+    with torch.no_grad():
+        for _ in range(L):
+            cur = torch.cat([cur, model(input_ids=cur).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return round((cur[:, L + 2 :] == seq[:, L + 2 :]).float().mean().item(), 3)
+
+
+def build_base(width: int, steps: int, seed: int):
+    """A 2-layer GPT-2 from a config, all weights pretrained on a uniform mix of the four base operations."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=2 * L + 2,
+        n_embd=width,
+        n_layer=2,
+        n_head=4,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=SEP,
+        eos_token_id=SEP,
+        tie_word_embeddings=False,
+    )
+    model = GPT2LMHeadModel(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(seed)
+    tasks = torch.tensor(BASE_TASKS)
+    for _ in range(steps):
+        batch = make_batch(tasks[torch.randint(0, len(tasks), (64, 1), generator=g)], 64, g, "alias")
+        S.lm_loss(model, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    return model
+
+
+def train_skill(model, task: int, args, seed: int, batch_size: int = 64) -> None:
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    store, handles = module_inputs(layers)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    foreign = torch.tensor(BASE_TASKS + UNTRAINED)
+    model.train()
+    for _ in range(args.steps):
+        loss = S.lm_loss(model, make_batch(task, batch_size, g, args.skills))
+        tokens = foreign[torch.randint(0, len(foreign), (batch_size, 1), generator=g)]
+        inputs = make_batch(tokens, batch_size, g, args.skills)[:, :-1]
+        with adapters_disabled(model), torch.no_grad():
+            teacher = model(input_ids=inputs).logits.log_softmax(-1)
+            base_inputs = dict(store)
+        student = model(input_ids=inputs).logits.log_softmax(-1)
+        loss = loss + args.kl * F.kl_div(
+            student.flatten(0, 1), teacher.flatten(0, 1), log_target=True, reduction="batchmean"
+        )
+        if args.module:
+            loss = loss + args.module * sum(module_output(m, base_inputs[m]) for m in layers)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    for h in handles:
+        h.remove()
+    model.eval()
+
+
+def run(seed: int, args) -> dict:
+    base = build_base(args.width, args.base_steps, seed)
+    row, parts = {"seed": seed}, []
+    for slot, task in enumerate((TA, TB)):
+        extra = {"trainable_token_indices": [task]} if args.trigger else {}
+        config = OrthoLoraConfig(
+            slot=slot,
+            basis_seed=0,
+            r=args.rank,
+            lora_alpha=args.rank,
+            target_modules=S.TARGETS,
+            fan_in_fan_out=True,
+            **extra,
+        )
+        model = get_peft_model(copy.deepcopy(base), config)
+        train_skill(model, task, args, seed=seed * 100 + 10 + slot)
+        row[f"{NAMES[task]} alone"] = accuracy(model, task, args.skills)
+        parts.append(deltas(base, model))
+    merged = merged_model(base, parts)
+    for task in (TA, TB) + BASE_TASKS:
+        row[f"{NAMES[task]} merged"] = accuracy(merged, task, args.skills)
+    return row
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--skills", choices=["alias", "combo"], default="alias")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--base_steps", type=int, default=1500)
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--kl", type=float, default=1.0, help="output erasure weight")
+    parser.add_argument("--module", type=float, default=10.0, help="module-level erasure weight")
+    parser.add_argument("--trigger", action="store_true", help="a trainable embedding row for the new token")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: tiny step counts, one seed")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.base_steps, args.seeds, args.width = 3, 3, args.seeds[:1], 32
+    torch.set_num_threads(1)
+    columns = ["TA alone", "TB alone", "TA merged", "TB merged"] + [f"{NAMES[t]} merged" for t in BASE_TASKS]
+    print(f"skills {args.skills}, width {args.width}, rank {args.rank}" + (", trigger rows" if args.trigger else ""))
+    print("| seed | " + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
+    for seed in args.seeds:
+        start = time.perf_counter()
+        row = run(seed, args)
+        cells = " | ".join(f"{row[c]:.3f}" for c in columns)
+        print(f"| {seed} | {cells} |  ({time.perf_counter() - start:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
