@@ -73,25 +73,19 @@ def accuracy(model, task: int, n: int = 500) -> float:
 
 
 def build_base(width: int, steps: int, seed: int):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=S.VOCAB,
-        n_positions=2 * S.L + 2,
-        n_embd=width,
-        n_layer=2,
-        n_head=4,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=S.SEP,
-        eos_token_id=S.SEP,
-        tie_word_embeddings=False,  # a trained trigger row must not also move the output head
-    )
-    model = GPT2LMHeadModel(config)
+    model = S.tiny_gpt2(width, tie_word_embeddings=False)  # a trained trigger row must not also move the output head
     S.train(model, S.COPY, steps, 3e-3, seed=seed)
     return model
+
+
+def skill_adapter(base, slot: int, rank: int, targets: list[str], trigger: int | None = None):
+    """A copy of ``base`` with an ``OrthoLoraConfig`` adapter on ``slot``; ``trigger`` also gets a trainable row."""
+    extra = {"trainable_token_indices": [trigger]} if trigger is not None else {}
+    config = OrthoLoraConfig(
+        slot=slot, basis_seed=0, r=rank, lora_alpha=rank, target_modules=targets, fan_in_fan_out=True, **extra
+    )
+    return get_peft_model(copy.deepcopy(base), config)
 
 
 def module_inputs(layers):
@@ -193,17 +187,7 @@ def run(recipe_name: str, seed: int, args) -> dict:
     base = build_base(args.width, args.base_steps, seed)
     parts, row = [], {"recipe": recipe_name, "seed": seed}
     for slot, task in enumerate((NEG, S.SUCC)):
-        extra = {"trainable_token_indices": [task]} if recipe.get("trigger") else {}
-        config = OrthoLoraConfig(
-            slot=slot,
-            basis_seed=0,
-            r=args.rank,
-            lora_alpha=args.rank,
-            target_modules=args.targets,
-            fan_in_fan_out=True,
-            **extra,
-        )
-        model = get_peft_model(copy.deepcopy(base), config)
+        model = skill_adapter(base, slot, args.rank, args.targets, task if recipe.get("trigger") else None)
         train_skill(model, task, recipe, args.steps, args.lr, seed=seed * 100 + 10 + slot)
         row[f"{SKILLS[task]} alone"] = accuracy(model, task)
         row[f"{SKILLS[task]} adapter's KL on the other skill"] = kl_to_base(model, S.SUCC if task == NEG else NEG)

@@ -23,7 +23,6 @@ embedding row. Printed: each skill alone, both merged (exact sum of the two delt
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 import time
@@ -33,11 +32,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from llm_composition import S, deltas, merged_model, module_inputs, module_output  # noqa: E402
-from peft import get_peft_model  # noqa: E402
+from llm_composition import S, deltas, merged_model, module_inputs, module_output, skill_adapter  # noqa: E402
 from peft.tuners.lora import LoraLayer  # noqa: E402
 
-from peft_ortho import OrthoLoraConfig  # noqa: E402
 from peft_ortho.erasure import adapters_disabled  # noqa: E402
 
 K, L = S.K, S.L
@@ -79,23 +76,8 @@ def accuracy(model, task: int, skills: str, n: int = 500) -> float:
 
 def build_base(width: int, steps: int, seed: int):
     """A 2-layer GPT-2 from a config, all weights pretrained on a uniform mix of the four base operations."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=VOCAB,
-        n_positions=2 * L + 2,
-        n_embd=width,
-        n_layer=2,
-        n_head=4,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=SEP,
-        eos_token_id=SEP,
-        tie_word_embeddings=False,
-    )
-    model = GPT2LMHeadModel(config)
+    model = S.tiny_gpt2(width, vocab_size=VOCAB, sep=SEP, tie_word_embeddings=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(seed)
     tasks = torch.tensor(BASE_TASKS)
@@ -140,17 +122,7 @@ def run(seed: int, args) -> dict:
     base = build_base(args.width, args.base_steps, seed)
     row, parts = {"seed": seed}, []
     for slot, task in enumerate((TA, TB)):
-        extra = {"trainable_token_indices": [task]} if args.trigger else {}
-        config = OrthoLoraConfig(
-            slot=slot,
-            basis_seed=0,
-            r=args.rank,
-            lora_alpha=args.rank,
-            target_modules=S.TARGETS,
-            fan_in_fan_out=True,
-            **extra,
-        )
-        model = get_peft_model(copy.deepcopy(base), config)
+        model = skill_adapter(base, slot, args.rank, S.TARGETS, task if args.trigger else None)
         train_skill(model, task, args, seed=seed * 100 + 10 + slot)
         row[f"{NAMES[task]} alone"] = accuracy(model, task, args.skills)
         parts.append(deltas(base, model))

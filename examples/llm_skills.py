@@ -86,14 +86,12 @@ def accuracy(model, task: int, n: int = 500, seed: int = 1234) -> float:
     return (cur[:, L + 2 :] == seq[:, L + 2 :]).float().mean().item()
 
 
-def build_base(width: int, steps: int, lr: float, seed: int = 0):
-    """A 2-layer GPT-2 from a config (no dropout), pretrained on COPY with all weights trainable."""
-    import torch
+def tiny_gpt2(width: int, vocab_size: int = VOCAB, sep: int = SEP, tie_word_embeddings: bool = True):
+    """A freshly initialised 2-layer, 4-head GPT-2 from a config, no dropout, ``2L + 2`` positions."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    torch.manual_seed(seed)
     config = GPT2Config(
-        vocab_size=VOCAB,
+        vocab_size=vocab_size,
         n_positions=2 * L + 2,
         n_embd=width,
         n_layer=2,
@@ -101,10 +99,19 @@ def build_base(width: int, steps: int, lr: float, seed: int = 0):
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
-        bos_token_id=SEP,
-        eos_token_id=SEP,
+        bos_token_id=sep,
+        eos_token_id=sep,
+        tie_word_embeddings=tie_word_embeddings,
     )
-    model = GPT2LMHeadModel(config)
+    return GPT2LMHeadModel(config)
+
+
+def build_base(width: int, steps: int, lr: float, seed: int = 0):
+    """A 2-layer GPT-2 from a config (no dropout), pretrained on COPY with all weights trainable."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = tiny_gpt2(width)
     train(model, COPY, steps, lr, seed=seed)
     return model
 
