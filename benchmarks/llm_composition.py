@@ -95,16 +95,31 @@ def module_inputs(layers):
     return store, handles
 
 
-def train_skill(model, task: int, recipe: dict, steps: int, lr: float, seed: int, batch_size: int = 64) -> float:
-    """AdamW on the skill's loss plus the recipe's regularisers (see the module docstring); returns the last loss."""
+def train_skill(
+    model,
+    task: int,
+    recipe: dict,
+    steps: int,
+    lr: float,
+    seed: int,
+    batch_size: int = 64,
+    batches=None,
+    foreign: tuple[int, ...] | None = None,
+) -> float:
+    """AdamW on the skill's loss plus the recipe's regularisers (see the module docstring); returns the last loss.
+
+    ``batches(task, n, generator)`` makes the sequences (default: this study's ``make_batch``); ``foreign`` holds the
+    erasure pool's task tokens (default: the example's task tokens other than the two skills').
+    """
+    batches = batches or make_batch
+    foreign = torch.tensor(foreign or [t for t in S.TASK_TOKENS if t not in (NEG, S.SUCC)])
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
     store, handles = module_inputs(layers)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
-    foreign = torch.tensor([t for t in S.TASK_TOKENS if t not in (NEG, S.SUCC)])
     model.train()
     for _ in range(steps):
-        batch = make_batch(task, batch_size, g)
+        batch = batches(task, batch_size, g)
         if recipe.get("confine"):
             with adapters_disabled(model), torch.no_grad():
                 model(input_ids=batch[:, :-1])
@@ -115,7 +130,7 @@ def train_skill(model, task: int, recipe: dict, steps: int, lr: float, seed: int
                 outside_slot(m, store[m] - base_inputs[m], base_inputs[m]) for m in layers
             )
         tokens = foreign[torch.randint(0, len(foreign), (batch_size, 1), generator=g)]
-        inputs = make_batch(tokens, batch_size, g)[:, :-1]
+        inputs = batches(tokens, batch_size, g)[:, :-1]
         with adapters_disabled(model), torch.no_grad():
             teacher = model(input_ids=inputs, output_hidden_states=True)
             base_inputs = dict(store)

@@ -28,14 +28,10 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from llm_composition import S, deltas, merged_model, module_inputs, module_output, skill_adapter  # noqa: E402
-from peft.tuners.lora import LoraLayer  # noqa: E402
-
-from peft_ortho.erasure import adapters_disabled  # noqa: E402
+from llm_composition import S, deltas, merged_model, skill_adapter, train_skill  # noqa: E402
 
 K, L = S.K, S.L
 COPY, REV, NEG, SUCC, TA, TB = range(K, K + 6)
@@ -90,40 +86,21 @@ def build_base(width: int, steps: int, seed: int):
     return model
 
 
-def train_skill(model, task: int, args, seed: int, batch_size: int = 64) -> None:
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    store, handles = module_inputs(layers)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(seed)
-    foreign = torch.tensor(BASE_TASKS + UNTRAINED)
-    model.train()
-    for _ in range(args.steps):
-        loss = S.lm_loss(model, make_batch(task, batch_size, g, args.skills))
-        tokens = foreign[torch.randint(0, len(foreign), (batch_size, 1), generator=g)]
-        inputs = make_batch(tokens, batch_size, g, args.skills)[:, :-1]
-        with adapters_disabled(model), torch.no_grad():
-            teacher = model(input_ids=inputs).logits.log_softmax(-1)
-            base_inputs = dict(store)
-        student = model(input_ids=inputs).logits.log_softmax(-1)
-        loss = loss + args.kl * F.kl_div(
-            student.flatten(0, 1), teacher.flatten(0, 1), log_target=True, reduction="batchmean"
-        )
-        if args.module:
-            loss = loss + args.module * sum(module_output(m, base_inputs[m]) for m in layers)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    for h in handles:
-        h.remove()
-    model.eval()
-
-
 def run(seed: int, args) -> dict:
     base = build_base(args.width, args.base_steps, seed)
     row, parts = {"seed": seed}, []
     for slot, task in enumerate((TA, TB)):
         model = skill_adapter(base, slot, args.rank, S.TARGETS, task if args.trigger else None)
-        train_skill(model, task, args, seed=seed * 100 + 10 + slot)
+        train_skill(
+            model,
+            task,
+            {"kl": args.kl, "module": args.module},
+            args.steps,
+            args.lr,
+            seed=seed * 100 + 10 + slot,
+            batches=lambda tasks, n, g: make_batch(tasks, n, g, args.skills),
+            foreign=BASE_TASKS + UNTRAINED,
+        )
         row[f"{NAMES[task]} alone"] = accuracy(model, task, args.skills)
         parts.append(deltas(base, model))
     merged = merged_model(base, parts)
