@@ -64,12 +64,7 @@ def make_batch(task, n: int, generator) -> torch.Tensor:
 
 def accuracy(model, task: int, n: int = 500) -> float:
     """Greedy per-token accuracy on ``n`` fresh sequences (the example's metric, with ``NEG`` answers)."""
-    seq = make_batch(task, n, torch.Generator().manual_seed(1234))
-    cur = seq[:, : S.L + 2]
-    with torch.no_grad():
-        for _ in range(S.L):
-            cur = torch.cat([cur, model(input_ids=cur).logits[:, -1].argmax(-1, keepdim=True)], 1)
-    return round((cur[:, S.L + 2 :] == seq[:, S.L + 2 :]).float().mean().item(), 3)
+    return round(S.accuracy(model, task, n, batches=make_batch), 3)
 
 
 def build_base(width: int, steps: int, seed: int):

@@ -62,12 +62,8 @@ def make_batch(tasks, n: int, generator, skills: str) -> torch.Tensor:
 
 
 def accuracy(model, task: int, skills: str, n: int = 500) -> float:
-    seq = make_batch(task, n, torch.Generator().manual_seed(1234), skills)
-    cur = seq[:, : L + 2]
-    with torch.no_grad():
-        for _ in range(L):
-            cur = torch.cat([cur, model(input_ids=cur).logits[:, -1].argmax(-1, keepdim=True)], 1)
-    return round((cur[:, L + 2 :] == seq[:, L + 2 :]).float().mean().item(), 3)
+    """The example's greedy per-token accuracy on this probe's tasks."""
+    return round(S.accuracy(model, task, n, batches=lambda t, m, g: make_batch(t, m, g, skills)), 3)
 
 
 def build_base(width: int, steps: int, seed: int):

@@ -73,12 +73,15 @@ def lm_loss(model, seq):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
 
 
-def accuracy(model, task: int, n: int = 500, seed: int = 1234) -> float:
-    """Per-token accuracy of the greedy answer (``L`` decoding steps) on ``n`` fresh sequences; chance is ``1/K``."""
+def accuracy(model, task: int, n: int = 500, seed: int = 1234, batches=make_batch) -> float:
+    """Per-token accuracy of the greedy answer (``L`` decoding steps) on ``n`` fresh sequences; chance is ``1/K``.
+
+    ``batches(task, n, generator)`` makes the sequences (default: this example's tasks).
+    """
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    seq = make_batch(task, n, g)
+    seq = batches(task, n, g)
     cur = seq[:, : L + 2]
     with torch.no_grad():
         for _ in range(L):

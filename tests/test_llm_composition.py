@@ -16,14 +16,16 @@ from peft_ortho import OrthoLoraConfig
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def study():
-    spec = importlib.util.spec_from_file_location(
-        "llm_composition", os.path.join(ROOT, "benchmarks", "llm_composition.py")
-    )
+def _benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def study():
+    return _benchmark("llm_composition")
 
 
 @pytest.fixture(scope="module")
@@ -97,10 +99,7 @@ def test_quick_run_prints_the_table(study, capsys):
 
 @pytest.fixture(scope="module")
 def probes():
-    spec = importlib.util.spec_from_file_location("llm_probes", os.path.join(ROOT, "benchmarks", "llm_probes.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _benchmark("llm_probes")
 
 
 def test_probe_answers_follow_each_task_token(probes):
