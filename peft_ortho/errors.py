@@ -48,3 +48,11 @@ class IncompatibleAdaptersError(PeftOrthoError, ValueError):
 
 class UnsupportedAdapterError(PeftOrthoError, ValueError):
     """The adapter is not a LoRA the target format can hold (another peft type, DoRA, modules_to_save, ...)."""
+
+
+class OutputExistsError(PeftOrthoError, FileExistsError):
+    """The output exists and is not empty, and ``overwrite`` was not given (or another writer created it first)."""
+
+
+class UnsafeOutputError(PeftOrthoError, ValueError):
+    """An output path is, contains or lies inside one of the inputs: writing it would replace or delete an input."""

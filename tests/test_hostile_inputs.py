@@ -1,0 +1,235 @@
+"""Hostile inputs and faults: every refusal is one clear error, and nothing is lost.
+
+One section per defect class of the data-safety audit. Each test asserts the error (its type, and a message naming
+the adapter and the layer, field or file) *and* that nothing was lost: inputs unchanged by hash, no partial or
+staging output left, existing outputs intact, models bit-unchanged on refusal. CLI cases run ``python -m
+peft_ortho.cli`` in a real subprocess (exit codes 0 ok, 1 user error on one line of stderr, 2 usage); cases that
+used to hang run under a subprocess timeout.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+import peft_ortho
+from peft_ortho import OrthoLoraConfig, _io
+from peft_ortho.errors import OutputExistsError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(peft_ortho.__file__)))
+ENV = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+PREFIX = "base_model.model."
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin0 = nn.Linear(16, 32)
+        self.lin1 = nn.Linear(32, 16)
+
+    def forward(self, x):
+        return self.lin1(torch.relu(self.lin0(x)))
+
+
+def tiny(seed: int = 0) -> Tiny:
+    torch.manual_seed(seed)
+    return Tiny()
+
+
+def save_adapter(path, config, seed: int, base=None) -> str:
+    torch.manual_seed(seed)
+    get_peft_model(copy.deepcopy(base or tiny()), config).save_pretrained(str(path))
+    return str(path)
+
+
+def ortho(slot: int, **kw) -> OrthoLoraConfig:
+    return OrthoLoraConfig(
+        r=4, lora_alpha=8, target_modules=["lin0", "lin1"], init_lora_weights=False, slot=slot, **kw
+    )
+
+
+def lora(**kw) -> LoraConfig:
+    return LoraConfig(
+        **{"r": 4, "lora_alpha": 8, "target_modules": ["lin0", "lin1"], "init_lora_weights": False, **kw}
+    )
+
+
+def snapshot(*roots) -> dict[str, str]:
+    """Every entry under ``roots`` (hidden ones included) → sha256 of its bytes ("dir" for folders)."""
+    out = {}
+    for root in map(str, roots):
+        if os.path.isfile(root):
+            out[root] = hashlib.sha256(open(root, "rb").read()).hexdigest()
+            continue
+        for dirpath, dirnames, filenames in os.walk(root):
+            for d in dirnames:
+                out[os.path.join(dirpath, d)] = "dir"
+            for f in filenames:
+                full = os.path.join(dirpath, f)
+                out[full] = hashlib.sha256(open(full, "rb").read()).hexdigest()
+    return out
+
+
+def cli(*args, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "peft_ortho.cli", *map(str, args)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *fragments) -> str:
+    """Exit 1, one line on stderr starting ``peft-ortho: error:``, no traceback, naming every fragment."""
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+    lines = [line for line in proc.stderr.splitlines() if not line.startswith("warning:")]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("peft-ortho: error:") and "Traceback" not in proc.stderr, proc.stderr
+    for fragment in fragments:
+        assert str(fragment) in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert after[k].dtype == v.dtype and torch.equal(after[k], v), k
+
+
+def edit_config(folder, **changes) -> None:
+    path = os.path.join(folder, "adapter_config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config.update(changes)
+    with open(path, "w") as f:
+        json.dump(config, f)
+
+
+def write_raw_safetensors(path, header, data: bytes = b"") -> str:
+    raw = json.dumps(header).encode() if not isinstance(header, bytes) else header
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + data)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """Two orthogonal adapters on disjoint slots and a plain LoRA, on the same tiny base."""
+    root = tmp_path_factory.mktemp("hostile_adapters")
+    return {
+        "a": save_adapter(root / "a", ortho(0), seed=1),
+        "b": save_adapter(root / "b", ortho(1), seed=2),
+        "lora": save_adapter(root / "lora", lora(), seed=3),
+    }
+
+
+def copy_adapter(adapters, key, dest) -> str:
+    shutil.copytree(adapters[key], dest)
+    return str(dest)
+
+
+# ------------------------------------------------------------------------- 7: atomic_dir, races, stale staging
+def write_marker(folder, text: str) -> None:
+    with open(os.path.join(folder, "marker.txt"), "w") as f:
+        f.write(text)
+
+
+def test_two_writers_racing_for_one_output_cannot_both_succeed(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(OutputExistsError, match="another writer"):
+        with _io.atomic_dir(out) as first:
+            write_marker(first, "first")
+            with _io.atomic_dir(out) as second:  # starts after the first checked, finishes before it
+                write_marker(second, "second")
+    assert (out / "marker.txt").read_text() == "second"  # the finished output is kept, not deleted
+    assert os.listdir(tmp_path) == ["out"]  # the loser's staging folder is gone
+
+
+def test_failed_swap_puts_the_old_output_back(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    with _io.atomic_dir(out) as tmp:
+        write_marker(tmp, "old")
+    before = snapshot(tmp_path)
+    monkeypatch.setattr(_io, "_exchange", lambda a, b: False)  # a file system without atomic exchange
+    real_rename = os.rename
+
+    def failing_rename(src, dst):
+        if os.path.basename(str(src)).startswith(".out.tmp-") and str(dst) == str(out):
+            raise OSError(28, "No space left on device")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", failing_rename)
+    with pytest.raises(OSError, match="No space left"):
+        with _io.atomic_dir(out, overwrite=True) as tmp:
+            write_marker(tmp, "new")
+    assert snapshot(tmp_path) == before  # old output in place, nothing hidden or staged left over
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_overwrite_replaces_in_one_step(tmp_path, monkeypatch, exchange):
+    if not exchange:
+        monkeypatch.setattr(_io, "_exchange", lambda a, b: False)
+    out = tmp_path / "out"
+    with _io.atomic_dir(out) as tmp:
+        write_marker(tmp, "old")
+    with _io.atomic_dir(out, overwrite=True) as tmp:
+        write_marker(tmp, "new")
+    assert (out / "marker.txt").read_text() == "new" and os.listdir(tmp_path) == ["out"]
+
+
+def test_killed_writer_leaves_staging_that_the_next_run_cleans(tmp_path):
+    out = tmp_path / "out"
+    script = (
+        "import sys, time; from peft_ortho import _io\n"
+        "with _io.atomic_dir(sys.argv[1]) as tmp:\n"
+        "    open(tmp + '/partial', 'w').write('x'); print('ready', flush=True); time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, str(out)], env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+    finally:
+        proc.kill()
+        proc.wait()
+    (stale,) = os.listdir(tmp_path)
+    assert stale.startswith(".out.tmp-")
+    with _io.atomic_dir(out) as tmp:
+        write_marker(tmp, "fresh")
+    assert os.listdir(tmp_path) == ["out"]
+
+
+def test_output_killed_mid_swap_is_restored(tmp_path):
+    out = tmp_path / "out"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    old = tmp_path / f".out.old-{_io._host()}-{pid}-0123abcd"  # a previous output moved aside, then killed
+    old.mkdir()
+    write_marker(old, "previous")
+    _io.clean_stale_staging(str(out))
+    assert (out / "marker.txt").read_text() == "previous" and os.listdir(tmp_path) == ["out"]
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        with _io.atomic_dir(tmp_path / "out") as tmp:
+            write_marker(tmp, "x")
+    finally:
+        os.umask(previous)
+    assert (os.stat(tmp_path / "out").st_mode & 0o777) == 0o755
