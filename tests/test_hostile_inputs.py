@@ -24,8 +24,8 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 import peft_ortho
-from peft_ortho import OrthoLoraConfig, _io
-from peft_ortho.errors import OutputExistsError
+from peft_ortho import OrthoLoraConfig, _io, compose
+from peft_ortho.errors import OutputExistsError, UnsafeOutputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(peft_ortho.__file__)))
 ENV = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
@@ -233,3 +233,50 @@ def test_outputs_follow_the_umask(tmp_path):
     finally:
         os.umask(previous)
     assert (os.stat(tmp_path / "out").st_mode & 0o777) == 0o755
+
+
+# ------------------------------------------------------------------------- 1: outputs that would destroy inputs
+def test_cli_out_holding_the_inputs_is_refused(adapters, tmp_path):
+    folder = tmp_path / "adapters"
+    a, b = copy_adapter(adapters, "a", folder / "a"), copy_adapter(adapters, "b", folder / "b")
+    (folder / "notes.txt").write_text("keep me")
+    before = snapshot(tmp_path)
+    for out in (folder, folder / "a"):  # contains both inputs / is an input
+        proc = cli("compose", a, b, "--out", out, "--overwrite")
+        assert_user_error(proc, str(out), "input")
+        assert snapshot(tmp_path) == before
+
+
+def test_api_outputs_inside_or_over_inputs_are_refused(adapters, tmp_path):
+    from peft_ortho.hub import save_pretrained
+
+    a = copy_adapter(adapters, "a", tmp_path / "a")
+    b = copy_adapter(adapters, "b", tmp_path / "b")
+    os.symlink(a, tmp_path / "link-to-a")
+    before = snapshot(tmp_path)
+    merged = compose([a, b])
+    cases = [
+        lambda: merged.save_pretrained(os.path.join(a, "merged")),  # lies inside an input
+        lambda: merged.save_diffusers(str(tmp_path / "link-to-a"), overwrite=True),  # is an input, via a symlink
+        lambda: merged.save_pretrained(str(tmp_path), overwrite=True),  # contains the inputs
+        lambda: peft_ortho.save_diffusers(a, a, overwrite=True),
+        lambda: save_pretrained(a, os.path.join(a, "copy")),
+    ]
+    for case in cases:
+        with pytest.raises(UnsafeOutputError, match="input"):
+            case()
+        assert snapshot(tmp_path) == before
+
+
+def test_output_inside_the_hub_cache_is_refused(adapters, tmp_path):
+    from hubcache import populate_hub_cache
+
+    cache = tmp_path / "cache"
+    populate_hub_cache(cache, "alice/a", adapters["a"])
+    merged = compose(["alice/a"], cache_dir=str(cache))
+    before = snapshot(cache)
+    with pytest.raises(UnsafeOutputError):
+        merged.save_pretrained(str(cache / "models--alice--a"), overwrite=True)  # holds the snapshot and its blobs
+    with pytest.raises(UnsafeOutputError):
+        merged.save_pretrained(str(cache / "models--alice--a" / "blobs"), overwrite=True)  # the symlinks' targets
+    assert snapshot(cache) == before

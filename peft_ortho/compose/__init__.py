@@ -10,6 +10,7 @@ from functools import cached_property
 
 from torch import nn
 
+from .._io import check_output
 from .check import CollisionWarning, check_configs, check_weights, warn_collisions
 from .load import Adapter, load_adapter
 from .merge import DELTA_METHODS, METHODS, MergedLayer, iter_merged_layers
@@ -48,6 +49,11 @@ class MergedAdapter:
     @property
     def sources(self) -> list[Source]:
         return [a.source for a in self.adapters]
+
+    @property
+    def input_paths(self) -> list[str]:
+        """The files and folders this merge reads: no output may be, contain or lie inside one of them."""
+        return [s.path for s in self.sources]
 
     @property
     def exact(self) -> bool:
@@ -138,15 +144,26 @@ class MergedAdapter:
         from .export import save_peft
 
         fan_in_fan_out = any(a.config.get("fan_in_fan_out") for a in self.adapters)  # GPT-2 style Conv1D targets
+        check_output(out_dir, self.input_paths)  # before the merge is computed for it
         return save_peft(
-            out_dir, self.by_component(), self.base_model, self.svd_rank, self.card(), overwrite, fan_in_fan_out
+            out_dir,
+            self.by_component(),
+            self.base_model,
+            self.svd_rank,
+            self.card(),
+            overwrite,
+            fan_in_fan_out,
+            inputs=self.input_paths,
         )
 
     def save_diffusers(self, out_dir: str, *, component: str = "unet", overwrite: bool = False) -> str:
         """``pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights`` (PEFT-adapter layers go to ``component``)."""
         from .export import save_diffusers_file
 
-        return save_diffusers_file(out_dir, self.by_component(), component, self.svd_rank, overwrite)
+        check_output(out_dir, self.input_paths)
+        return save_diffusers_file(
+            out_dir, self.by_component(), component, self.svd_rank, overwrite, inputs=self.input_paths
+        )
 
     def fuse(self, model: nn.Module, *, component: str | None = None) -> nn.Module:
         """Fold the merged update into ``model``'s weights in place (one GEMM per layer) and return it.

@@ -64,9 +64,14 @@ def save_peft_folder(
         f.write(card_text)
 
 
-def save_peft(out_dir, by_component, base_model, svd_rank, card_text, overwrite=False, fan_in_fan_out=False) -> str:
-    """One PEFT adapter; with several components (unet + text_encoder), one sub-folder each."""
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+def save_peft(
+    out_dir, by_component, base_model, svd_rank, card_text, overwrite=False, fan_in_fan_out=False, *, inputs=()
+) -> str:
+    """One PEFT adapter; with several components (unet + text_encoder), one sub-folder each.
+
+    ``inputs``: the merged adapters' paths, which ``out_dir`` may not be, contain or lie inside.
+    """
+    with atomic_dir(out_dir, overwrite=overwrite, inputs=inputs) as tmp:
         if len(by_component) == 1:
             (layers,) = by_component.values()
             save_peft_folder(tmp, layers, base_model, svd_rank, card_text, fan_in_fan_out)
@@ -80,7 +85,7 @@ def save_peft(out_dir, by_component, base_model, svd_rank, card_text, overwrite=
     return os.path.abspath(out_dir)
 
 
-def save_diffusers_file(out_dir, by_component, default_component, svd_rank, overwrite=False) -> str:
+def save_diffusers_file(out_dir, by_component, default_component, svd_rank, overwrite=False, *, inputs=()) -> str:
     from ..export import write_diffusers_file
 
     tensors_by_component, metadata_by_component = {}, {}
@@ -89,7 +94,9 @@ def save_diffusers_file(out_dir, by_component, default_component, svd_rank, over
         tensors, ranks = lora_tensors(layers, svd_rank)
         tensors_by_component[component] = tensors
         metadata_by_component[component] = lora_config_dict(ranks, None)
-    return write_diffusers_file(out_dir, tensors_by_component, metadata_by_component, overwrite=overwrite)
+    return write_diffusers_file(
+        out_dir, tensors_by_component, metadata_by_component, overwrite=overwrite, inputs=inputs
+    )
 
 
 def fuse_targets(model: nn.Module, shapes: dict[str, tuple[int, int]]) -> dict[str, tuple[torch.Tensor, bool]]:
