@@ -344,62 +344,23 @@ def verify_written(folder: str) -> None:
                     check_finite(tensors, adapter=None)
 
 
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
 def mmap_safetensors(path: str, adapter: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Zero-copy views of every tensor in a safetensors file, backed by one private memory map.
+    """``(tensors, metadata)`` of a safetensors file, read with ``safetensors.safe_open``.
 
-    Follows the format's specification (8-byte little-endian header length, a JSON header of
-    ``{name: {dtype, shape, data_offsets}}``, then the data) and validates every offset against the file size, so
-    a truncated or corrupt file is an ``AdapterFileError`` rather than a crash. Pages are read on first touch: a
-    merge that streams layer by layer keeps only what it is working on in memory.
+    safetensors enforces the format (header a JSON object, offsets inside the file, contiguous and not overlapping,
+    metadata of strings, known dtypes, fp8 included); any violation is an ``AdapterFileError`` naming the file. The
+    tensors are lazy zero-copy views of a private memory map of the file: pages are read on first touch, so a merge
+    that streams layer by layer keeps only what it is working on in memory, and nothing written to a tensor reaches
+    the file.
     """
-    import math
-    import struct
+    from safetensors import SafetensorError, safe_open
 
     refuse_pickle(path, adapter)
     name = os.path.basename(path)
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            if header_len > size - 8:
-                raise ValueError(f"header length {header_len} exceeds the file size {size}")
-            header = json.loads(f.read(header_len))
-    except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as e:
         raise AdapterFileError(f"{name} is not a readable safetensors file ({e})", adapter=adapter) from e
-    metadata = header.pop("__metadata__", None) or {}
-    data_start = 8 + header_len
-    storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size) if size else None
-    tensors = {}
-    for key, info in header.items():
-        try:
-            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-            shape = [int(s) for s in info["shape"]]
-            begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise AdapterFileError(f"{name}: bad header entry for {key!r} ({e})", adapter=adapter, layer=key) from e
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        if end - begin != math.prod(shape) * itemsize or data_start + end > size or begin < 0:
-            raise AdapterFileError(
-                f"{name}: tensor {key!r} lies outside the file (corrupt or truncated)", adapter=adapter
-            )
-        offset = data_start + begin
-        if offset % itemsize:  # unaligned (never written by safetensors itself): copy instead of viewing
-            raw = bytes(storage[offset : data_start + end])
-            tensors[key] = torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape)
-        else:
-            tensors[key] = torch.empty(0, dtype=dtype).set_(storage, offset // itemsize, shape)
     return tensors, metadata

@@ -21,10 +21,12 @@ import sys
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import save_file
 from torch import nn
 
 import peft_ortho
-from peft_ortho import OrthoLoraConfig, _io, compose
+from peft_ortho import AdapterFileError, OrthoLoraConfig, _io, compose
+from peft_ortho.cli import main
 from peft_ortho.errors import OutputExistsError, UnsafeOutputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(peft_ortho.__file__)))
@@ -94,9 +96,9 @@ def cli(*args, timeout: float = 300) -> subprocess.CompletedProcess:
 def assert_user_error(proc: subprocess.CompletedProcess, *fragments) -> str:
     """Exit 1, one line on stderr starting ``peft-ortho: error:``, no traceback, naming every fragment."""
     assert proc.returncode == 1, (proc.returncode, proc.stderr)
-    lines = [line for line in proc.stderr.splitlines() if not line.startswith("warning:")]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("peft-ortho: error:") and "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("peft-ortho: error:")]
+    assert len(lines) == 1 and proc.stderr.rstrip("\n").endswith(lines[0]), proc.stderr  # libraries may log first
+    assert "Traceback" not in proc.stderr, proc.stderr
     for fragment in fragments:
         assert str(fragment) in lines[0], (fragment, lines[0])
     return lines[0]
@@ -241,10 +243,11 @@ def test_cli_out_holding_the_inputs_is_refused(adapters, tmp_path):
     a, b = copy_adapter(adapters, "a", folder / "a"), copy_adapter(adapters, "b", folder / "b")
     (folder / "notes.txt").write_text("keep me")
     before = snapshot(tmp_path)
-    for out in (folder, folder / "a"):  # contains both inputs / is an input
-        proc = cli("compose", a, b, "--out", out, "--overwrite")
-        assert_user_error(proc, str(out), "input")
-        assert snapshot(tmp_path) == before
+    proc = cli("compose", a, b, "--out", folder, "--overwrite")  # contains both inputs
+    assert_user_error(proc, str(folder), "contains the input")
+    assert snapshot(tmp_path) == before
+    assert main(["compose", a, b, "--out", str(folder / "a"), "--overwrite"]) == 1  # is an input
+    assert snapshot(tmp_path) == before
 
 
 def test_api_outputs_inside_or_over_inputs_are_refused(adapters, tmp_path):
@@ -261,6 +264,7 @@ def test_api_outputs_inside_or_over_inputs_are_refused(adapters, tmp_path):
         lambda: merged.save_pretrained(str(tmp_path), overwrite=True),  # contains the inputs
         lambda: peft_ortho.save_diffusers(a, a, overwrite=True),
         lambda: save_pretrained(a, os.path.join(a, "copy")),
+        lambda: merged.report.to_json(os.path.join(b, "adapter_config.json"), overwrite=True),
     ]
     for case in cases:
         with pytest.raises(UnsafeOutputError, match="input"):
@@ -280,3 +284,30 @@ def test_output_inside_the_hub_cache_is_refused(adapters, tmp_path):
     with pytest.raises(UnsafeOutputError):
         merged.save_pretrained(str(cache / "models--alice--a" / "blobs"), overwrite=True)  # the symlinks' targets
     assert snapshot(cache) == before
+
+
+# ------------------------------------------------------------------------- 5: the format is safetensors' own
+def test_overlapping_data_offsets_are_refused(adapters, tmp_path):
+    bad = copy_adapter(adapters, "lora", tmp_path / "bad")
+    a, b = f"{PREFIX}lin0.lora_A.weight", f"{PREFIX}lin0.lora_B.weight"
+    header = {
+        a: {"dtype": "F32", "shape": [4, 16], "data_offsets": [0, 256]},
+        b: {"dtype": "F32", "shape": [32, 4], "data_offsets": [0, 512]},  # shares A's bytes
+    }
+    write_raw_safetensors(os.path.join(bad, "adapter_model.safetensors"), header, b"\0" * 512)
+    with pytest.raises(AdapterFileError, match="adapter_model.safetensors is not a readable safetensors") as e:
+        compose([bad])
+    assert e.value.adapter == bad and "invalid offset" in str(e.value)
+
+
+def test_every_safetensors_dtype_reads_lazily_and_privately(tmp_path):
+    path = str(tmp_path / "fp8.safetensors")
+    values = torch.linspace(-2, 2, 64).reshape(4, 16)
+    save_file({"x": values.to(torch.float8_e4m3fn), "y": values}, path)
+    tensors, _ = _io.mmap_safetensors(path)
+    assert tensors["x"].dtype == torch.float8_e4m3fn
+    assert torch.equal(tensors["x"].float(), values.to(torch.float8_e4m3fn).float())
+    assert _io.all_finite(tensors)
+    before = snapshot(path)
+    tensors["y"].mul_(0)  # a private map: writing to a tensor never reaches the file
+    assert snapshot(path) == before
