@@ -294,12 +294,14 @@ def read_adapter_folder(folder: str, adapter: str | None = None) -> tuple[dict, 
     The config is checked by ``validate_adapter_config`` (types, ranks, finite scales, safe patterns). Pickled
     weights beside a missing safetensors file are refused by name, never read.
     """
+    from ._validate import validate_adapter_config
+
     if not os.path.isdir(folder):
         raise AdapterFileError(f"no such adapter folder: {folder}", adapter=adapter)
     config_path = os.path.join(folder, "adapter_config.json")
     if not os.path.isfile(config_path):
         raise AdapterFileError("adapter_config.json is missing: not a peft adapter folder", adapter=adapter)
-    config = read_json_object(config_path, adapter)
+    config = validate_adapter_config(read_json_object(config_path, adapter), adapter=adapter)
     weights = os.path.join(folder, "adapter_model.safetensors")
     if not os.path.isfile(weights):
         for candidate in sorted(os.listdir(folder)):

@@ -11,6 +11,7 @@ from functools import cached_property
 from torch import nn
 
 from .._io import check_output
+from ..errors import IncompatibleAdaptersError
 from .check import CollisionWarning, check_configs, check_weights, warn_collisions
 from .load import Adapter, load_adapter
 from .merge import DELTA_METHODS, METHODS, MergedLayer, iter_merged_layers
@@ -171,11 +172,18 @@ class MergedAdapter:
         ``model`` may be a diffusers pipeline: each component of the merge is fused into the pipeline's attribute of
         that name. For PEFT-adapter sources, ``component`` picks the pipeline attribute (default ``"unet"``).
         """
-        from .export import fuse_layer, fuse_targets
+        from .export import check_fusable, fuse_layer, fuse_targets
 
         def module_for(comp):
             if hasattr(model, "components") and not isinstance(model, nn.Module):  # a diffusers pipeline
-                return getattr(model, comp or component or "unet")
+                name = comp or component or "unet"
+                part = getattr(model, name, None)
+                if not isinstance(part, nn.Module):
+                    raise IncompatibleAdaptersError(
+                        f"the pipeline has no {name!r} component to fuse into (it has "
+                        f"{sorted(k for k, v in model.components.items() if isinstance(v, nn.Module))})"
+                    )
+                return part
             if comp is not None and comp != component and hasattr(model, comp):
                 return getattr(model, comp)
             return model
@@ -185,8 +193,16 @@ class MergedAdapter:
             for comp, name in adapter.layers():
                 shapes.setdefault(comp, {})[name] = adapter.delta_shape((comp, name))
         targets = {comp: fuse_targets(module_for(comp), s) for comp, s in shapes.items()}  # all checked first
-        stream = self.__dict__.get("layers")
-        for (comp, name), layer in stream.items() if stream is not None else self.iter_layers():
+        kept = self.__dict__.get("layers")
+
+        def layers():
+            return kept.items() if kept is not None else self.iter_layers()
+
+        # Every fused weight must stay finite in its dtype (an fp16 model overflows at 65504): proven for all layers
+        # before the first one is changed, so a refusal leaves the model as it was.
+        for (comp, name), layer in layers():
+            check_fusable(*targets[comp][name], layer, layer_name=name)
+        for (comp, name), layer in layers():
             fuse_layer(*targets[comp][name], layer)
         return model
 
@@ -220,6 +236,8 @@ def compose(
         raise ValueError(f"unknown merge method {method!r}; choose one of {METHODS}")
     if not names:
         raise ValueError("compose needs at least one adapter name")
+    if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1):
+        raise ValueError(f"svd_rank must be a positive integer or None, got {svd_rank!r}")
     sources = resolve_all(list(names), token=token, cache_dir=cache_dir, progress=progress)
     adapters = [load_adapter(s) for s in sources]
     if any(c is not None for a in adapters for c, _ in a.layers()):
