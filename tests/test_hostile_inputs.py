@@ -443,3 +443,109 @@ def test_ordinary_patterns_still_work(adapters, tmp_path):
     fine = copy_adapter(adapters, "lora", tmp_path / "fine")
     edit_config(fine, target_modules=r".*lin[01]", rank_pattern={"^lin0$": 4}, alpha_pattern={"lin1": 8})
     assert compose([fine]).layers  # merges as before
+
+
+# ------------------------------------------------------------------------- 2: non-finite or overflowing results
+@pytest.mark.parametrize("alpha", [float("nan"), 1e40, float("inf")])
+def test_non_finite_lora_alpha_is_refused_where_the_config_is_read(adapters, tmp_path, alpha):
+    bad = copy_adapter(adapters, "lora", tmp_path / "bad")
+    edit_config(bad, lora_alpha=alpha)  # json writes NaN / Infinity / 1e+40
+    before = snapshot(tmp_path)
+    with pytest.raises(AdapterFileError, match="lora_alpha") as e:
+        compose([adapters["a"], bad])
+    assert e.value.adapter == bad
+    proc = cli("compose", adapters["a"], bad, "--out", tmp_path / "out")
+    assert_user_error(proc, bad, "lora_alpha")
+    assert snapshot(tmp_path) == before  # no output, no staging
+
+
+def test_finite_factors_whose_scaled_product_overflows_are_refused(adapters, tmp_path):
+    big = copy_adapter(adapters, "lora", tmp_path / "big")
+    edit_config(big, lora_alpha=3e38)  # valid (fits float32), but scale 7.5e37 × weight 100 × lora_B overflows
+    with pytest.raises(AdapterFileError, match="overflows") as e:
+        compose([adapters["a"], big], weights=[1.0, 100.0]).save_pretrained(str(tmp_path / "out"))
+    assert e.value.adapter == big and e.value.layer in ("lin0", "lin1")
+    assert sorted(os.listdir(tmp_path)) == ["big"]
+
+
+def test_single_file_metadata_alpha_is_validated(tmp_path):
+    torch.manual_seed(0)
+    tensors = {"unet.lin0.lora_A.weight": torch.randn(4, 16), "unet.lin0.lora_B.weight": torch.randn(32, 4)}
+    meta = {"lora_adapter_metadata": json.dumps({"unet.r": 4, "unet.lora_alpha": "NaN"})}
+    path = str(tmp_path / "style.safetensors")
+    save_file(tensors, path, metadata=meta)
+    with pytest.raises(AdapterFileError, match=r"lora_adapter_metadata \(unet\): lora_alpha") as e:
+        compose([path])
+    assert e.value.adapter == path
+
+
+def test_fuse_that_would_overflow_float16_leaves_the_model_unchanged(tmp_path):
+    base = tiny()
+    path = save_adapter(tmp_path / "loud", lora(), seed=4, base=base)
+    tensors = load_file(os.path.join(path, "adapter_model.safetensors"))
+    tensors[f"{PREFIX}lin1.lora_A.weight"] = torch.ones(4, 32)
+    tensors[f"{PREFIX}lin1.lora_B.weight"] = torch.full((16, 4), 3e4)  # fits fp16, but ΔW = 2·4·3e4 > 65504
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+    merged = compose([path])
+    model = base.half()
+    before = state(model)
+    with pytest.raises(IncompatibleAdaptersError, match="float16") as e:
+        merged.fuse(model)  # lin0 (fine) comes before lin1 (overflows): a partial fuse would have changed it
+    assert e.value.layer == "lin1"
+    assert_unchanged(model, before)
+    merged.fuse(base.float())  # the same merge fits float32
+    assert torch.isfinite(base.lin1.weight).all()
+
+
+def test_writers_never_move_a_non_finite_file_into_place(tmp_path):
+    with pytest.raises(AdapterFileError, match="non-finite") as e:
+        with _io.atomic_dir(tmp_path / "out") as tmp:
+            save_file({"w": torch.tensor([1.0, float("inf")])}, os.path.join(tmp, "model.safetensors"))
+    assert e.value.layer == "w" and os.listdir(tmp_path) == []
+
+
+def test_continual_task_that_overflows_is_refused_with_the_model_unchanged():
+    from peft_ortho.continual import ContinualLearner, ContinualStateError
+
+    model = tiny().half()
+    before = state(model)
+    learner = ContinualLearner(model, "merge_and_init", lora(r=2, init_lora_weights=True))
+    peft_model = learner.begin_task()
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.fill_(300.0 if "lin1" in name else 0.01)
+    with pytest.raises(ContinualStateError, match="NaN/inf") as e:
+        learner.end_task()
+    assert e.value.layer == "lin1"
+    inner = peft_model.get_base_model()
+    for name in ("lin0", "lin1"):  # lin0 would have fused fine: it was not fused either
+        weight = inner.get_submodule(name).get_base_layer().weight
+        assert torch.equal(weight, before[f"{name}.weight"]), name
+
+
+# ------------------------------------------------------------------------- 3: validate everything, then write
+@pytest.mark.parametrize("strategy", ["merge_and_init", "naive"])
+def test_resume_of_a_corrupt_state_leaves_the_model_unchanged(tmp_path, strategy):
+    from peft_ortho.continual import STATE_TENSORS, ContinualLearner, ContinualStateError
+
+    learner = ContinualLearner(tiny(), strategy, lora(r=2, init_lora_weights=True))
+    peft_model = learner.begin_task()
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.5)
+    learner.end_task()
+    folder = learner.save(tmp_path / "state")
+    path = os.path.join(folder, STATE_TENSORS)
+    tensors, meta = load_file(path), None
+    last = sorted(k for k in tensors if "lin1" in k)[-1]  # the last layer read: most of the model before it
+    tensors[last] = tensors[last].clone().fill_(float("nan"))
+    save_file(tensors, path, metadata={"format": "peft_ortho.continual/1"})
+    model = tiny()
+    before = state(model)
+    with pytest.raises(ContinualStateError, match="NaN/Inf") as e:
+        ContinualLearner.resume(folder, model)
+    assert last in str(e.value) and meta is None
+    assert_unchanged(model, before)  # lin0 was valid, and still was not written
+    assert not any("lora" in n for n, _ in model.named_modules())  # no adapter left injected
