@@ -549,3 +549,26 @@ def test_resume_of_a_corrupt_state_leaves_the_model_unchanged(tmp_path, strategy
     assert last in str(e.value) and meta is None
     assert_unchanged(model, before)  # lin0 was valid, and still was not written
     assert not any("lora" in n for n, _ in model.named_modules())  # no adapter left injected
+
+
+# ------------------------------------------------------------------------- 8: revisions
+@pytest.mark.parametrize("name", ["alice/a@", "alice/a@../../../x", "alice/a@main/../../x", "alice/a@.hidden"])
+def test_bad_revisions_are_refused_before_the_cache_is_read(adapters, tmp_path, name):
+    from hubcache import populate_hub_cache
+
+    cache = tmp_path / "cache"
+    populate_hub_cache(cache, "alice/a", adapters["a"])
+    # a file the traversal would reach: cache/models--alice--a/refs/../../../x = tmp_path/x
+    (tmp_path / "x").write_text("0" * 40)
+    with pytest.raises(AdapterFileError, match="revision|nothing follows") as e:
+        compose([name], cache_dir=str(cache))
+    assert e.value.adapter == name
+
+
+def test_a_valid_revision_still_resolves_to_its_commit(adapters, tmp_path):
+    from hubcache import populate_hub_cache
+
+    cache = tmp_path / "cache"
+    commit = populate_hub_cache(cache, "alice/a", adapters["a"], revision="v1.2")
+    (source,) = compose(["alice/a@v1.2"], cache_dir=str(cache)).sources
+    assert source.commit == commit and source.revision == "v1.2"
