@@ -286,165 +286,6 @@ def test_output_inside_the_hub_cache_is_refused(adapters, tmp_path):
     assert snapshot(cache) == before
 
 
-# ------------------------------------------------------------------------- 5: the format is safetensors' own
-def test_overlapping_data_offsets_are_refused(adapters, tmp_path):
-    bad = copy_adapter(adapters, "lora", tmp_path / "bad")
-    a, b = f"{PREFIX}lin0.lora_A.weight", f"{PREFIX}lin0.lora_B.weight"
-    header = {
-        a: {"dtype": "F32", "shape": [4, 16], "data_offsets": [0, 256]},
-        b: {"dtype": "F32", "shape": [32, 4], "data_offsets": [0, 512]},  # shares A's bytes
-    }
-    write_raw_safetensors(os.path.join(bad, "adapter_model.safetensors"), header, b"\0" * 512)
-    with pytest.raises(AdapterFileError, match="adapter_model.safetensors is not a readable safetensors") as e:
-        compose([bad])
-    assert e.value.adapter == bad and "invalid offset" in str(e.value)
-
-
-def test_every_safetensors_dtype_reads_lazily_and_privately(tmp_path):
-    path = str(tmp_path / "fp8.safetensors")
-    values = torch.linspace(-2, 2, 64).reshape(4, 16)
-    save_file({"x": values.to(torch.float8_e4m3fn), "y": values}, path)
-    tensors, _ = _io.mmap_safetensors(path)
-    assert tensors["x"].dtype == torch.float8_e4m3fn
-    assert torch.equal(tensors["x"].float(), values.to(torch.float8_e4m3fn).float())
-    assert _io.all_finite(tensors)
-    before = snapshot(path)
-    tensors["y"].mul_(0)  # a private map: writing to a tensor never reaches the file
-    assert snapshot(path) == before
-
-
-# ------------------------------------------------------------------------- 4: one-line errors, PeftOrthoError only
-def bad_weights(kind: str, folder) -> None:
-    """Overwrite the adapter's weights with a malformed safetensors file of the given kind."""
-    path = os.path.join(folder, "adapter_model.safetensors")
-    if kind == "header-not-object":
-        write_raw_safetensors(path, [1, 2])
-    elif kind == "negative-dims":
-        write_raw_safetensors(path, {"x": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8)
-    elif kind == "metadata-not-strings":
-        write_raw_safetensors(path, {"__metadata__": {"format": 1}})
-    elif kind == "rank-0":
-        t = load_file(path)
-        t = {k: (v[:0] if "lora_A" in k else v[:, :0]) if "lin1" in k else v for k, v in t.items()}
-        save_file({k: v.contiguous() for k, v in t.items()}, path)
-
-
-CONFIG_CASES = {
-    "config-list": (b"[]", "not an object"),
-    "config-not-utf8": (b'\xff\xfe{"r": 4}', "not UTF-8"),
-    "alpha-string": ({"lora_alpha": "5"}, "lora_alpha must be a number, got the string '5'"),
-    "rank-zero": ({"r": 0}, "r must be a positive integer"),
-    "rank-string": ({"r": "3"}, "r must be a positive integer, got the string '3'"),
-    "bad-regex": ({"rank_pattern": {"lin[": 2}}, "not a valid regular expression"),
-    "base-list": ({"base_model_name_or_path": ["a", "b"]}, "base_model_name_or_path must be a string"),
-}
-WEIGHT_CASES = {
-    "header-not-object": "adapter_model.safetensors",
-    "negative-dims": "adapter_model.safetensors",
-    "metadata-not-strings": "adapter_model.safetensors",
-    "rank-0": "rank",
-}
-
-
-@pytest.mark.parametrize("case", [*CONFIG_CASES, *WEIGHT_CASES])
-def test_malformed_adapter_is_one_peft_ortho_error_naming_it(adapters, tmp_path, case):
-    bad = copy_adapter(adapters, "lora", tmp_path / "bad")
-    if case in CONFIG_CASES:
-        change, expected = CONFIG_CASES[case]
-        if isinstance(change, bytes):
-            (tmp_path / "bad" / "adapter_config.json").write_bytes(change)
-        else:
-            edit_config(bad, **change)
-    else:
-        bad_weights(case, bad)
-        expected = WEIGHT_CASES[case]
-    before = snapshot(tmp_path)
-    for call in (lambda: compose([bad]), lambda: peft_ortho.save_diffusers(bad, str(tmp_path / "out"))):
-        with pytest.raises(PeftOrthoError) as e:
-            call()
-        assert e.value.adapter == bad and expected in str(e.value), str(e.value)
-    assert snapshot(tmp_path) == before
-
-
-def test_malformed_adapters_in_the_cli_are_one_line(adapters, tmp_path):
-    bad = copy_adapter(adapters, "lora", tmp_path / "bad")
-    (tmp_path / "bad" / "adapter_config.json").write_bytes(b"[]")
-    assert_user_error(cli("inspect", bad), bad, "not an object")
-    with pytest.raises(AdapterFileError, match="repo id") as e:  # the Hub's own repo-id rules, prefixed
-        compose(["alice/re--x"])
-    assert str(e.value).startswith("adapter 'alice/re--x': ")
-    assert sorted(os.listdir(tmp_path)) == ["bad"]
-
-
-def test_fusing_into_a_pipeline_without_the_component_is_refused(tmp_path):
-    from peft_ortho import testing
-
-    torch.manual_seed(0)
-    path = str(tmp_path / "dit.safetensors")
-    save_file(
-        {"transformer.a.lora_A.weight": torch.randn(2, 8), "transformer.a.lora_B.weight": torch.randn(8, 2)}, path
-    )
-    pipe = testing.tiny_sd_pipeline()
-    before = state(pipe.unet)
-    with pytest.raises(IncompatibleAdaptersError, match="no 'transformer' component"):
-        compose([path]).fuse(pipe)
-    assert_unchanged(pipe.unet, before)
-
-
-def test_unknown_class_name_in_base_is_one_line(adapters, tmp_path):
-    base = tmp_path / "base"
-    base.mkdir()
-    (base / "config.json").write_text(json.dumps({"_class_name": "__import__"}))
-    proc = cli("compose", adapters["a"], "--format", "fused", "--base", base, "--out", tmp_path / "out")
-    assert_user_error(proc, "__import__", "not a diffusers model class")
-    assert sorted(os.listdir(tmp_path)) == ["base"]
-
-
-# ------------------------------------------------------------------------- 6: regular expressions from configs
-HANG_CASES = [
-    ("rank_pattern", {"(.*)*X": 2}),
-    ("alpha_pattern", {"(a|ab)*c": 2}),
-    ("target_modules", "(.*)*X"),
-    ("target_modules", "(lin+)+0"),
-]
-HANG_SCRIPT = """
-import json, sys
-import peft_ortho
-for field, folder, out in json.loads(sys.argv[1]):
-    for call in (lambda: peft_ortho.compose([folder]), lambda: peft_ortho.save_diffusers(folder, out)):
-        try:
-            call()
-            print(json.dumps(["no error", field, folder, ""]), flush=True)
-        except peft_ortho.PeftOrthoError as e:
-            print(json.dumps([type(e).__name__, field, e.adapter, str(e)]), flush=True)
-"""
-
-
-def test_catastrophic_patterns_are_refused_not_matched(adapters, tmp_path):
-    cases = []
-    for i, (field, value) in enumerate(HANG_CASES):
-        bad = copy_adapter(adapters, "lora", tmp_path / f"bad{i}")
-        edit_config(bad, **{field: value})
-        cases.append((field, bad, str(tmp_path / f"out{i}")))
-    before = snapshot(tmp_path)
-    # Before the fix these hung forever in re; the timeouts turn a hang into a failure instead of a stuck CI job.
-    proc = subprocess.run(
-        [sys.executable, "-c", HANG_SCRIPT, json.dumps(cases)], env=ENV, capture_output=True, text=True, timeout=300
-    )
-    rows = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert len(rows) == 2 * len(cases), proc.stderr
-    for (kind, field, adapter, message), (want_field, folder, _) in zip(rows, [c for c in cases for _ in (0, 1)]):
-        assert (kind, field, adapter) == ("AdapterFileError", want_field, folder) and "refused" in message, message
-    assert_user_error(cli("inspect", cases[0][1], timeout=300), cases[0][1], "rank_pattern key")
-    assert snapshot(tmp_path) == before
-
-
-def test_ordinary_patterns_still_work(adapters, tmp_path):
-    fine = copy_adapter(adapters, "lora", tmp_path / "fine")
-    edit_config(fine, target_modules=r".*lin[01]", rank_pattern={"^lin0$": 4}, alpha_pattern={"lin1": 8})
-    assert compose([fine]).layers  # merges as before
-
-
 # ------------------------------------------------------------------------- 2: non-finite or overflowing results
 @pytest.mark.parametrize("alpha", [float("nan"), 1e40, float("inf")])
 def test_non_finite_lora_alpha_is_refused_where_the_config_is_read(adapters, tmp_path, alpha):
@@ -551,6 +392,165 @@ def test_resume_of_a_corrupt_state_leaves_the_model_unchanged(tmp_path, strategy
     assert not any("lora" in n for n, _ in model.named_modules())  # no adapter left injected
 
 
+# ------------------------------------------------------------------------- 4: one-line errors, PeftOrthoError only
+def bad_weights(kind: str, folder) -> None:
+    """Overwrite the adapter's weights with a malformed safetensors file of the given kind."""
+    path = os.path.join(folder, "adapter_model.safetensors")
+    if kind == "header-not-object":
+        write_raw_safetensors(path, [1, 2])
+    elif kind == "negative-dims":
+        write_raw_safetensors(path, {"x": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8)
+    elif kind == "metadata-not-strings":
+        write_raw_safetensors(path, {"__metadata__": {"format": 1}})
+    elif kind == "rank-0":
+        t = load_file(path)
+        t = {k: (v[:0] if "lora_A" in k else v[:, :0]) if "lin1" in k else v for k, v in t.items()}
+        save_file({k: v.contiguous() for k, v in t.items()}, path)
+
+
+CONFIG_CASES = {
+    "config-list": (b"[]", "not an object"),
+    "config-not-utf8": (b'\xff\xfe{"r": 4}', "not UTF-8"),
+    "alpha-string": ({"lora_alpha": "5"}, "lora_alpha must be a number, got the string '5'"),
+    "rank-zero": ({"r": 0}, "r must be a positive integer"),
+    "rank-string": ({"r": "3"}, "r must be a positive integer, got the string '3'"),
+    "bad-regex": ({"rank_pattern": {"lin[": 2}}, "not a valid regular expression"),
+    "base-list": ({"base_model_name_or_path": ["a", "b"]}, "base_model_name_or_path must be a string"),
+}
+WEIGHT_CASES = {
+    "header-not-object": "adapter_model.safetensors",
+    "negative-dims": "adapter_model.safetensors",
+    "metadata-not-strings": "adapter_model.safetensors",
+    "rank-0": "rank",
+}
+
+
+@pytest.mark.parametrize("case", [*CONFIG_CASES, *WEIGHT_CASES])
+def test_malformed_adapter_is_one_peft_ortho_error_naming_it(adapters, tmp_path, case):
+    bad = copy_adapter(adapters, "lora", tmp_path / "bad")
+    if case in CONFIG_CASES:
+        change, expected = CONFIG_CASES[case]
+        if isinstance(change, bytes):
+            (tmp_path / "bad" / "adapter_config.json").write_bytes(change)
+        else:
+            edit_config(bad, **change)
+    else:
+        bad_weights(case, bad)
+        expected = WEIGHT_CASES[case]
+    before = snapshot(tmp_path)
+    for call in (lambda: compose([bad]), lambda: peft_ortho.save_diffusers(bad, str(tmp_path / "out"))):
+        with pytest.raises(PeftOrthoError) as e:
+            call()
+        assert e.value.adapter == bad and expected in str(e.value), str(e.value)
+    assert snapshot(tmp_path) == before
+
+
+def test_malformed_adapters_in_the_cli_are_one_line(adapters, tmp_path):
+    bad = copy_adapter(adapters, "lora", tmp_path / "bad")
+    (tmp_path / "bad" / "adapter_config.json").write_bytes(b"[]")
+    assert_user_error(cli("inspect", bad), bad, "not an object")
+    with pytest.raises(AdapterFileError, match="repo id") as e:  # the Hub's own repo-id rules, prefixed
+        compose(["alice/re--x"])
+    assert str(e.value).startswith("adapter 'alice/re--x': ")
+    assert sorted(os.listdir(tmp_path)) == ["bad"]
+
+
+def test_fusing_into_a_pipeline_without_the_component_is_refused(tmp_path):
+    from peft_ortho import testing
+
+    torch.manual_seed(0)
+    path = str(tmp_path / "dit.safetensors")
+    save_file(
+        {"transformer.a.lora_A.weight": torch.randn(2, 8), "transformer.a.lora_B.weight": torch.randn(8, 2)}, path
+    )
+    pipe = testing.tiny_sd_pipeline()
+    before = state(pipe.unet)
+    with pytest.raises(IncompatibleAdaptersError, match="no 'transformer' component"):
+        compose([path]).fuse(pipe)
+    assert_unchanged(pipe.unet, before)
+
+
+def test_unknown_class_name_in_base_is_one_line(adapters, tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"_class_name": "__import__"}))
+    proc = cli("compose", adapters["a"], "--format", "fused", "--base", base, "--out", tmp_path / "out")
+    assert_user_error(proc, "__import__", "not a diffusers model class")
+    assert sorted(os.listdir(tmp_path)) == ["base"]
+
+
+# ------------------------------------------------------------------------- 5: the format is safetensors' own
+def test_overlapping_data_offsets_are_refused(adapters, tmp_path):
+    bad = copy_adapter(adapters, "lora", tmp_path / "bad")
+    a, b = f"{PREFIX}lin0.lora_A.weight", f"{PREFIX}lin0.lora_B.weight"
+    header = {
+        a: {"dtype": "F32", "shape": [4, 16], "data_offsets": [0, 256]},
+        b: {"dtype": "F32", "shape": [32, 4], "data_offsets": [0, 512]},  # shares A's bytes
+    }
+    write_raw_safetensors(os.path.join(bad, "adapter_model.safetensors"), header, b"\0" * 512)
+    with pytest.raises(AdapterFileError, match="adapter_model.safetensors is not a readable safetensors") as e:
+        compose([bad])
+    assert e.value.adapter == bad and "invalid offset" in str(e.value)
+
+
+def test_every_safetensors_dtype_reads_lazily_and_privately(tmp_path):
+    path = str(tmp_path / "fp8.safetensors")
+    values = torch.linspace(-2, 2, 64).reshape(4, 16)
+    save_file({"x": values.to(torch.float8_e4m3fn), "y": values}, path)
+    tensors, _ = _io.mmap_safetensors(path)
+    assert tensors["x"].dtype == torch.float8_e4m3fn
+    assert torch.equal(tensors["x"].float(), values.to(torch.float8_e4m3fn).float())
+    assert _io.all_finite(tensors)
+    before = snapshot(path)
+    tensors["y"].mul_(0)  # a private map: writing to a tensor never reaches the file
+    assert snapshot(path) == before
+
+
+# ------------------------------------------------------------------------- 6: regular expressions from configs
+HANG_CASES = [
+    ("rank_pattern", {"(.*)*X": 2}),
+    ("alpha_pattern", {"(a|ab)*c": 2}),
+    ("target_modules", "(.*)*X"),
+    ("target_modules", "(lin+)+0"),
+]
+HANG_SCRIPT = """
+import json, sys
+import peft_ortho
+for field, folder, out in json.loads(sys.argv[1]):
+    for call in (lambda: peft_ortho.compose([folder]), lambda: peft_ortho.save_diffusers(folder, out)):
+        try:
+            call()
+            print(json.dumps(["no error", field, folder, ""]), flush=True)
+        except peft_ortho.PeftOrthoError as e:
+            print(json.dumps([type(e).__name__, field, e.adapter, str(e)]), flush=True)
+"""
+
+
+def test_catastrophic_patterns_are_refused_not_matched(adapters, tmp_path):
+    cases = []
+    for i, (field, value) in enumerate(HANG_CASES):
+        bad = copy_adapter(adapters, "lora", tmp_path / f"bad{i}")
+        edit_config(bad, **{field: value})
+        cases.append((field, bad, str(tmp_path / f"out{i}")))
+    before = snapshot(tmp_path)
+    # Before the fix these hung forever in re; the timeouts turn a hang into a failure instead of a stuck CI job.
+    proc = subprocess.run(
+        [sys.executable, "-c", HANG_SCRIPT, json.dumps(cases)], env=ENV, capture_output=True, text=True, timeout=300
+    )
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(rows) == 2 * len(cases), proc.stderr
+    for (kind, field, adapter, message), (want_field, folder, _) in zip(rows, [c for c in cases for _ in (0, 1)]):
+        assert (kind, field, adapter) == ("AdapterFileError", want_field, folder) and "refused" in message, message
+    assert_user_error(cli("inspect", cases[0][1], timeout=300), cases[0][1], "rank_pattern key")
+    assert snapshot(tmp_path) == before
+
+
+def test_ordinary_patterns_still_work(adapters, tmp_path):
+    fine = copy_adapter(adapters, "lora", tmp_path / "fine")
+    edit_config(fine, target_modules=r".*lin[01]", rank_pattern={"^lin0$": 4}, alpha_pattern={"lin1": 8})
+    assert compose([fine]).layers  # merges as before
+
+
 # ------------------------------------------------------------------------- 8: revisions
 @pytest.mark.parametrize("name", ["alice/a@", "alice/a@../../../x", "alice/a@main/../../x", "alice/a@.hidden"])
 def test_bad_revisions_are_refused_before_the_cache_is_read(adapters, tmp_path, name):
@@ -572,3 +572,56 @@ def test_a_valid_revision_still_resolves_to_its_commit(adapters, tmp_path):
     commit = populate_hub_cache(cache, "alice/a", adapters["a"], revision="v1.2")
     (source,) = compose(["alice/a@v1.2"], cache_dir=str(cache)).sources
     assert source.commit == commit and source.revision == "v1.2"
+
+
+# ------------------------------------------------------------------------- 9: the smaller ones
+def test_usage_errors_exit_2(adapters, tmp_path):
+    proc = cli("compose", adapters["lora"], "--out", tmp_path / "out", "--svd-rank", "-3")
+    assert proc.returncode == 2 and "usage:" in proc.stderr and "positive integer" in proc.stderr, proc.stderr
+    for args in (["--method", "bogus"], ["--svd-rank", "0"]):
+        with pytest.raises(SystemExit) as e:
+            main(["compose", adapters["lora"], "--out", str(tmp_path / "out"), *args])
+        assert e.value.code == 2
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(ValueError, match="svd_rank"):
+        compose([adapters["lora"]], method="svd", svd_rank=-1)
+
+
+def test_inspect_outputs_are_not_replaced_silently(adapters, tmp_path):
+    report, plot = tmp_path / "report.json", tmp_path / "plot.png"
+    report.write_text("mine")
+    plot.write_bytes(b"mine")
+    assert_user_error(cli("inspect", adapters["a"], adapters["b"], "--json", report), str(report), "exists")
+    with pytest.raises(OutputExistsError):
+        compose([adapters["a"], adapters["b"]]).report.plot(str(plot))
+    assert report.read_text() == "mine" and plot.read_bytes() == b"mine"
+    proc = cli("inspect", adapters["a"], adapters["b"], "--json", report, "--plot", plot, "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(report.read_text())["adapters"] == [adapters["a"], adapters["b"]]
+    assert plot.read_bytes().startswith(b"\x89PNG")
+    assert sorted(os.listdir(tmp_path)) == ["plot.png", "report.json"]  # no staging files
+
+
+def test_a_name_with_a_newline_keeps_the_error_on_one_line(tmp_path):
+    assert_user_error(cli("inspect", "no/such\nrepo@main"), "no/such\\nrepo")
+
+
+def test_base_with_only_pickled_weights_is_never_unpickled(tmp_path):
+    """A --base folder whose weights are a .bin pickle is refused by the loaders (safetensors only)."""
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(0)
+    base = GPT2Model(
+        GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=16, bos_token_id=0, eos_token_id=0)
+    )
+    adapter = save_adapter(tmp_path / "gpt", LoraConfig(r=2, target_modules=["c_attn"]), seed=0, base=base)
+    folder = tmp_path / "base"
+    base.save_pretrained(folder)
+    os.remove(folder / "model.safetensors")
+    marker = tmp_path / "unpickled"
+    (folder / "pytorch_model.bin").write_bytes(
+        b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR."  # a pickle that runs a shell command
+    )
+    proc = cli("compose", adapter, "--format", "fused", "--base", folder, "--out", tmp_path / "out")
+    assert_user_error(proc)
+    assert not marker.exists() and not (tmp_path / "out").exists()
