@@ -24,6 +24,7 @@ import torch
 from .._io import mmap_safetensors, read_adapter_folder
 from .._registry import PeftOrthoType
 from ..errors import AdapterFileError
+from ..statistics import AdapterStatistics
 from ..tuners.block_lora.layout import block_entry, check_block_factor, pad_factor, stored_dim
 from .resolve import Source
 
@@ -60,6 +61,9 @@ class Adapter:
     layer_keys: dict[tuple[str | None, str], tuple[str, str]]
     scales: dict[tuple[str | None, str], float]
     tensors: dict[str, torch.Tensor] = field(repr=False)
+    # Per-layer input statistics (recorded by the trainer, or computed by ``compose(..., calibrate=...)``); the
+    # statistics merge (``method="regmean"``) and the report's predictions need them.
+    statistics: AdapterStatistics | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
