@@ -11,6 +11,7 @@ from functools import cached_property
 from torch import nn
 
 from ..errors import IncompatibleAdaptersError, PeftOrthoError
+from ..statistics import AdapterStatistics
 from .check import CollisionWarning, check_configs, check_weights, warn_collisions
 from .load import Adapter, load_adapter
 from .merge import (
@@ -273,6 +274,7 @@ def compose(
     prior_weight: float = PRIOR_WEIGHT,
     ridge: float = RIDGE,
     prior_target: str = PRIOR_TARGET,
+    statistics: dict | None = None,
     calibrate=None,
     prompts: dict[str, str] | None = None,
     base=None,
@@ -299,6 +301,8 @@ def compose(
         prior_target: ``"own"`` (default) keeps each adapter's own behaviour on the prior inputs it was trained on
             (``H_i = G_i + μ P_i``); ``"base"`` asks for the base's behaviour on the pooled prior inputs
             (``H_i = G_i`` and the term ``μ G_0``).
+        statistics: ``{adapter name: AdapterStatistics}`` to use instead of (or for adapters without) a statistics
+            file, e.g. recorded in this process; names must be adapters of this merge.
         calibrate: a pipeline or model to compute statistics with (``peft_ortho.statistics.calibrate``) for the
             adapters that carry none and have a prompt in ``prompts``; also the base for the report's drift.
         prompts: ``{adapter name: trigger prompt}`` for ``calibrate``; names must be adapters of this merge.
@@ -325,6 +329,14 @@ def compose(
             adapter.assign_component(component)
     weights = check_weights(adapters, weights)
     check_configs(adapters, allow_different_base=allow_different_base)
+    if statistics:
+        by_name = _by_name(adapters, statistics, "statistics")
+        for name, stats in statistics.items():
+            if not isinstance(stats, AdapterStatistics):
+                raise IncompatibleAdaptersError(
+                    f"statistics= needs AdapterStatistics, got {type(stats).__name__}", adapter=name
+                )
+            by_name[name].statistics = stats
     calibrated = _calibrate(adapters, calibrate, prompts) if calibrate is not None else []
     resolved = _resolve_method(method, adapters)
     merged = MergedAdapter(
@@ -362,6 +374,18 @@ def _resolve_method(method: str, adapters: list[Adapter]) -> str:
     return method
 
 
+def _by_name(adapters: list[Adapter], given: dict, argument: str) -> dict[str, Adapter]:
+    """``{name: adapter}``, refusing keys of ``given`` that name no adapter of this merge."""
+    by_name = {a.name: a for a in adapters}
+    unknown = sorted(set(given) - set(by_name), key=str)
+    if unknown:
+        raise IncompatibleAdaptersError(
+            f"{argument}= names no adapter of this merge: {', '.join(map(repr, unknown))} (adapters: "
+            f"{', '.join(map(repr, by_name))})"
+        )
+    return by_name
+
+
 def _calibrate(adapters: list[Adapter], target, prompts: dict[str, str] | None) -> list[str]:
     """Statistics for the adapters without any, from ``prompts``, by ``peft_ortho.statistics.calibrate``.
 
@@ -369,13 +393,7 @@ def _calibrate(adapters: list[Adapter], target, prompts: dict[str, str] | None) 
     """
     if not prompts:
         raise ValueError("calibrate= needs prompts={adapter name: trigger prompt} for the adapters without statistics")
-    by_name = {a.name: a for a in adapters}
-    unknown = sorted(set(prompts) - set(by_name))
-    if unknown:
-        raise IncompatibleAdaptersError(
-            f"prompts= names no adapter of this merge: {', '.join(map(repr, unknown))} (adapters: "
-            f"{', '.join(map(repr, by_name))})"
-        )
+    _by_name(adapters, prompts, "prompts")
     for name, prompt in prompts.items():
         if not isinstance(prompt, str) or not prompt.strip():
             raise IncompatibleAdaptersError("the calibration prompt must be a non-empty string", adapter=name)

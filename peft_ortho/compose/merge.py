@@ -40,7 +40,7 @@ PRIOR_TARGETS = ("own", "base")
 PRIOR_WEIGHT = 1.0  # μ: weight of the ordinary ("prior") inputs against the concept's own
 RIDGE = 1e-3  # λ, relative to the mean eigenvalue tr(G)/in of the matrix being inverted
 PRIOR_TARGET = "own"
-_RIDGE_FLOOR = 1e-12  # keeps the Cholesky factorisation defined at ridge=0 (→ the minimum-norm solution)
+RIDGE_FLOOR = 1e-9  # added to λ: keeps the factorisation defined at ridge=0 (→ the minimum-norm solution)
 _CHUNK_BYTES = 64 << 20  # float64 Grams solved in one batched call (memory bound, independent of N)
 
 
@@ -284,7 +284,7 @@ def regmean_terms(adapters, owners, layer, in_features, options: RegMeanOptions)
 def regmean_layers(adapters, weights, pending, options: RegMeanOptions, dtype) -> Iterator:
     """The statistics merge of each layer: ``A'_i = w_i s_i (A_i H_i) G⁻¹``, ``G = Σ_i H_i [+ μ G_0] + λ̄ I``.
 
-    ``λ̄ = (λ + 1e-12) · tr(G)/in``: scale-free, and at ``λ = 0`` the limit is the minimum-norm least-squares
+    ``λ̄ = (λ + 1e-9) · tr(G)/in``: scale-free, and at ``λ = 0`` the limit is the minimum-norm least-squares
     solution (rank-deficient ``G``, e.g. text-side inputs, included: ``A_i H_i`` has no component outside
     ``range(G)``). Layers of equal width are solved together, batched Cholesky, in chunks of at most 64 MB of
     float64 matrices; anything not positive definite after the floor is solved by eigendecomposition
@@ -306,7 +306,7 @@ def regmean_layers(adapters, weights, pending, options: RegMeanOptions, dtype) -
             numerators.append(_right_multiply(terms, f.A * (weights[i] * f.scale)))
         _add_dense(G, shared)
         level = float(G.diagonal().sum()) / width
-        G.diagonal().add_((options.ridge + _RIDGE_FLOOR) * level if level > 0 else 1.0)
+        G.diagonal().add_((options.ridge + RIDGE_FLOOR) * level if level > 0 else 1.0)
         chunk.append((layer, fs, G, torch.cat(numerators)))
     if chunk:
         yield from _solve_chunk(chunk, dtype)
