@@ -29,6 +29,7 @@ from peft import (
     AutoPeftModelForCausalLM,
     PeftConfig,
     PeftModel,
+    PeftModelForCausalLM,
     get_peft_model,
     get_peft_model_state_dict,
     set_peft_model_state_dict,
@@ -43,8 +44,8 @@ from peft_ortho import (
     BlockError,
     BlockLoraConfig,
     OrthoLoraConfig,
-    PeftOrthoError,
     SodaConfig,
+    UnsupportedLayerError,
 )
 
 # ---------------------------------------------------------------------------------------------------- the tuners
@@ -168,6 +169,8 @@ def test_identity_at_init(tuner, layer):
     """An untrained adapter computes exactly what the base model computes, bit for bit."""
     model = make(tuner, layer, trained=False)
     assert torch.equal(run(model), run(toy()))
+    adapted = getattr(model.base_model.model, layer)
+    assert not adapted.get_delta_weight("default").any()  # the update itself is zero, not merely small
     assert not torch.equal(run(make(tuner, layer)), run(toy()))  # and a trained one does not (the test can fail)
 
 
@@ -283,15 +286,17 @@ def test_merge_unmerge_and_unload(tuner, layer):
     weight = getattr(toy(), layer).weight
     model.merge_adapter()
     merged = run(model)
-    torch.testing.assert_close(merged, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(merged, want, rtol=1e-5, atol=1e-6)
     assert (merged - base_out).abs().max() > 1e-3  # the merge changed something
     model.unmerge_adapter()
-    torch.testing.assert_close(getattr(model.base_model.model, layer).get_base_layer().weight, weight)
+    torch.testing.assert_close(
+        getattr(model.base_model.model, layer).get_base_layer().weight, weight, rtol=0, atol=1e-6
+    )
     torch.testing.assert_close(run(model), want, rtol=1e-5, atol=1e-6)  # unmerge subtracts: exact up to rounding
     unloaded = model.merge_and_unload()
     assert type(getattr(unloaded, layer)) is type(getattr(toy(), layer))
     assert not any(isinstance(m, BaseTunerLayer) for m in unloaded.modules())
-    torch.testing.assert_close(run(unloaded), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(run(unloaded), want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -346,60 +351,91 @@ def test_torch_compile(tuner):
 # ------------------------------------------------------------------------------ transformers models and Auto classes
 
 
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=50,
-        max_position_embeddings=16,
-    )
-    return LlamaForCausalLM(config).eval()
+FAMILIES = {  # a tiny transformers model per layer kind: nn.Linear projections (Llama), Conv1D (GPT-2)
+    "llama": (
+        lambda: __import__("transformers").LlamaConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            vocab_size=50,
+            max_position_embeddings=16,
+        ),
+        ["q_proj", "v_proj"],
+        "linear",
+    ),
+    "gpt2": (
+        lambda: __import__("transformers").GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=16),
+        ["c_attn"],
+        "conv1d",
+    ),
+}
+AUTO_CASES = [
+    pytest.param(t, family, id=f"{t.name}-{family}")
+    for t in TUNERS
+    for family, (_, _, kind) in FAMILIES.items()
+    if kind in t.layers
+]
 
 
 @pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llama")
-    tiny_llama().save_pretrained(path)
-    return path
+def saved_bases(tmp_path_factory):
+    """Each family's tiny causal LM, seeded and saved locally (``base_model_name_or_path`` of the adapters)."""
+    from transformers import AutoModelForCausalLM
+
+    paths = {}
+    for family, (config, _, _) in FAMILIES.items():
+        torch.manual_seed(0)
+        paths[family] = tmp_path_factory.mktemp(family)
+        AutoModelForCausalLM.from_config(config()).save_pretrained(paths[family])
+    return paths
 
 
-@pytest.mark.parametrize("tuner", [pytest.param(t, id=t.name) for t in TUNERS])
-def test_auto_peft_model_and_transformers_load_adapter(tuner, llama_dir, tmp_path):
-    """A saved adapter on a transformers model loads through ``AutoPeftModelForCausalLM``, ``AutoPeftModel`` and
-    transformers' own ``model.load_adapter`` with the same logits."""
+@pytest.mark.parametrize("tuner, family", AUTO_CASES)
+def test_auto_peft_model_and_transformers_load_adapter(tuner, family, saved_bases, tmp_path):
+    """A saved adapter on a transformers model loads through ``AutoPeftModelForCausalLM``, transformers' own
+    ``model.load_adapter`` and (without a task type, on the bare transformer) ``AutoPeftModel``: the saved tensors,
+    the same outputs."""
     from transformers import AutoModel, AutoModelForCausalLM
 
-    config = tuner.config(["q_proj", "v_proj"], "random" if tuner.placement_error else 0)
+    base_dir, targets = saved_bases[family], FAMILIES[family][1]
+    config = tuner.config(targets, "random" if tuner.placement_error else 0)
     config.task_type = "CAUSAL_LM"
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(llama_dir), config).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft: "fan_in_fan_out is set to False but the target module is Conv1D"
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), config).eval()
     randomize(tuner, model)
     model.save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"] == str(llama_dir)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base_dir)
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
     ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = model(ids).logits
         loaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path).eval()
-        assert type(loaded.base_model) is type(model.base_model)
+        assert isinstance(loaded, PeftModelForCausalLM) and type(loaded.base_model) is type(model.base_model)
+        got = get_peft_model_state_dict(loaded)
+        assert got.keys() == saved.keys() and all(torch.equal(got[k], saved[k]) for k in saved)
         assert torch.equal(loaded(ids).logits, want)
-        base = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
-        base.load_adapter(str(tmp_path), adapter_name="mine")
-        assert torch.equal(base(ids).logits, want)
-        assert not torch.equal(want, tiny_llama()(ids).logits)
 
-    # without a task type: AutoPeftModel, on the bare transformer
-    model = get_peft_model(AutoModel.from_pretrained(llama_dir), tuner.config(["q_proj", "v_proj"], 0)).eval()
-    randomize(tuner, model)
-    model.save_pretrained(tmp_path / "bare")
+        hf = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+        reference = hf(ids).logits
+        hf.load_adapter(str(tmp_path), adapter_name="mine")
+        got = hf.get_adapter_state_dict("mine")
+        assert {f"base_model.model.{k}" for k in got} == saved.keys()
+        assert all(torch.equal(v, saved[f"base_model.model.{k}"]) for k, v in got.items())
+        assert torch.equal(hf(ids).logits, want) and not torch.equal(want, reference)
+
+    config = tuner.config(targets, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bare = get_peft_model(AutoModel.from_pretrained(base_dir), config).eval()
+    randomize(tuner, bare)
+    bare.save_pretrained(tmp_path / "bare")
     with torch.no_grad():
         loaded = AutoPeftModel.from_pretrained(tmp_path / "bare").eval()
-        assert type(loaded.base_model) is type(model.base_model)
-        assert torch.equal(loaded(ids).last_hidden_state, model(ids).last_hidden_state)
+        assert type(loaded.base_model) is type(bare.base_model)
+        assert torch.equal(loaded(ids).last_hidden_state, bare(ids).last_hidden_state)
 
 
 # ---------------------------------------------------------------------------------------------------- refusals
@@ -416,9 +452,9 @@ def test_unsupported_layer_is_refused_by_name(tuner):
 
     model = WithEmbedding()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(PeftOrthoError) as info, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        get_peft_model(model, tuner.config(["emb"], 0))
+    config = tuner.config(["emb"], 0)
+    with pytest.raises(UnsupportedLayerError, match=f"Embedding is not supported by {type(config).__name__}") as info:
+        get_peft_model(model, config)
     assert "'default'" in str(info.value) and "'emb'" in str(info.value)
     assert isinstance(model.emb, nn.Embedding)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
