@@ -324,8 +324,9 @@ class SodaLayer(BaseTunerLayer):
                 adapter_name,
                 layer_name,
             )
-        # init_weights=False (tests): random values, deterministic per layer name.
-        generator = None if config.init_weights else torch.Generator().manual_seed(zlib.crc32(layer_name.encode()))
+        # init_weights=False (tests): random values, deterministic per adapter and layer name (two adapters differ).
+        seed = zlib.crc32(f"{adapter_name}\0{layer_name}".encode())
+        generator = None if config.init_weights else torch.Generator().manual_seed(seed)
         spectrum = torch.zeros(k)
         if not config.init_weights:
             spectrum = 0.1 * sigma.detach().float().cpu().abs().mean() * torch.randn(k, generator=generator)
