@@ -13,6 +13,7 @@ from .errors import (
     IncompatibleAdaptersError,
     PeftOrthoError,
     UnsupportedAdapterError,
+    UnsupportedFeatureError,
     UnsupportedLayerError,
 )
 from .export import save_diffusers
@@ -44,6 +45,7 @@ __all__ = [
     "SodaConfig",
     "SodaModel",
     "UnsupportedAdapterError",
+    "UnsupportedFeatureError",
     "UnsupportedLayerError",
     "__version__",
     "model_card",

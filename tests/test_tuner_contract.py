@@ -45,6 +45,7 @@ from peft_ortho import (
     BlockLoraConfig,
     OrthoLoraConfig,
     SodaConfig,
+    UnsupportedFeatureError,
     UnsupportedLayerError,
 )
 
@@ -59,7 +60,8 @@ class Tuner:
     distinct, fixed slot/block per int: adapters 0 and 1 must be mergeable) or ``"random"``. ``layers``: the layer
     kinds of ``Toy`` it supports. ``frozen``: names of adapter parameters fixed by design (never randomised by the
     tests). ``placement_error``: what loading a foreign state dict into a ``"random"``-placed adapter raises (``None``:
-    the tuner has no random placement).
+    the tuner has no random placement). ``mixed_batches``: whether ``forward(..., adapter_names=[...])`` is
+    implemented (otherwise it must be refused, never ignored).
     """
 
     name: str
@@ -67,6 +69,7 @@ class Tuner:
     layers: tuple[str, ...]
     frozen: tuple[str, ...] = ()
     placement_error: Optional[type] = None
+    mixed_batches: bool = False
 
 
 TUNERS = [
@@ -76,6 +79,7 @@ TUNERS = [
         ("linear", "conv1x1", "conv3x3", "conv1d"),
         frozen=("lora_A",),
         placement_error=BasisMismatchError,
+        mixed_batches=True,  # peft's LoRA forward
     ),
     Tuner(
         "block_lora",
@@ -268,6 +272,8 @@ def test_several_adapters_set_disable_delete(tuner, layer):
     assert torch.equal(run(model), run(alone_a))
     model.set_adapter("b")
     assert torch.equal(run(model), run(alone_b))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in adapter_params(model, "b") if not any(f".{f}." in n for f in tuner.frozen)}
     with model.disable_adapter():
         assert torch.equal(run(model), run(toy()))
     assert torch.equal(run(model), run(alone_b))
@@ -275,6 +281,27 @@ def test_several_adapters_set_disable_delete(tuner, layer):
     assert list(model.peft_config) == ["b"] and not adapter_params(model, "a")
     assert not any(".a." in k for k in model.state_dict())
     assert torch.equal(run(model), run(alone_b))
+
+
+@pytest.mark.parametrize("tuner, layer", CASES)
+def test_mixed_adapter_batches(tuner, layer):
+    """``model(..., adapter_names=[...])`` gives each row its own adapter (or the base for ``"__base__"``), or, where
+    the tuner does not implement it, is refused: peft would otherwise run every row through the active adapter."""
+    model = make(tuner, layer, placement=0, adapter="a")
+    model.add_adapter("b", tuner.config([layer], 1))
+    randomize(tuner, model, "b")
+    model.eval()
+    names = ["a", "b", "__base__"]
+    if not tuner.mixed_batches:
+        with pytest.raises(UnsupportedFeatureError, match="mixed adapter batches"):
+            model(**inputs(), adapter_names=names)
+        return
+    with torch.no_grad():
+        mixed = model(**inputs(), adapter_names=names)
+    want = [run(make(tuner, layer, placement=0, adapter="a")), run(make(tuner, layer, placement=1, adapter="b"))]
+    want.append(run(toy()))
+    for row, reference in enumerate(want):
+        torch.testing.assert_close(mixed[row], reference[row], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("tuner, layer", CASES)

@@ -11,7 +11,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
 from ...errors import BlockError
-from .._layers import check_supported_layer
+from .._layers import check_supported_layer, refuse_mixed_batches
 from .layer import BlockLoraLayer, layer_widths
 from .layout import block_span, concept_block, layout_entry, spans_overlap
 
@@ -131,6 +131,9 @@ class BlockLoraModel(BaseTuner):
         if adapter_name not in self.active_adapters:  # an added adapter is not trainable until set_adapter
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        return refuse_mixed_batches("BlockLoRA", kwargs)
 
     def _warn_overlaps(self, config, adapter_name: str, layer_name: str, span: tuple[int, int]) -> None:
         """Two adapters of one model in overlapping blocks are legitimate (e.g. comparing two trainings) but will not

@@ -15,6 +15,7 @@ from peft.tuners.tuners_utils import (
 from torch import nn
 
 from ...errors import AdapterFileError, BasisMismatchError, IncompatibleAdaptersError
+from .._layers import refuse_mixed_batches
 from .layer import SodaLayer, cayley, create_soda_module, inverse_cayley
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -82,6 +83,9 @@ class SodaModel(BaseTuner):
         if marker:
             return f"{head}.soda_rotation.{tail}"
         return super()._remove_adapter_name_from_key(key, adapter_name)
+
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        return refuse_mixed_batches("SODA", kwargs)
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
