@@ -15,6 +15,7 @@ from .errors import (
     PeftOrthoError,
     UnsafeOutputError,
     UnsupportedAdapterError,
+    UnsupportedFeatureError,
     UnsupportedLayerError,
 )
 from .export import save_diffusers
@@ -61,6 +62,7 @@ __all__ = [
     "SodaModel",
     "UnsafeOutputError",
     "UnsupportedAdapterError",
+    "UnsupportedFeatureError",
     "UnsupportedLayerError",
     "__version__",
     "calibrate",

@@ -38,6 +38,10 @@ class UnsupportedLayerError(PeftOrthoError, TypeError):
     """A targeted module is of a type the tuner does not support."""
 
 
+class UnsupportedFeatureError(PeftOrthoError, ValueError):
+    """A peft feature the tuner does not implement was asked for (e.g. mixed adapter batches, ``adapter_names=``)."""
+
+
 class AdapterFileError(PeftOrthoError, ValueError):
     """An adapter file is missing, corrupt, pickled or holds non-finite values."""
 
