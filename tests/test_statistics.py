@@ -245,6 +245,17 @@ def test_shared_inputs_share_one_moment_and_match_per_layer_references():
     assert q is k is v  # self-attention: one input, one moment
     cross = {id(result.moment(n, "concept")) for n in names if "attn2.to_k" in n or "attn2.to_v" in n}
     assert len(cross) == 1  # every block's cross-attention reads the same prompt embedding
+    blocks = {n.rsplit(".attn", 1)[0] for n in names}
+    assert stats._products == 4 * len(blocks) + 1  # computed once per distinct input: 4 per block + the prompt
+
+    # float32 products (float64 sums): the same statistics to float32 rounding.
+    fast = InputStatistics(unet, product_dtype=torch.float32)
+    with fast.record("concept"):
+        unet(**testing.unet_inputs(unet))
+    for name in names:
+        m = fast.statistics().moment(name, "concept")
+        assert m.gram.dtype == torch.float64
+        torch.testing.assert_close(m.gram, result.moment(name, "concept").gram, rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ DDP, checkpointing, compile
@@ -516,16 +527,18 @@ def test_sd15_attention_statistics_file_is_smaller_than_the_rank16_adapter(tmp_p
 
     g = torch.Generator().manual_seed(0)
 
-    def moment(n, rank):
-        X = torch.randn(rank, n, generator=g, dtype=torch.float64)
-        return sketch_moment(X.T @ X / rank, rank)
+    def moment(n, k):
+        """What ``sketch_moment`` stores for an input of rank ≥ ``k`` (rank-16 sketch) or exactly ``k`` (lossless)."""
+        U, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
+        values = torch.rand(k, generator=g, dtype=torch.float64).sort(descending=True).values
+        return Moment(count=4096, basis=U.float().double(), values=values, residual=0.0 if k == 77 else 1e-3)
 
     layers = {}
     for kind in ("concept", "prior", "unconditional"):
         text = moment(768, 77)  # the prompt embedding every cross-attention k/v reads
         for block in {layer.rsplit(".attn", 1)[0] for layer in shapes}:
             d = shapes[f"{block}.attn1.to_q"][0]
-            attn1, attn1_out, attn2_q, attn2_out = (moment(d, 2 * d) for _ in range(4))  # full rank
+            attn1, attn1_out, attn2_q, attn2_out = (moment(d, 16) for _ in range(4))  # full rank: sketched
             for name, m in {
                 "attn1.to_q": attn1,
                 "attn1.to_k": attn1,
@@ -542,6 +555,10 @@ def test_sd15_attention_statistics_file_is_smaller_than_the_rank16_adapter(tmp_p
     path = AdapterStatistics(layers).save_pretrained(tmp_path / "stats")
     stats_bytes = os.path.getsize(path)
     assert stats_bytes <= adapter_bytes, (stats_bytes, adapter_bytes)
+    assert 10_200_000 < stats_bytes < 10_500_000  # ≈ 10.3 MB, as docs/statistics.md computes
+    assert load_statistics(path, adapter="sd15").moment(
+        "mid_block.attentions.0.transformer_blocks.0.attn1.to_k", "prior"
+    )
     assert adapter_bytes > 12_000_000  # 3,188,736 float32 values: the arithmetic in docs/statistics.md
 
 
