@@ -344,15 +344,16 @@ class _Recorder:
         base = self._layers[name][1]
         conv = isinstance(base, nn.Conv2d)
         key = (base.kernel_size, base.stride, base.dilation, base._reversed_padding_repeated_twice) if conv else None
+        version = x._version if not x.is_inference() else None  # inference tensors cannot change in place
         hit = self._cache.get((id(x), key))
-        if hit is not None and hit[0]() is x and hit[1] == x._version:
+        if hit is not None and hit[0]() is x and hit[1] == version:
             gram, n = hit[2], hit[3]
             self._cache.move_to_end((id(x), key))
         else:
             rows = _rows(base, x, self.product_dtype)
             gram, n = (rows.T @ rows).to(torch.float64), rows.shape[0]
             self._products += 1
-            self._cache[(id(x), key)] = (weakref.ref(x), x._version, gram, n)
+            self._cache[(id(x), key)] = (weakref.ref(x), version, gram, n)
             if len(self._cache) > self._CACHE_SIZE:
                 self._cache.popitem(last=False)
         acc = self._local.get((name, self._kind))
@@ -829,17 +830,18 @@ def _locate(adapter, target) -> dict[str, tuple[nn.Module, tuple]]:
                     adapter=adapter.name,
                 )
     layers = adapter.layers()
+    home = None  # a PEFT folder's layers on a pipeline: the one component that has them all
+    unplaced = [name for c, name in layers if c is None]
+    if unplaced and parts is not None:
+        home = next((r for r in parts.values() if all(_has(r, name) for name in unplaced)), None)
+        if home is None:
+            raise PeftOrthoError(
+                "no component of the pipeline has all the adapter's layers", adapter=adapter.name, layer=unplaced[0]
+            )
     out = {}
     for comp, layer in layers:
-        if comp is None and parts is not None:  # a PEFT folder: the component holding all its layers
-            candidates = [c for c, r in parts.items() if all(_has(r, name) for c2, name in layers if c2 is None)]
-            if not candidates:
-                raise PeftOrthoError(
-                    f"no component of the pipeline has the adapter's layer {layer!r}",
-                    adapter=adapter.name,
-                    layer=layer,
-                )
-            root = parts[candidates[0]]
+        if comp is None and parts is not None:
+            root = home
         elif comp is not None:
             if parts is None or comp not in parts:
                 raise PeftOrthoError(

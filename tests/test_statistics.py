@@ -165,6 +165,15 @@ def test_conv1d_grams_and_kinds_stay_separate(tiny_gpt2):
         c.close()
         capture[kind] = c.inputs
     model(input_ids=torch.randint(0, 100, (2, 9)))  # not recording: counted nowhere
+    with torch.inference_mode():  # inference tensors (no version counter) are recorded too
+        again = InputStatistics(model)
+        with again.record("concept"):
+            model(input_ids=torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0)))
+        again.remove()
+    for name in layers:
+        assert torch.equal(
+            again.statistics().moment(name, "concept").gram, stats.statistics().moment(name, "concept").gram
+        )
     result = stats.statistics()
     assert result.kinds() == ["concept", "prior", "unconditional"]
     for kind, inputs in capture.items():
@@ -892,3 +901,24 @@ def test_calibration_on_a_causal_lm(tiny_gpt2, tmp_path):
     assert set(fit) == {n for _, n in adapter.layers()}
     assert max(f["relative_error"] for f in fit.values()) < 1e-6
     assert cal.moment("transformer.h.1.attn.c_attn", "prior").count == 30
+
+
+def test_calibrating_a_peft_folder_on_a_pipeline_finds_its_component_and_refuses_foreign_layers(tmp_path):
+    unet = get_peft_model(testing.tiny_unet(), LoraConfig(r=2, target_modules=["to_k"], init_lora_weights=False))
+    unet.save_pretrained(str(tmp_path / "rex"))
+    adapter = load_adapter(resolve(str(tmp_path / "rex")))
+    pipe = testing.tiny_sd_pipeline()
+    cal = calibrate(adapter, pipe, "a photo of sks dog", steps=1, num_images=1)
+    assert set(cal.layers) == {n for _, n in adapter.layers()}  # keyed like the folder's own weight file
+    assert cal.kinds() == ["concept", "unconditional"]
+    # The same adapter against a model that lacks its layers: refused by name, nothing run.
+    with pytest.raises(peft_ortho.PeftOrthoError, match="no component of the pipeline has all") as info:
+        calibrate(adapter, _Pipe(nn.Sequential(nn.Linear(2, 2))), "x")
+    assert info.value.adapter == str(tmp_path / "rex")
+
+
+class _Pipe:
+    """The shape of a diffusers pipeline (``components``) around modules that are not a UNet."""
+
+    def __init__(self, module):
+        self.components = {"unet": module}
