@@ -168,7 +168,7 @@ def _report(args, r, wall_s: float, load_before: float) -> str:
         f"Model: the train-step benchmark's UNet (block widths {cfg['block_out_channels']}, cross-attention "
         f"{cfg['cross_attention_dim']}, {cfg['sample_size']}×{cfg['sample_size']} latents, batch {batch}, "
         f"{ts.TOKENS} text tokens), peft LoRA r{args.rank} on {r['layers']} attention projections, AdamW. A step is "
-        "zero_grad + forward + MSE + backward + optimizer step; the three arms take turns on the same model and "
+        "zero_grad + forward + MSE + backward + optimizer step; the arms take turns on the same model and "
         f"batches ({args.steps} timed rounds after {args.warmup} warm-up).",
         "",
         "Times are this process's CPU time per step (`time.process_time`, one torch thread), so other processes'"
@@ -186,6 +186,7 @@ def _report(args, r, wall_s: float, load_before: float) -> str:
     rec = r["paired"]["recording"]
     rec32 = r["paired"]["recording, float32 products"]
     plain, recg = r["gflop"]
+    hook_lo, hook_hi = r["paired_iqr"]["hooks, not recording"]
     lines += [
         "",
         f"Matmul work of one step (`torch.profiler`, load-independent): {plain:.2f} GFLOP without statistics, "
@@ -201,11 +202,17 @@ def _report(args, r, wall_s: float, load_before: float) -> str:
         f"- Not recording, hooks installed: {100 * (r['paired']['hooks, not recording'] - 1):+.1f} % (one Python call "
         "per adapted layer that returns at once).",
         "",
+        "Reading: the paired IQRs show the noise of this shared machine (the hooks-only arm, which adds almost "
+        f"nothing, spans {hook_lo:.2f}–{hook_hi:.2f}×). The matmul work is the load-independent number: recording "
+        f"adds {100 * (recg / plain - 1):.1f} % of the step's matmul FLOPs (convolutions, the same in every arm, not "
+        "counted), in float64 by default — twice the time per FLOP of float32 on this CPU, which is what the two "
+        "recording arms show.",
+        "",
         "What recording costs: one float64 `XᵀX` per distinct layer input and forward (`to_q/to_k/to_v` share their "
         "input, and every cross-attention `to_k/to_v` reads the same text states, so 4 products per transformer "
         "block, not 8) plus an `in × in` float64 add per layer. At SD1.5's real 64×64 latents the attention itself "
-        "grows with the square of the token count while these products grow linearly, so the share measured here at "
-        "small latents is an upper bound for that case.",
+        "grows with the square of the token count while these products grow linearly, so the share there should be smaller than "
+        "measured here at small latents (not measured).",
     ]
     return "\n".join(lines)
 
