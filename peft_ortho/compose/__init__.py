@@ -89,14 +89,15 @@ class MergedAdapter:
         plain = len(self.adapters) - ortho - block
         if self.method in STATISTICS_METHODS:
             o = self._merge_options
+            own = o.get("prior_target", PRIOR_TARGET) == "own"
             target = (
-                "each adapter's own output on its ordinary (prior) inputs"
-                if o.get("prior_target", PRIOR_TARGET) == "own"
-                else "the base's output on ordinary (prior) inputs"
+                "over its whole training distribution (its prior inputs included)"
+                if own
+                else "and the base's output on the pooled ordinary (prior) inputs"
             )
             text = (
                 "Statistics merge (regmean): per layer, the least-squares update that keeps each adapter's output on "
-                f"its own recorded inputs and {target} (prior_weight μ={o.get('prior_weight', PRIOR_WEIGHT):g}, "
+                f"its own recorded inputs {target} (prior_weight μ={o.get('prior_weight', PRIOR_WEIGHT):g}, "
                 f"ridge λ={o.get('ridge', RIDGE):g}); it is not Σ w_i ΔW_i. Stored as a stacked LoRA of rank Σ r_i "
                 "(new down-projections, the adapters' own up-projections), so every export is exact for it; the "
                 "report predicts each concept's output change."
