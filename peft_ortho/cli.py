@@ -110,15 +110,6 @@ def _prompts(items: list[str]) -> dict[str, str] | None:
     return prompts or None
 
 
-def _load_model_or_pipeline(path: str):
-    """A diffusers pipeline folder (``model_index.json``) or a model folder (``_load_base``)."""
-    if os.path.isfile(os.path.join(path, "model_index.json")):
-        from diffusers import DiffusionPipeline
-
-        return DiffusionPipeline.from_pretrained(path, use_safetensors=True)
-    return _load_base(path)
-
-
 def _load_base(path: str):
     """A base model folder saved with ``save_pretrained``: a diffusers pipeline (``model_index.json``) or model, or a
     transformers model (``AutoModel``). Weights are read from safetensors files only (``use_safetensors=True``):
@@ -160,7 +151,7 @@ def _run(args) -> int:
     prompts = _prompts(args.prompt)
     if prompts and not args.calibrate:
         raise PeftOrthoError("--prompt needs --calibrate MODEL_DIR (the model to run the prompts through)")
-    calibrate = _load_model_or_pipeline(args.calibrate) if args.calibrate else None
+    calibrate = _load_base(args.calibrate) if args.calibrate else None
     base = _load_base(args.base) if args.base else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

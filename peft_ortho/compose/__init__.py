@@ -95,14 +95,15 @@ class MergedAdapter:
         plain = len(self.adapters) - ortho - block
         if self.method in STATISTICS_METHODS:
             o = self._merge_options
+            own = o.get("prior_target", PRIOR_TARGET) == "own"
             target = (
-                "each adapter's own output on its ordinary (prior) inputs"
-                if o.get("prior_target", PRIOR_TARGET) == "own"
-                else "the base's output on ordinary (prior) inputs"
+                "over its whole training distribution (its prior inputs included)"
+                if own
+                else "and the base's output on the pooled ordinary (prior) inputs"
             )
             text = (
                 "Statistics merge (regmean): per layer, the least-squares update that keeps each adapter's output on "
-                f"its own recorded inputs and {target} (prior_weight μ={o.get('prior_weight', PRIOR_WEIGHT):g}, "
+                f"its own recorded inputs {target} (prior_weight μ={o.get('prior_weight', PRIOR_WEIGHT):g}, "
                 f"ridge λ={o.get('ridge', RIDGE):g}); it is not Σ w_i ΔW_i. Stored as a stacked LoRA of rank Σ r_i "
                 "(new down-projections, the adapters' own up-projections), so every export is exact for it; the "
                 "report predicts each concept's output change."
@@ -337,7 +338,8 @@ def compose(
             file, e.g. recorded in this process; names must be adapters of this merge.
         calibrate: a pipeline or model to compute statistics with (``peft_ortho.statistics.calibrate``) for the
             adapters that carry none and have a prompt in ``prompts``; also the base for the report's drift.
-        prompts: ``{adapter name: trigger prompt}`` for ``calibrate``; names must be adapters of this merge.
+        prompts: ``{adapter name: trigger prompt (or list of prompts)}`` for ``calibrate``; names must be adapters of
+            this merge.
         base: a model or pipeline whose weights ``W`` the report's drift ``‖ΔW X_0‖ / ‖W X_0‖`` uses.
         stream: keep peak memory independent of the number of adapters (for ``fuse`` of very many), at the cost of
             a second read of the files.
@@ -429,8 +431,15 @@ def _calibrate(adapters: list[Adapter], target, prompts: dict[str, str] | None) 
         raise ValueError("calibrate= needs prompts={adapter name: trigger prompt} for the adapters without statistics")
     _by_name(adapters, prompts, "prompts")
     for name, prompt in prompts.items():
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise IncompatibleAdaptersError("the calibration prompt must be a non-empty string", adapter=name)
+        texts = [prompt] if isinstance(prompt, str) else prompt
+        if (
+            not isinstance(texts, (list, tuple))
+            or not texts
+            or not all(isinstance(t, str) and t.strip() for t in texts)
+        ):
+            raise IncompatibleAdaptersError(
+                "the calibration prompt must be a non-empty string or list of strings", adapter=name
+            )
     todo = [a for a in adapters if a.statistics is None and a.name in prompts]
     if not todo:
         return []
