@@ -24,8 +24,10 @@ from .check import check_adapter_finite, check_basis, check_shapes, prepare_basi
 from .load import Adapter
 
 EXACT_METHODS = ("auto", "linear", "cat")
-DELTA_METHODS = ("ties", "dare_linear", "dare_ties", "svd")
+DELTA_METHODS = ("ties", "dare_linear", "dare_ties", "svd", "sequential")
 METHODS = EXACT_METHODS + DELTA_METHODS
+# Solved from calibration forward passes of a base model (``compose.sequential``), not from the weights alone.
+CALIBRATED_METHODS = ("sequential",)
 
 
 class MergedLayer:
@@ -95,6 +97,8 @@ def iter_merged_layers(
     """
     if method not in METHODS:
         raise ValueError(f"unknown merge method {method!r}; choose one of {METHODS}")
+    if method in CALIBRATED_METHODS and merge:
+        raise ValueError(f"method {method!r} needs calibration forward passes: see peft_ortho.compose.sequential")
     if check:
         for adapter in adapters:
             check_adapter_finite(adapter)
