@@ -188,6 +188,12 @@ def compose(
     stream: bool = False,
     component: str = "unet",
     progress: bool = True,
+    calibrate: nn.Module | None = None,
+    inputs: dict | None = None,
+    prior_inputs: list | None = None,
+    prior_weight: float = 1.0,
+    ridge: float = 1e-3,
+    refine_steps: int = 0,
 ) -> MergedAdapter:
     """Merge adapters given by name (Hub repo id ``owner/name[@revision]``, local folder, or ``.safetensors`` file).
 
@@ -198,6 +204,12 @@ def compose(
     of the number of adapters (for ``fuse`` of very many), at the cost of a second read of the files. When PEFT
     adapter folders are merged with diffusers files (which name their components), the folders' layers belong to
     ``component``.
+
+    ``"sequential"`` solves layer by layer, in forward order, for the ΔW that reproduces every single adapter's
+    layer outputs on its calibration batches pushed through the partly merged model (``compose.sequential``): it
+    needs ``calibrate=<base model>`` and ``inputs={adapter name: [batch, ...]}``; ``prior_inputs`` are ordinary
+    batches on which the base's outputs are kept (weight ``prior_weight``), ``ridge`` is λ relative to ``tr(G)/in``
+    and ``refine_steps > 0`` adds end-to-end output matching after the closed form.
     """
     if method not in METHODS:
         raise ValueError(f"unknown merge method {method!r}; choose one of {METHODS}")
@@ -210,6 +222,25 @@ def compose(
             adapter.assign_component(component)
     weights = check_weights(adapters, weights)
     check_configs(adapters, allow_different_base=allow_different_base)
+    if method == "sequential":
+        from .sequential import sequential_merge
+
+        if calibrate is None or inputs is None or stream:
+            raise ValueError(
+                "method='sequential' needs calibrate=<base model> and inputs={adapter: [batches]}, no stream"
+            )
+        merged = MergedAdapter(adapters, weights, method, svd_rank=svd_rank)
+        merged.__dict__["layers"] = sequential_merge(
+            adapters,
+            weights,
+            calibrate,
+            inputs,
+            prior=prior_inputs,
+            mu=prior_weight,
+            lam=ridge,
+            refine_steps=refine_steps,
+        )
+        return merged
     merged = MergedAdapter(
         adapters, weights, method, svd_rank=svd_rank, density=density, majority_sign_method=majority_sign_method
     )
