@@ -213,3 +213,74 @@ def test_refuses_what_it_cannot_merge_correctly(base, tmp_path):
         sequential_merge([s], [1.0], shared_base, [[x]])
     with pytest.raises(IncompatibleAdaptersError, match="already carries an adapter"):
         sequential_merge([a], [1.0], get_peft_model(copy.deepcopy(base), LoraConfig(target_modules=["fc1"])), [[x]])
+
+
+def test_one_adapter_on_gpt2_conv1d_reproduces_the_single_model(tiny_gpt2, tmp_path):
+    """transformers' Conv1D (weights stored ``(in, out)``), attention and MLP depths, through a real causal LM."""
+    torch.manual_seed(3)
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+    single = get_peft_model(copy.deepcopy(tiny_gpt2), config)
+    with torch.no_grad():
+        for name, p in single.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+    single.save_pretrained(str(tmp_path / "a"))
+    adapter = load_adapter(resolve(str(tmp_path / "a")))
+    ids = torch.randint(0, 100, (8, 12), generator=torch.Generator().manual_seed(0))  # 96 tokens ≥ 32 features
+    layers = sequential_merge([adapter], [1.0], tiny_gpt2, [[{"input_ids": ids}]], lam=0.0)
+    assert len(layers) == 4
+    merged = MergedAdapter([adapter], [1.0], "sequential")
+    merged.__dict__["layers"] = layers
+    model = merged.fuse(copy.deepcopy(tiny_gpt2))
+    with torch.no_grad():
+        want = single(input_ids=ids).logits
+        torch.testing.assert_close(model(input_ids=ids).logits, want, atol=1e-4, rtol=1e-4)
+        assert (want - tiny_gpt2(input_ids=ids).logits).abs().max() > 0.1
+
+
+def _mismatch(model, singles, inputs, logits: bool) -> float:
+    """Mean over adapters of the output mismatch to each single model on its batches (KL for logits, else MSE)."""
+    total = 0.0
+    with torch.no_grad():
+        for single, batches in zip(singles, inputs):
+            for batch in batches:
+                if logits:
+                    p = single(**batch).logits.double().log_softmax(-1)
+                    q = model(**batch).logits.double().log_softmax(-1)
+                    total += (p.exp() * (p - q)).sum(-1).mean().item() / len(batches)
+                else:
+                    total += (model(batch) - single(batch)).double().pow(2).mean().item() / len(batches)
+    return total / len(singles)
+
+
+def test_refinement_lowers_the_end_to_end_mismatch(base, tiny_gpt2, tmp_path):
+    a, ma = save_adapter(base, ["fc1", "fc2"], tmp_path / "a", seed=1)
+    b, mb = save_adapter(base, ["fc1", "fc2"], tmp_path / "b", seed=2)
+    g = torch.Generator().manual_seed(6)
+    inputs = [[torch.randn(20, 6, generator=g)], [torch.randn(20, 6, generator=g) + 1]]
+    closed = sequential_merge([a, b], [1.0, 1.0], base, inputs)
+    refined = sequential_merge([a, b], [1.0, 1.0], base, inputs, refine_steps=30, refine_lr=1e-2)
+    before = _mismatch(fused(base, closed), [ma, mb], inputs, logits=False)
+    after = _mismatch(fused(base, refined), [ma, mb], inputs, logits=False)
+    assert after < 0.8 * before
+
+    # Causal LM outputs are compared as next-token distributions (KL), through Conv1D layers.
+    singles, adapters = [], []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        config = LoraConfig(r=2, lora_alpha=2, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+        model = get_peft_model(copy.deepcopy(tiny_gpt2), config)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn_like(p) * 0.5)
+        model.save_pretrained(str(tmp_path / f"g{seed}"))
+        singles.append(model.eval())
+        adapters.append(load_adapter(resolve(str(tmp_path / f"g{seed}"))))
+    inputs = [[{"input_ids": torch.randint(0, 100, (4, 10), generator=g)}] for _ in adapters]
+    results = []
+    for steps in (0, 10):
+        merged = MergedAdapter(adapters, [1.0, 1.0], "sequential")
+        merged.__dict__["layers"] = sequential_merge(adapters, [1.0, 1.0], tiny_gpt2, inputs, refine_steps=steps)
+        results.append(_mismatch(merged.fuse(copy.deepcopy(tiny_gpt2)), singles, inputs, logits=True))
+    assert results[1] < results[0]
