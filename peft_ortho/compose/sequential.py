@@ -51,6 +51,8 @@ from .export import fuse_targets
 from .load import Adapter
 from .merge import MergedLayer, iter_merged_layers
 
+__all__ = ["sequential_merge"]
+
 Batch = Any  # a tensor (``model(batch)``), a dict (``model(**batch)``) or a tuple/list (``model(*batch)``)
 
 
