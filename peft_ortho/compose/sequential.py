@@ -68,7 +68,7 @@ def sequential_merge(
     *,
     prior: Iterable[Batch] | None = None,
     mu: float = 1.0,
-    lam: float = 1e-4,
+    lam: float = 1e-3,
     cache: bool = True,
     refine_steps: int = 0,
     refine_lr: float = 1e-3,
