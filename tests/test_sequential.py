@@ -284,3 +284,29 @@ def test_refinement_lowers_the_end_to_end_mismatch(base, tiny_gpt2, tmp_path):
         merged.__dict__["layers"] = sequential_merge(adapters, [1.0, 1.0], tiny_gpt2, inputs, refine_steps=steps)
         results.append(_mismatch(merged.fuse(copy.deepcopy(tiny_gpt2)), singles, inputs, logits=True))
     assert results[1] < results[0]
+
+
+def test_compose_method_sequential_is_the_function_and_refuses_without_calibration(base, tmp_path):
+    from peft_ortho import compose
+
+    a, _ = save_adapter(base, ["fc1", "fc2"], tmp_path / "a", seed=1)
+    b, _ = save_adapter(base, ["fc1"], tmp_path / "b", seed=2)
+    g = torch.Generator().manual_seed(7)
+    inputs = {a.name: [torch.randn(12, 6, generator=g)], b.name: [torch.randn(12, 6, generator=g)]}
+    prior = [torch.randn(10, 6, generator=g)]
+    names = [a.name, b.name]
+    merged = compose(
+        names, [0.5, 1.5], method="sequential", calibrate=base, inputs=inputs, prior_inputs=prior, ridge=0.01,
+        prior_weight=2.0, progress=False,
+    )  # fmt: skip
+    want = sequential_merge([a, b], [0.5, 1.5], base, inputs, prior=prior, mu=2.0, lam=0.01)
+    assert merged.layers.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(merged.layers[key].delta, want[key].delta)
+    assert not merged.exact and "Sequential merge" in merged.statement
+    with pytest.raises(ValueError, match="calibrate=<base model> and inputs="):
+        compose(names, method="sequential", inputs=inputs, progress=False)
+    with pytest.raises(ValueError, match="calibrate=<base model> and inputs="):
+        compose(names, method="sequential", calibrate=base, progress=False)
+    with pytest.raises(ValueError, match="calibration forward passes"):  # the weights-only pass cannot solve it
+        next(iter(merged.iter_layers()))
