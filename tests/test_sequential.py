@@ -284,6 +284,7 @@ def test_refinement_lowers_the_end_to_end_mismatch(base, tiny_gpt2, tmp_path):
         merged.__dict__["layers"] = sequential_merge(adapters, [1.0, 1.0], tiny_gpt2, inputs, refine_steps=steps)
         results.append(_mismatch(merged.fuse(copy.deepcopy(tiny_gpt2)), singles, inputs, logits=True))
     assert results[1] < results[0]
+    assert all(p.grad is None for p in tiny_gpt2.parameters())  # the base model's own gradients are untouched
 
 
 def test_compose_method_sequential_is_the_function_and_refuses_without_calibration(base, tmp_path):

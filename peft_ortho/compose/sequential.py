@@ -33,6 +33,15 @@ captured, and the single models' inputs are captured once per batch for every de
 calibration rows of every adapted layer, in the model's dtype) or again per depth (``cache=False``; memory: one
 batch's activations). About ``D / 2`` truncated forward passes per batch for ``D`` depths.
 
+**Refinement** (``refine_steps > 0``). A per-layer least squares cannot do what no single layer's output asks for:
+where two adapters' calibration inputs coincide (an LM's first layer on tokens both skills share) it returns the
+average of their changes. Starting from the closed form, full-batch Adam on every ``ΔW`` at once then minimises
+the end-to-end mismatch ``Σ_s (μ_s / Σ μ) · mean_batches D(f_merged(x), f_s(x))`` over the same calibration sets
+(``f_s``: single model ``i``, or the base for ``prior``; ``μ_s`` 1, or ``mu`` for ``prior``), with ``D`` the
+``KL(f_s ‖ f_merged)`` of the next-token distributions for outputs that have ``logits``, else the mean squared error
+of the output tensor (``.sample`` for diffusers models). The targets are computed once; each step is one forward and
+backward pass per calibration batch.
+
 The result is a dense ``ΔW`` per layer (``MergedLayer(delta=...)``): ``fuse`` uses it exactly; the LoRA exports
 re-factor it with a truncated SVD of rank ``svd_rank`` (default ``Σ r_i``) and record the error in the card.
 """
@@ -255,8 +264,10 @@ def _refine(problem: _Problem, deltas: dict[str, torch.Tensor], steps: int, lr: 
     free = {n: d.to(dtype).clone().requires_grad_(True) for n, d in deltas.items()}
     optimizer = torch.optim.Adam(free.values(), lr=lr)
     total = sum(w for _, _, w in problem.sets)
+    # Every other parameter enters detached: the gradient flows to the ΔW alone, the model's .grad stays untouched.
+    frozen = {n: p.detach() for n, p in problem.root.named_parameters()}
     for _ in range(steps):
-        params = {}
+        params = dict(frozen)
         for name, d in free.items():  # differentiable W + ΔW in the parameter's layout
             weight, transposed = problem.targets[name]
             params[problem.param[name]] = weight.detach() + (d.t() if transposed else d.reshape(weight.shape))
