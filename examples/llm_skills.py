@@ -1,8 +1,8 @@
-"""Two "skills" for a small causal LM, each trained independently as an adapter, then composed with
-``peft_ortho.compose`` and fused into the base. Offline and tokenizer-free: a GPT-2 built from a config, integer
-tokens, synthetic tasks; about half a minute on a CPU.
+"""Two "skills" for a small causal LM, each trained independently as an adapter, then merged with
+``peft_ortho.compose`` four ways and fused into the base. Offline and tokenizer-free: a GPT-2 built from a config,
+integer tokens, synthetic tasks; a few minutes on a CPU (most of it the end-to-end refinement of the last merge).
 
-    python examples/llm_skills.py [--steps 200] [--rank 8] [--out DIR]
+    python examples/llm_skills.py [--steps 200] [--rank 8] [--methods lora ortho] [--erasure_weight 1] [--out DIR]
 
 Tokens: digits ``0..K-1`` and task tokens ``COPY``, ``REV``, ``SUCC``, plus ``SEP``. A sequence is
 ``[task, x_1..x_L, SEP, y_1..y_L]`` and the model must produce ``y`` greedily:
@@ -11,19 +11,22 @@ Tokens: digits ``0..K-1`` and task tokens ``COPY``, ``REV``, ``SUCC``, plus ``SE
 - ``REV`` (skill 1): ``y = reversed(x)`` — re-routes attention;
 - ``SUCC`` (skill 2): ``y_i = (x_i + 1) mod K`` — re-maps tokens.
 
-Each skill is learnt by its own adapter from the same base, by "people" who never see the other skill: an
-``OrthoLoraConfig`` adapter on basis slot 0 (REV) or 1 (SUCC) — disjoint slots of the shared basis — and, for
-comparison, a plain ``LoraConfig`` adapter. Each pair is merged with ``compose`` (exact: ``W + ΔW_rev + ΔW_succ``) and
-fused into a copy of the base. Printed: the greedy per-token accuracy (chance: ``1/K``) of each skill alone and after
-the merge, and of COPY (what the base could do).
+Each skill is learnt by its own adapter from the same base, by "people" who never see the other skill: a plain
+``LoraConfig`` adapter and, for comparison, an ``OrthoLoraConfig`` adapter on basis slot 0 (REV) or 1 (SUCC).
+Training uses output erasure on foreign inputs (``--erasure_weight``: the base model's behaviour on ``COPY`` and on
+task tokens no one trains, adapters disabled as teacher) and records each adapted layer's input statistics with
+``peft_ortho.InputStatistics`` (task batches as ``"concept"``, erasure batches as ``"prior"``), saved beside the
+adapter. Each pair is then merged with ``compose``:
 
-What to expect (see docs/llm.md for measured numbers): every adapter solves its own skill, and with both methods
-the merged model loses most of both skills. Orthogonal slots stop one adapter from *reading* the directions the other
-one trained, but each adapter still acts on the other skill's inputs (METHODS.md §5); ``--erasure_weight`` adds
-output erasure on foreign inputs (the base model's behaviour on other task tokens, adapters disabled as teacher),
-the documented remedy, which here preserves COPY but does not make the two skills compose either.
-``benchmarks/llm_composition.py`` and ``benchmarks/llm_probes.py`` study where the crosstalk comes from and which
-training recipes reduce it (docs/llm.md).
+- ``exact sum`` (``method="linear"``): ``W + ΔW_rev + ΔW_succ``;
+- ``per-layer closed form`` (``method="regmean"``): from the recorded statistics;
+- ``sequential`` (``method="sequential"``): layer by layer through the partly merged model, on calibration
+  sequences of each skill and ordinary ones (``calibrate=base``, ``inputs=``, ``prior_inputs=``);
+- ``sequential + refinement``: the same, then ``--refine_steps`` of end-to-end output matching.
+
+Printed: the greedy per-token accuracy (chance: ``1/K``) of each skill alone and after each merge, and of COPY
+(what the base could do). Measured numbers and what they mean: docs/llm.md. ``benchmarks/llm_composition.py`` and
+``benchmarks/llm_probes.py`` study why summed skill adapters interfere.
 """
 
 from __future__ import annotations
@@ -303,8 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    if args.steps < 1 or args.base_steps < 1 or args.rank < 1 or args.width % 4:
-        raise ValueError("--steps, --base_steps and --rank must be positive and --width a multiple of 4")
+    if min(args.steps, args.base_steps, args.rank, args.calibration) < 1 or args.refine_steps < 0 or args.width % 4:
+        raise ValueError(
+            "--steps, --base_steps, --rank and --calibration must be positive, --refine_steps ≥ 0 and --width a "
+            "multiple of 4"
+        )
     import torch
 
     import peft_ortho  # noqa: F401  (registers ORTHO_LORA with peft)
