@@ -211,6 +211,12 @@ def test_refuses_what_it_cannot_merge_correctly(base, tmp_path):
     s, _ = save_adapter(shared_base, ["fc1"], tmp_path / "s", seed=1)
     with pytest.raises(UnsupportedLayerError, match="'fc1'.*called 2 times"):
         sequential_merge([s], [1.0], shared_base, [[x]])
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(
+        IncompatibleAdaptersError, match="'fc1'.*inputs on the calibration batches are not finite"
+    ):  # refused, nothing returned to fuse
+        sequential_merge([a], [1.0], base, [[bad]])
     with pytest.raises(IncompatibleAdaptersError, match="already carries an adapter"):
         sequential_merge([a], [1.0], get_peft_model(copy.deepcopy(base), LoraConfig(target_modules=["fc1"])), [[x]])
 

@@ -88,9 +88,9 @@ def sequential_merge(
         adapters: loaded adapters (``compose``'s ``Adapter``: a PEFT folder or a one-component file), all for
             ``model``; checked as ``compose`` checks them (finite values, shapes, orthogonal bases).
         weights: one merge weight ``w_i`` per adapter: single model ``i`` is the base + ``w_i ΔW_i``.
-        model: the base model without adapters (a ``torch.nn.Module``: a causal LM, a UNet; a peft model is
-            unwrapped to its base). It is run in eval mode under ``torch.no_grad``; its weights are not modified
-            (merged and single weights are passed with ``torch.func.functional_call``).
+        model: the base model without adapters (a ``torch.nn.Module``: a causal LM, a UNet; a model whose layers
+            already carry peft adapters is refused). It is run in eval mode; its weights and gradients are not
+            modified (merged and single weights are passed with ``torch.func.functional_call``).
         inputs: per adapter (a sequence in ``adapters``' order, or a mapping by adapter name), the calibration
             batches: what the model sees when that adapter's concept or skill is used (its prompts; for a diffusion
             model, noisy latents with its prompt's embeddings). Each batch is a tensor, a dict of keyword arguments
@@ -112,7 +112,7 @@ def sequential_merge(
 
     Raises:
         IncompatibleAdaptersError: a layer is missing from ``model`` or has another shape, no calibration batch is
-            given for an adapter, or the forward pass never reaches a layer.
+            given for an adapter, the forward pass never reaches a layer, or a merged ΔW of a layer is not finite.
         UnsupportedLayerError: a layer is called more than once per forward pass, or is of a type whose inputs this
             merge cannot unfold (grouped or non-zero-padded convolutions).
     """
@@ -160,6 +160,10 @@ def sequential_merge(
         root.train(was_training)
     result = {}
     for name in sorted(deltas):
+        if not torch.isfinite(deltas[name]).all():  # never hand fuse/export a NaN: name the layer instead
+            raise IncompatibleAdaptersError(
+                "the merged ΔW is not finite (non-finite model outputs on the calibration batches?)", layer=name
+            )
         idx = owners[name]
         first = problem.factors[(idx[0], name)]
         ranks = [problem.factors[(i, name)].rank for i in idx]
@@ -235,6 +239,8 @@ def _solve(problem: _Problem, lam: float, cache: bool) -> dict[str, torch.Tensor
                 n += xm.shape[0]
             C[s] *= alpha / n
             G[s] *= alpha / n
+        if not (torch.isfinite(C).all() and torch.isfinite(G).all()):
+            raise IncompatibleAdaptersError("the layer's inputs on the calibration batches are not finite", layer=lead)
         gram = G.sum(0)
         ridge = lam * float(gram.diagonal().mean())
         system = gram + ridge * torch.eye(width, dtype=torch.float64)
