@@ -18,6 +18,7 @@ import sys
 MODULES = (
     "peft_ortho",
     "peft_ortho.compose",
+    "peft_ortho.compose.sequential",
     "peft_ortho.bases",
     "peft_ortho.erasure",
     "peft_ortho.continual",

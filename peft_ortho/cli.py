@@ -7,6 +7,7 @@ import os
 import sys
 import warnings
 
+from .compose.merge import CALIBRATED_METHODS as _CALIBRATED
 from .compose.merge import METHODS as _METHODS
 from .errors import PeftOrthoError
 
@@ -74,7 +75,7 @@ def _merge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--method",
         default="auto",
-        choices=_METHODS,
+        choices=[m for m in _METHODS if m not in _CALIBRATED],  # sequential needs batches: Python API only
         help="auto (regmean when every adapter carries input statistics, else exact stacking), linear, regmean, "
         "ties, dare_linear, dare_ties, svd",
     )

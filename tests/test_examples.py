@@ -432,38 +432,49 @@ def test_dreambooth_trains_the_same_adapter_on_two_ddp_processes(dreambooth, sd_
 # ------------------------------------------------------------------------------------------------------ LLM skills
 
 
-def test_llm_skills_train_compose_and_fuse_exactly(tmp_path):
-    """Small budget: the base learns COPY only; each adapter learns its own skill far above chance (1/K); ``compose``
-    + ``fuse`` gives exactly the model peft computes with both adapters active (sum of the deltas).
+def test_llm_skills_train_record_statistics_and_merge_four_ways(tmp_path):
+    """Small budget: the base learns COPY only; each adapter learns its own skill far above chance (1/K), records its
+    input statistics beside the adapter, and the pair is merged four ways. The exact sum, fused, is exactly the
+    model peft computes with both adapters active; the other rows are not exact sums.
 
-    Deliberately *not* asserted: that the merged model still solves both skills. Measured, it does not — neither for
-    the orthogonal adapters nor for plain LoRA (numbers in docs/llm.md); the test pins the numbers' meaning instead.
+    Deliberately *not* asserted: the merged accuracies (measured with the defaults in docs/llm.md); the test pins
+    their meaning instead.
     """
     from peft import PeftModel
 
+    from peft_ortho.statistics import load_statistics
+
     llm = _load_example("llm_skills")
-    argv = ["--steps", "80", "--base_steps", "150", "--width", "32", "--out", str(tmp_path / "skills")]
-    results = llm.main(argv)
+    argv = ["--steps", "80", "--base_steps", "150", "--width", "32", "--calibration", "64", "--refine_steps", "3"]
+    results = llm.main([*argv, "--methods", "ortho", "--out", str(tmp_path / "skills")])
     chance = 1 / llm.K
     assert results["base"]["COPY"] > 0.95 and results["base"]["SUCC"] < 2 * chance
-    for method in ("ortho", "lora"):
-        assert results[method]["alone"]["SUCC"] > 0.95, results
+    assert "lora" not in results
+    for method in ("ortho",):
+        assert results[method]["alone"]["SUCC"] > 5 * chance, results
         assert results[method]["alone"]["REV"] > 4 * chance, results
-        assert results[method]["exact"] is True
-        assert all(0.0 <= v <= 1.0 for v in results[method]["merged"].values())
+        assert list(results[method]["merged"]) == list(llm.MERGES)
+        assert results[method]["exact"] == {row: row == "exact sum" for row in llm.MERGES}
+        for accs in results[method]["merged"].values():
+            assert all(0.0 <= v <= 1.0 for v in accs.values())
 
-    # The fused merge == peft's own forward with both orthogonal adapters loaded and active.
+    # Statistics travel with each adapter: concept (task batches) and prior (erasure batches) for every layer.
+    rev, succ = results["folders"]["ortho"]
+    stats = load_statistics(rev, adapter="rev")
+    assert len(stats.layers) == 8  # c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj in both blocks
+    assert all({"concept", "prior"} <= set(kinds) for kinds in stats.layers.values())
+
+    # The fused exact sum == peft's own forward with both orthogonal adapters loaded and active.
     torch.set_num_threads(1)
     base = llm.build_base(32, 150, 3e-3, seed=0)  # the same base: same seed, one thread, deterministic
     assert llm.accuracy(base, llm.COPY) == results["base"]["COPY"]
-    rev, succ = results["folders"]["ortho"]
     assert json.loads(open(os.path.join(rev, "adapter_config.json")).read())["slot"] == 0
     model = PeftModel.from_pretrained(llm.copy.deepcopy(base), rev, adapter_name="rev")
     model.load_adapter(succ, adapter_name="succ")
     model.base_model.set_adapter(["rev", "succ"])
-    fused = peft_ortho.compose([rev, succ], progress=False).fuse(llm.copy.deepcopy(base))
+    fused = peft_ortho.compose([rev, succ], method="linear", progress=False).fuse(llm.copy.deepcopy(base))
     seq = llm.make_batch(llm.REV, 16, torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(fused(input_ids=seq).logits, model(input_ids=seq).logits, atol=1e-4, rtol=0)
         assert (fused(input_ids=seq).logits - base(input_ids=seq).logits).abs().max() > 0.1
-    assert llm.accuracy(fused, llm.REV) == results["ortho"]["merged"]["REV"]
+    assert llm.accuracy(fused, llm.REV) == results["ortho"]["merged"]["exact sum"]["REV"]

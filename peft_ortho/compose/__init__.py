@@ -115,6 +115,13 @@ class MergedAdapter:
             if block:
                 text += " BlockLoRA terms now read every input channel: they are no longer confined to their blocks."
             return text
+        if self.method == "sequential":
+            return (
+                "Sequential merge: layer by layer in forward order, the least-squares ΔW that reproduces each single "
+                "adapter's layer outputs on its calibration batches through the partly merged model; it is not "
+                "Σ w_i ΔW_i. ΔW is dense per layer: fuse is exact, LoRA exports re-factor it with a truncated SVD "
+                "(relative error per layer in the card)."
+            )
         if not self.exact:
             return (
                 f"{self.method} combines the deltas non-linearly: the result is not Σ w_i ΔW_i; LoRA exports re-factor "
@@ -315,6 +322,9 @@ def compose(
     stream: bool = False,
     component: str = "unet",
     progress: bool = True,
+    inputs: dict | None = None,
+    prior_inputs: list | None = None,
+    refine_steps: int = 0,
 ) -> MergedAdapter:
     """Merge adapters given by name (Hub repo id ``owner/name[@revision]``, local folder, or ``.safetensors`` file).
 
@@ -344,6 +354,10 @@ def compose(
         stream: keep peak memory independent of the number of adapters (for ``fuse`` of very many), at the cost of
             a second read of the files.
         component: the diffusers component PEFT adapter folders belong to when merged with diffusers files.
+        inputs: for ``method="sequential"``: ``{adapter name: [batch, ...]}``, each adapter's calibration batches
+            (tensors, dicts of keyword arguments or tuples for ``calibrate``, the base model); ``prior_inputs``:
+            ordinary batches on which the base's outputs are kept (weight ``prior_weight``; ``ridge`` is λ);
+            ``refine_steps``: end-to-end output-matching steps after the closed form (``compose.sequential``).
 
     Returns:
         A ``MergedAdapter``. Raises, naming the adapter and the layer, on anything it cannot merge correctly; warns
@@ -373,6 +387,23 @@ def compose(
                     f"statistics= needs AdapterStatistics, got {type(stats).__name__}", adapter=name
                 )
             by_name[name].statistics = stats
+    if method == "sequential":  # layer by layer through the partly merged model (compose.sequential)
+        if calibrate is None or not inputs or stream or prompts is not None:
+            raise ValueError("method='sequential' needs calibrate=<base model> and inputs={adapter: [batches]}")
+        from .sequential import sequential_merge
+
+        merged = MergedAdapter(adapters, weights, method, svd_rank=svd_rank)
+        merged.__dict__["layers"] = sequential_merge(
+            adapters,
+            weights,
+            calibrate,
+            inputs,
+            prior=prior_inputs,
+            mu=prior_weight,
+            lam=ridge,
+            refine_steps=refine_steps,
+        )
+        return merged
     calibrated = _calibrate(adapters, calibrate, prompts) if calibrate is not None else []
     resolved = _resolve_method(method, adapters)
     merged = MergedAdapter(
