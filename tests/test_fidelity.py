@@ -104,6 +104,19 @@ def test_concept_generator_is_deterministic_and_distinct(data):
         C.make_concept(data, C.MAX_CONCEPTS)
 
 
+def test_tuning_concepts_share_no_image_or_token_with_the_benchmark(data):
+    bench = C.make_concepts(data, list(range(15)))
+    tuning = [C.make_tuning_concept(data, i) for i in C.TUNING_SET]
+    assert torch.equal(tuning[0].images, C.make_concept(data, 15).images)  # the lr-tuning concept is one of them
+    assert {c.token for c in tuning}.isdisjoint(c.token for c in bench)
+    for t in tuning:
+        assert t.label == 10 + C.TUNING_SET[t.index][0] and torch.equal(t.transform(t.images), t.transform(t.images))
+        for b in bench:  # the same transformation on other images of the digit: no training image is shared
+            assert not any(torch.equal(x, y) for x in t.images for y in b.images)
+    with pytest.raises(ValueError, match="tuning concepts are"):
+        C.make_tuning_concept(data, 3)
+
+
 def test_classifier_dataset_labels_and_splits(data):
     x, y = C.classifier_dataset(data, "train", [0, 12])
     n_base = len(data.base_idx)
@@ -119,6 +132,66 @@ def test_tokenizer_gives_each_rare_token_one_id():
     assert ids[0][:8] == [0, 3, 4, 5, tok.convert_tokens_to_ids("sks3"), 6, 10, 1]
     assert ids[1] == [0, 3, 4, 5, 6, 10, 1, 1, 1, 1]  # the class prompt lacks exactly the rare token
     assert tok.convert_tokens_to_ids("sks3") not in ids[1]
+
+
+# ------------------------------------------------------------------------------------------------ DreamBooth training
+
+
+def test_dreambooth_batch_holds_as_many_class_images_as_instance_images():
+    from benchmarks.fidelity.methods import dreambooth_batch
+
+    instance = torch.arange(6.0).reshape(6, 1, 1, 1)
+    pool = 100 + torch.arange(10.0).reshape(10, 1, 1, 1)
+    prompts = [class_prompt(k % 3) for k in range(10)]
+    g = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(20):
+        x, prior, prior_prompts = dreambooth_batch(instance, (pool, prompts), g)
+        assert torch.equal(x, instance) and prior.shape == instance.shape
+        values = [int(v) - 100 for v in prior.flatten().tolist()]
+        assert len(set(values)) == 6 and set(values) <= set(range(10))  # without replacement, from the pool
+        assert prior_prompts == [prompts[k] for k in values]  # each class image keeps its own class prompt
+        seen |= set(values)
+    assert seen == set(range(10))  # the whole pool is used over the steps
+    x, prior, prior_prompts = dreambooth_batch(instance, None, g)
+    assert prior is None and prior_prompts == [] and torch.equal(x, instance)
+    with pytest.raises(ValueError, match="cannot fill a prior half"):
+        dreambooth_batch(instance, (pool[:3], prompts[:3]), g)
+    with pytest.raises(ValueError, match="10 images but 9 prompts"):
+        dreambooth_batch(instance, (pool, prompts[:9]), g)
+
+
+@pytest.mark.parametrize("family", ["lora", "ortho-disjoint-erasure"])
+def test_every_training_step_feeds_the_class_prompt_with_class_images(tmp_path, family):
+    """Spy on the UNet's forwards: each step runs the instance images under the concept prompt (erased samples under
+    a foreign one) and as many class images under the class prompt; without a pool, no class forward at all."""
+    from benchmarks.fidelity.base_model import build_models, encode
+    from benchmarks.fidelity.methods import train_adapter
+
+    cfg = BaseConfig(train_steps=1, block_out_channels=(16, 32))
+    unet, text_encoder, tokenizer, scheduler = build_models(cfg)
+    base = type("Base", (), {"unet": unet, "scheduler": scheduler})()
+    base.encode = lambda prompts: encode(text_encoder, tokenizer, prompts)
+    concept = C.make_concept(load_digits_data(), 3, images_per_concept=2)
+    pool = (torch.full((5, 1, 8, 8), 0.25), [class_prompt(3)] * 5)
+    class_state = base.encode([class_prompt(3)])[0]
+    calls = []
+
+    def spy(module, args, kwargs):
+        x, states = args[0], args[2] if len(args) > 2 else kwargs["encoder_hidden_states"]
+        calls.append((len(x), [bool(torch.equal(s, class_state)) for s in states], torch.is_grad_enabled()))
+
+    unet.register_forward_pre_hook(spy, with_kwargs=True)  # deep-copied with the UNet into the trainer
+    kw = dict(rank=1, steps=2, lr=1e-3, repeats=2, seed=0, num_blocks=8, erasure_prompts=["a photo of digit one"])
+    out = train_adapter(base, concept, family, out_dir=str(tmp_path / "a"), class_images=pool, **kw)
+    training = [c for c in calls if c[2]]  # forwards with autograd (the erasure teacher and CFG recording have none)
+    prior = [c for c in training if all(c[1])]
+    assert len(prior) == 2 and all(n == 4 for n, _, _ in prior)  # one class half per step, as big as the instance half
+    assert sum(n for n, _, _ in training) == 2 * (4 + 4)  # nothing else trains: instance half + prior half
+    assert out["final_prior_loss"] > 0
+    calls.clear()
+    train_adapter(base, concept, family, out_dir=str(tmp_path / "b"), class_images=None, **kw)
+    assert not any(all(c[1]) for c in calls)
 
 
 # ------------------------------------------------------------------------------------------------ end to end

@@ -123,6 +123,49 @@ def peft_config(family: str, index: int, rank: int, unet, num_blocks: int = 16):
     raise ValueError(f"unknown family {family!r}")
 
 
+def dreambooth_batch(
+    instance: torch.Tensor, class_pool: tuple[torch.Tensor, list[str]] | None, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
+    """One DreamBooth step's images: the instance images and as many class images drawn from ``class_pool``.
+
+    Args:
+        instance: ``(n, 1, S, S)``, the concept's images (each repeated as the budget says).
+        class_pool: ``(images, prompts)``: ``m ≥ n`` class images ``(m, 1, S, S)`` and the class prompt of each, or
+            ``None`` (no prior preservation).
+        g: the training generator (draws the class images without replacement within a step).
+
+    Returns:
+        ``(instance, prior, prior_prompts)``: ``prior`` is ``(n, 1, S, S)`` class images with their ``n`` prompts
+        (``None`` and ``[]`` without a pool). As in diffusers' ``train_dreambooth --with_prior_preservation`` every
+        batch holds both halves, the instance half under the concept prompt and the prior half under class prompts.
+    """
+    if class_pool is None:
+        return instance, None, []
+    images, prompts = class_pool
+    if len(images) != len(prompts):
+        raise ValueError(f"class pool: {len(images)} images but {len(prompts)} prompts")
+    if len(images) < len(instance):
+        raise ValueError(f"{len(images)} class images cannot fill a prior half of {len(instance)}")
+    pick = torch.randperm(len(images), generator=g)[: len(instance)]
+    return instance, images[pick], [prompts[k] for k in pick.tolist()]
+
+
+# Families whose adapters the statistics merge reads (SODA rotates the whole weight and random slots are measured
+# for the exact merge only, so those record nothing and their training does not wait for the recorder).
+STATISTICS_FAMILIES = ("lora", "ortho-disjoint", "ortho-disjoint-erasure", "block", "block-erasure")
+
+
+def records_statistics(family: str) -> bool:
+    """Whether ``family``'s adapters record input statistics in this checkout (the statistics merge reads them)."""
+    return family in STATISTICS_FAMILIES and hasattr(peft_ortho, "InputStatistics")
+
+
+def statistics_recorder(model):
+    """The product's recorder ``peft_ortho.InputStatistics(model)`` when this checkout has it, else ``None``."""
+    cls = getattr(peft_ortho, "InputStatistics", None)
+    return None if cls is None else cls(model)
+
+
 def train_adapter(
     base,
     concept,
@@ -136,13 +179,26 @@ def train_adapter(
     out_dir: str,
     erasure_prompts: list[str] | None = None,
     num_blocks: int = 16,
+    class_images: tuple[torch.Tensor, list[str]] | None = None,
+    prior_loss_weight: float = 1.0,
+    record_statistics: bool = True,
 ) -> dict:
     """Train concept's adapter on its images with the noise-prediction loss, save it (peft folder), return stats.
 
     Each step sees every concept image ``repeats`` times at random timesteps and noises (Adam, constant ``lr``).
-    The ``-erasure`` family swaps a fraction of the prompts for foreign ones (``erasure_prompts``) and pulls those
-    predictions onto the frozen base's (``peft_ortho.erasure.OutputErasure``).
+    With ``class_images`` (DreamBooth prior preservation: ``(images, prompts)``) every step also holds as many class
+    images under their class prompts, and the loss is ``L_instance + prior_loss_weight · L_prior`` (diffusers'
+    ``train_dreambooth --with_prior_preservation``). The ``-erasure`` family swaps a fraction of the instance
+    prompts for foreign ones (``erasure_prompts``) and pulls those predictions onto the frozen base's
+    (``peft_ortho.erasure.OutputErasure``).
+
+    With ``record_statistics`` and a checkout that has ``peft_ortho.InputStatistics``, the adapter's input
+    statistics are recorded during training and saved beside it: the instance half as ``"concept"``, the class half
+    and erased samples as ``"prior"`` and the instance images under the empty prompt (what classifier-free guidance
+    feeds the model; one extra forward without autograd) as ``"unconditional"``.
     """
+    from contextlib import nullcontext
+
     from peft import get_peft_model
 
     from peft_ortho._io import atomic_dir
@@ -154,39 +210,65 @@ def train_adapter(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
     g = torch.Generator().manual_seed(seed * 7919 + concept.index)
-    x0 = concept.images.repeat(repeats, 1, 1, 1)
-    n = len(x0)
+    x_inst = concept.images.repeat(repeats, 1, 1, 1)
+    n = len(x_inst)
     erasure = None
     if family.endswith("-erasure"):
         from peft_ortho.erasure import OutputErasure
 
         erasure = OutputErasure(p=ERASURE_P, weight=1.0, foreign_prompts=erasure_prompts, seed=seed + concept.index)
+    stats = statistics_recorder(model) if record_statistics else None
+
+    def record(kind: str):
+        return stats.record(kind) if stats is not None else nullcontext()
+
     prompts, text = [concept.prompt] * n, {}
 
     def encode(ps: list[str]) -> torch.Tensor:
-        missing = [p for p in set(ps) if p not in text]
+        missing = [p for p in dict.fromkeys(ps) if p not in text]
         if missing:
             for p, s in zip(missing, base.encode(missing)):
                 text[p] = s
         return torch.stack([text[p] for p in ps])
 
-    model.train()
-    start, losses = time.perf_counter(), []
-    for _ in range(steps):
+    def noised(x0: torch.Tensor):
         noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(base.scheduler.config.num_train_timesteps, (n,), generator=g)
-        x_t = base.scheduler.add_noise(x0, noise, t)
+        t = torch.randint(base.scheduler.config.num_train_timesteps, (len(x0),), generator=g)
+        return base.scheduler.add_noise(x0, noise, t), t, noise
+
+    model.train()
+    start, losses, prior_losses = time.perf_counter(), [], []
+    for _ in range(steps):
+        x0, x_prior, prior_prompts = dreambooth_batch(x_inst, class_images, g)
+        x_t, t, noise = noised(x0)
         if erasure is None:
-            loss = F.mse_loss(model(x_t, t, encode(prompts)).sample, noise)
+            with record("concept"):
+                loss = F.mse_loss(model(x_t, t, encode(prompts)).sample, noise)
         else:
             step_prompts, erased = erasure.swap(prompts)
             states = encode(step_prompts)
-            pred = model(x_t, t, states).sample
+            kept = ~erased
+            pred = torch.empty_like(noise)
+            # Kept samples are the concept's inputs; erased ones (foreign prompts, pulled onto the base) are
+            # ordinary inputs on which the adapter must do nothing, i.e. prior.
+            for mask, kind in ((kept, "concept"), (erased, "prior")):
+                if mask.any():
+                    with record(kind):
+                        pred[mask] = model(x_t[mask], t[mask], states[mask]).sample
             # The teacher runs now, inside this iteration: bind the batch explicitly (default args).
             teacher = erasure.teacher(
                 model, lambda x=x_t[erased], tt=t[erased], s=states[erased]: model(x, tt, s).sample
             )
             loss = erasure.loss(pred, noise, erased, teacher)
+        if stats is not None:
+            with torch.no_grad(), record("unconditional"):
+                model(x_t, t, encode([""] * n))
+        if x_prior is not None:
+            xp_t, tp, noise_p = noised(x_prior)
+            with record("prior"):
+                prior = F.mse_loss(model(xp_t, tp, encode(prior_prompts)).sample, noise_p)
+            loss = loss + prior_loss_weight * prior
+            prior_losses.append(prior.item())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -194,7 +276,13 @@ def train_adapter(
     seconds = time.perf_counter() - start
     with atomic_dir(out_dir, overwrite=True) as tmp:
         model.save_pretrained(tmp)
-    return {"train_seconds": seconds, "final_loss": sum(losses[-20:]) / len(losses[-20:])}
+        if stats is not None:
+            stats.save_pretrained(tmp)
+    out = {"train_seconds": seconds, "final_loss": sum(losses[-20:]) / len(losses[-20:])}
+    if prior_losses:
+        out["final_prior_loss"] = sum(prior_losses[-20:]) / len(prior_losses[-20:])
+    out["statistics"] = stats is not None
+    return out
 
 
 def _quiet(fn: Callable):

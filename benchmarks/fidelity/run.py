@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from .base_model import DIGIT_WORDS, BaseConfig, class_prompt, load_or_build, sample
-from .concepts import MAX_CONCEPTS, make_concept, make_concepts
-from .methods import ALL_METHODS, ERASURE_P, available_methods, merge_into, train_adapter
+from .concepts import MAX_CONCEPTS, TUNING_SET, make_concepts, make_tuning_concept
+from .methods import ALL_METHODS, ERASURE_P, available_methods, merge_into, records_statistics, train_adapter
 from .metrics import (
     IdentityClassifier,
     denoise_loss,
@@ -71,14 +71,25 @@ class RunConfig:
     steps: int = 120
     repeats: int = 2  # batch = images_per_concept × repeats
     # Families whose lr is tuned on the tuning concept (a sweep costs len(lr_grid) trainings); the others use
-    # DEFAULT_LRS. The CPU budget of a shared 2-core machine allowed two sweeps.
-    sweep: tuple[str, ...] = ("lora", "ortho-disjoint-erasure")
+    # DEFAULT_LRS. Prior preservation made each training ~3x dearer, and the shared 2-core machine's budget no longer
+    # allowed a sweep: DEFAULT_LRS hold the winners of the earlier sweeps (lora, ortho-disjoint-erasure).
+    sweep: tuple[str, ...] = ()
     lr_grid: tuple[float, ...] = (3e-3, 1e-2, 3e-2)
     eval_timesteps: int = 8
     samples_per_concept: int = 8
     sample_steps: int = 10
     guidance: float = 2.0
     prior_images_per_class: int = 4
+    # DreamBooth prior preservation: every training batch also holds as many class images under their class prompt,
+    # weighted prior_loss_weight (diffusers' default 1). The class images are the base model's own samples of the
+    # class prompts (class_images per digit), as diffusers' train_dreambooth generates them; held-out digits measure
+    # the prior drift and stay unseen. prior_classes "all": the ten class prompts "a photo of digit <d>" (the
+    # concept's class noun is "digit"); "own": only the concept's digit (measured: the other nine prompts then drift
+    # by up to +370 % for a single adapter, see docs/benchmarks.md).
+    prior_preservation: bool = True
+    class_images: int = 24
+    prior_classes: str = "all"
+    prior_loss_weight: float = 1.0
     methods: tuple[str, ...] | None = None
     seed: int = 0
 
@@ -93,7 +104,12 @@ class RunConfig:
                 self.repeats,
                 self.images_per_concept,
                 self.seed,
-                "v1",
+                self.prior_preservation,
+                self.class_images,
+                self.prior_classes,
+                self.prior_loss_weight,
+                records_statistics(family),
+                "v2",
             ],
             sort_keys=True,
         )
@@ -139,11 +155,12 @@ class Benchmark:
         self.base = load_or_build(cfg.base, cache_dir, log)
         self.dir = self.base.folder
         self.concepts = make_concepts(self.base.data, list(range(cfg.concepts)), cfg.images_per_concept)
-        self.tuning = make_concept(self.base.data, TUNING_CONCEPT, cfg.images_per_concept)
+        self.tuning_set = {i: make_tuning_concept(self.base.data, i, cfg.images_per_concept) for i in TUNING_SET}
+        self.tuning = self.tuning_set[TUNING_CONCEPT]
         grid = timestep_grid(cfg.eval_timesteps, cfg.base.num_train_timesteps)
         self.eval_sets = {
             c.index: make_eval_set(c.images, [c.prompt], 0, grid, seed=100 + c.index)
-            for c in [*self.concepts, self.tuning]
+            for c in [*self.concepts, *self.tuning_set.values()]
         }
         prior_x, prior_y = [], []
         for d in range(10):
@@ -159,6 +176,41 @@ class Benchmark:
         self.classifier = _CLASSIFIERS[key]
         self.uncond = self.base.encode([""])
         self._states: dict[str, torch.Tensor] = {}
+        self._class_pools: dict[int, torch.Tensor] = {}
+
+    def prior_pool(self, digit: int) -> tuple[torch.Tensor, list[str]] | None:
+        """The class images and prompts concept training preserves: the concept's own class (``prior_classes =
+        "own"``, DreamBooth's recipe) or every digit class (``"all"``)."""
+        digits = [digit] if self.cfg.prior_classes == "own" else list(range(10))
+        return torch.cat([self.class_pool(d) for d in digits]), [
+            class_prompt(d) for d in digits for _ in range(self.cfg.class_images)
+        ]
+
+    def class_pool(self, digit: int) -> torch.Tensor:
+        """DreamBooth's class images of ``digit``: ``class_images`` samples ``(k, 1, S, S)`` of the base model for
+        the class prompt (cached beside the base). The base's own samples, as diffusers' ``train_dreambooth``
+        generates them, and not held-out digits: those measure the prior drift and must stay unseen."""
+        if digit not in self._class_pools:
+            from safetensors.torch import load_file, save_file
+
+            k = self.cfg.class_images
+            path = os.path.join(self.dir, "class_images", f"digit{digit}-k{k}-s{self.cfg.sample_steps}.safetensors")
+            if not os.path.isfile(path):
+                imgs = sample(
+                    self.base.unet,
+                    self.base.scheduler.config,
+                    self.states([class_prompt(digit)] * k),
+                    self.uncond,
+                    steps=self.cfg.sample_steps,
+                    guidance=self.cfg.guidance,
+                    seed=30_000 + digit,
+                    image_size=self.cfg.base.image_size,
+                )
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                save_file({"images": imgs.contiguous()}, path + ".tmp")
+                os.replace(path + ".tmp", path)
+            self._class_pools[digit] = load_file(path)["images"]
+        return self._class_pools[digit]
 
     # ------------------------------------------------------------------------------------------ evaluation
     def states(self, prompts: list[str]) -> torch.Tensor:
@@ -195,11 +247,11 @@ class Benchmark:
     def identity(self, unet, indices: list[int]) -> tuple[list[float], torch.Tensor]:
         concepts = [self.concept(i) for i in indices]
         imgs = self.samples(unet, [c.prompt for c in concepts], [10_000 + c.index for c in concepts])
-        accs = [identity_accuracy(self.classifier.predict(x), 10 + c.index) for x, c in zip(imgs, concepts)]
+        accs = [identity_accuracy(self.classifier.predict(x), c.label) for x, c in zip(imgs, concepts)]
         return accs, imgs
 
     def concept(self, index: int):
-        return self.tuning if index == TUNING_CONCEPT else self.concepts[index]
+        return self.tuning_set[index] if index in self.tuning_set else self.concepts[index]
 
     # ------------------------------------------------------------------------------------------ training
     def adapter_dir(self, family: str, lr: float, index: int) -> str:
@@ -227,6 +279,9 @@ class Benchmark:
                 out_dir=folder,
                 erasure_prompts=foreign,
                 num_blocks=self.cfg.num_blocks,
+                class_images=self.prior_pool(c.digit) if self.cfg.prior_preservation else None,
+                prior_loss_weight=self.cfg.prior_loss_weight,
+                record_statistics=records_statistics(family),
             )
             with open(os.path.join(folder, "train.json"), "w") as f:
                 json.dump({"lr": lr, **stats}, f)
