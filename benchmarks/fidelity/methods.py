@@ -47,8 +47,16 @@ class Method:
 
     name: str
     family: str
-    merge: str  # "compose-sum", "compose-avg", "compose-auto", "peft-ties", "peft-svd", "soda-sum"
+    # "compose-sum", "compose-avg", "compose-auto", "peft-ties", "peft-svd", "soda-sum", "compose-regmean" (the
+    # statistics merge on the statistics each adapter recorded while training), "compose-regmean-calibrated" (on
+    # statistics computed from the concept prompt alone, as for a third-party file), "sequential"
+    merge: str
     label: str
+    options: tuple[tuple[str, object], ...] = ()  # keyword arguments of the merge (e.g. prior_weight, ridge)
+
+    @property
+    def uses_statistics(self) -> bool:
+        return self.merge.startswith("compose-regmean")
 
 
 ALL_METHODS = [
@@ -62,7 +70,40 @@ ALL_METHODS = [
     Method("block", "block", "compose-auto", "BlockLoRA (blocks only)"),
     Method("block-erasure", "block-erasure", "compose-auto", "BlockLoRA + erasure"),
     Method("soda", "soda", "soda-sum", "SODA"),
+    # The statistics merge (compose(method="regmean")) on the same adapters; its settings (prior weight μ, ridge λ,
+    # prior target) are chosen on the tuning concepts (run.tune_statistics_merge) and filled in by the run.
+    Method("lora-stats", "lora", "compose-regmean", "LoRA, statistics merge"),
+    Method("lora-stats-calibrated", "lora", "compose-regmean-calibrated", "LoRA, statistics merge (calibrated)"),
+    Method("ortho-disjoint-stats", "ortho-disjoint", "compose-regmean", "orthogonal disjoint, statistics merge"),
+    Method("block-stats", "block", "compose-regmean", "BlockLoRA, statistics merge"),
+    Method(
+        "ortho-disjoint-erasure-stats",
+        "ortho-disjoint-erasure",
+        "compose-regmean",
+        "orthogonal disjoint + erasure, statistics merge",
+    ),
+    Method("block-erasure-stats", "block-erasure", "compose-regmean", "BlockLoRA + erasure, statistics merge"),
+    Method("lora-sequential", "lora", "sequential", "LoRA, sequential output matching"),
 ]
+
+
+def merge_available(merge: str) -> bool:
+    """Whether this checkout has the merge (the statistics and sequential merges land separately)."""
+    if merge.startswith("compose-regmean"):
+        from peft_ortho.compose import merge as compose_merge
+
+        ok = hasattr(peft_ortho, "InputStatistics") and "regmean" in getattr(compose_merge, "METHODS", ())
+        if merge.endswith("-calibrated"):
+            from peft_ortho import statistics
+
+            ok = ok and hasattr(statistics, "calibrate")
+        return ok
+    if merge == "sequential":
+        try:
+            from peft_ortho.compose.sequential import sequential_merge  # noqa: F401
+        except ImportError:
+            return False
+    return True
 
 
 def family_available(family: str) -> bool:
@@ -80,7 +121,11 @@ def family_available(family: str) -> bool:
 
 
 def available_methods(names: list[str] | None = None) -> list[Method]:
-    return [m for m in ALL_METHODS if (names is None or m.name in names) and family_available(m.family)]
+    return [
+        m
+        for m in ALL_METHODS
+        if (names is None or m.name in names) and family_available(m.family) and merge_available(m.merge)
+    ]
 
 
 def _random_basis_rows(unet, rank: int, seed: int) -> dict[str, list[int]]:
@@ -291,20 +336,35 @@ def _quiet(fn: Callable):
         return fn()
 
 
-def merge_into(base_unet, method: Method, folders: list[str]) -> tuple[torch.nn.Module, float]:
+def merge_into(
+    base_unet, method: Method, folders: list[str], *, calibration=None, info: dict | None = None
+) -> tuple[torch.nn.Module, float]:
     """A copy of ``base_unet`` with the adapters in ``folders`` merged into its weights, and the merge time in
     seconds (from the folders on disk to fused weights: reading, checking, combining and fusing; the copy of the
-    base UNet is not timed)."""
+    base UNet is not timed).
+
+    ``calibration`` (``"sequential"`` only): ``(inputs, prior)``, per folder a list of UNet batches
+    ``(x_t, t, text states)`` and a list of ordinary batches. ``info``: filled with the merge's report
+    (``"report"``) when the merge makes one.
+    """
     unet = copy.deepcopy(base_unet)
     n = len(folders)
+    options = dict(method.options)
     start = time.perf_counter()
     if method.merge.startswith("compose-"):
         from peft_ortho import compose
 
         weights = [1.0 / n] * n if method.merge == "compose-avg" else [1.0] * n
-        kind = "auto" if method.merge == "compose-auto" else "linear"
-        merged = _quiet(lambda: compose(folders, weights=weights, method=kind, progress=False))
+        kind = {"compose-auto": "auto", "compose-sum": "linear", "compose-avg": "linear"}.get(method.merge, "regmean")
+        merged = _quiet(lambda: compose(folders, weights=weights, method=kind, progress=False, **options))
         merged.fuse(unet)
+        if info is not None:
+            info["merged"] = merged
+    elif method.merge == "sequential":
+        from peft_ortho.compose import sequential_merge_into
+
+        inputs, prior = calibration
+        _quiet(lambda: sequential_merge_into(unet, folders, inputs=inputs, prior=prior, **options))
     else:
         from peft import PeftModel
 

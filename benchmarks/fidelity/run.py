@@ -90,6 +90,17 @@ class RunConfig:
     class_images: int = 24
     prior_classes: str = "all"
     prior_loss_weight: float = 1.0
+    # The statistics merge's settings are chosen on the tuning concepts (never merged in the benchmark) at N =
+    # len(TUNING_SET) = 5, over this grid, by a rule that does not look at N (tune_statistics_merge), then used at
+    # every N. prior_weight μ: weight of each adapter's prior inputs; ridge λ relative to tr(G)/in; prior_target
+    # "own" (each adapter keeps its own behaviour on its prior batches) or "base" (the base's behaviour).
+    stats_grid: tuple[tuple[str, tuple], ...] = (
+        ("prior_weight", (0.0, 0.3, 1.0, 3.0, 10.0)),
+        ("ridge", (1e-4, 1e-2)),
+        ("prior_target", ("own", "base")),
+    )
+    drift_allowance: float = 1.5  # the rule: highest R whose prior drift ≤ allowance × the single adapters' own
+    calibration_steps: int = 4  # denoising steps of calibrate() for adapters without statistics
     methods: tuple[str, ...] | None = None
     seed: int = 0
 
@@ -115,11 +126,14 @@ class RunConfig:
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
-    def eval_key(self, family: str, lr: float) -> str:
+    def eval_key(self, family: str, lr: float, options=()) -> str:
         """Names a method's cached evaluation: everything that changes its numbers (not the method list)."""
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("methods", "sweep", "lr_grid")}
+        skip = ("methods", "sweep", "lr_grid", "stats_grid", "drift_allowance")
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         blob = json.dumps(
-            [fields, self.base.key(), self.train_key(family, lr), "eval-v1"], sort_keys=True, default=str
+            [fields, self.base.key(), self.train_key(family, lr), list(options), "eval-v2"],
+            sort_keys=True,
+            default=str,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
@@ -305,6 +319,78 @@ class Benchmark:
         )
         return best, losses
 
+    def singles(self, family: str, folders: dict[int, str], base_prior: float) -> dict[int, dict]:
+        """Each adapter alone (exact, weight 1): loss on its concept, prior drift, identity of its samples."""
+        from .methods import Method
+
+        exact = Method("single", family, "soda-sum" if family == "soda" else "compose-sum", "")
+        out = {}
+        for i, folder in folders.items():
+            unet, _ = merge_into(self.base.unet, exact, [folder])
+            (acc,), _ = self.identity(unet, [i])
+            out[i] = {
+                "loss": self.loss(unet, i),
+                "prior_drift": prior_drift(base_prior, self.prior_loss(unet)),
+                "identity": acc,
+            }
+        return out
+
+    def calibrated(self, folder: str, index: int) -> str:
+        """A copy of the adapter in ``folder`` whose statistics are computed by ``peft_ortho.statistics.calibrate``
+        from the concept's prompt alone (what a user with a third-party file has), not recorded in training."""
+        from peft_ortho.compose.load import load_adapter
+        from peft_ortho.compose.resolve import resolve
+        from peft_ortho.statistics import calibrate
+
+        out = folder + "-calibrated"
+        if not os.path.isfile(os.path.join(out, "calibration.json")):
+            import shutil
+
+            from peft_ortho._io import atomic_dir
+
+            start = time.perf_counter()
+            stats = calibrate(
+                load_adapter(resolve(folder)), self.pipeline, self.concept(index).prompt,
+                steps=self.cfg.calibration_steps, guidance_scale=self.cfg.guidance, seed=self.cfg.seed,
+            )  # fmt: skip
+            seconds = time.perf_counter() - start
+            with atomic_dir(out, overwrite=True) as tmp:
+                for name in ("adapter_config.json", "adapter_model.safetensors"):
+                    shutil.copy(os.path.join(folder, name), os.path.join(tmp, name))
+                stats.save_pretrained(tmp)
+                with open(os.path.join(tmp, "calibration.json"), "w") as f:
+                    json.dump({"seconds": seconds, "prompt": self.concept(index).prompt}, f)
+        return out
+
+    @property
+    def pipeline(self):
+        """The base as the parts of a diffusers pipeline ``calibrate`` runs (tokenizer, text encoder, UNet,
+        scheduler)."""
+        from types import SimpleNamespace
+
+        b = self.base
+        return SimpleNamespace(tokenizer=b.tokenizer, text_encoder=b.text_encoder, unet=b.unet, scheduler=b.scheduler)
+
+    def calibration_batches(self, index: int, prior: bool = False) -> list[tuple]:
+        """UNet batches ``(x_t, t, text states)`` for the sequential merge: the concept's images at the evaluation
+        timesteps under its prompt and under the empty prompt (what guidance runs), or with ``prior`` the class
+        images of every digit under their class prompts."""
+        g = torch.Generator().manual_seed(50_000 + index)
+        if prior:
+            x0 = torch.cat([self.class_pool(d)[:2] for d in range(10)])
+            prompts = [class_prompt(d) for d in range(10) for _ in range(2)]
+            groups = [prompts]
+        else:
+            x0 = self.concept(index).images
+            groups = [[self.concept(index).prompt] * len(x0), [""] * len(x0)]
+        batches = []
+        for prompts in groups:
+            t = torch.tensor(timestep_grid(4, self.cfg.base.num_train_timesteps)).repeat_interleave(len(x0))
+            x = x0.repeat(4, 1, 1, 1)
+            x_t = self.base.scheduler.add_noise(x, torch.randn(x.shape, generator=g), t)
+            batches.append((x_t, t, self.states(prompts * 4)))
+        return batches
+
 
 def run(cfg: RunConfig, cache_dir: str = DEFAULT_CACHE, log=print) -> dict:
     """Run the benchmark; returns a dict of everything measured (per-merge ``rows``, per-method ``summary``; the
@@ -343,71 +429,191 @@ def run(cfg: RunConfig, cache_dir: str = DEFAULT_CACHE, log=print) -> dict:
         m.name for m in ALL_METHODS if m not in methods and (not cfg.methods or m.name in cfg.methods)
     ]
     families = list(dict.fromkeys(m.family for m in methods))
-    lrs, singles, folders = {}, {}, {}
+    lrs, singles, single, folders = {}, {}, {}, {}
+    rows, grid_samples = [], {}
+    n_max = max(x for x in cfg.ns if x <= cfg.concepts)
+    ctx = {"base_loss": base_loss, "base_prior": base_prior, "n_max": n_max}
+    if any(m.uses_statistics and not m.options for m in methods):
+        tuned = tune_statistics_merge(bench, base_prior)
+        results["stats_tuning"] = tuned
+        chosen = tuple(tuple(kv) for kv in tuned["chosen"])
+        methods = [dataclasses.replace(m, options=chosen) if m.uses_statistics and not m.options else m
+                   for m in methods]  # fmt: skip
+    # Family by family: train its adapters, measure them alone, then every merge of them (so a run cut short has
+    # complete rows for the families it reached).
     for family in families:
         lrs[family], sweep = bench.tune_lr(family)
         results.setdefault("lr_sweep", {})[family] = sweep
         folders[family] = {c.index: bench.train(family, lrs[family], c.index) for c in bench.concepts}
-        probe = next(m for m in methods if m.family == family)
-        exact = dataclasses.replace(probe, merge="soda-sum" if family == "soda" else "compose-sum")
-        singles[family] = {}
-        for c in bench.concepts:
-            unet, _ = merge_into(base_unet, exact, [folders[family][c.index]])
-            singles[family][c.index] = bench.loss(unet, c.index)
+        single[family] = bench.singles(family, folders[family], base_prior)
+        singles[family] = {i: v["loss"] for i, v in single[family].items()}
         train_s = [json.load(open(os.path.join(f, "train.json")))["train_seconds"] for f in folders[family].values()]
-        log(f"  {family}: lr {lrs[family]:g}, median train {statistics.median(train_s):.1f} s per concept")
-    results["lrs"], results["single_loss"] = lrs, singles
-
-    rows, grid_samples = [], {}
-    n_max = max(x for x in cfg.ns if x <= cfg.concepts)
-    for method in methods:
-        cached = os.path.join(
-            bench.dir, "results", f"{method.name}-{cfg.eval_key(method.family, lrs[method.family])}.json"
+        log(
+            f"  {family}: lr {lrs[family]:g}, median train {statistics.median(train_s):.1f} s per concept; single "
+            f"adapters: prior drift {100 * np.mean([v['prior_drift'] for v in single[family].values()]):+.1f} %, "
+            f"identity {np.mean([v['identity'] for v in single[family].values()]):.2f}"
         )
-        if os.path.isfile(cached):  # evaluated before with the same adapters and settings: reuse (merge times too)
-            with open(cached) as f:
-                saved = json.load(f)
-            rows += saved["rows"]
-            for key, imgs in saved["grid_samples"].items():
-                n = int(key)
-                grid_samples[(method.name, n)] = {int(i): torch.tensor(x) for i, x in imgs.items()}
-        else:
-            method_rows, method_grid = evaluate_method(bench, method, folders, base_loss, base_prior, singles, n_max)
+        for method in [m for m in methods if m.family == family]:
+            method_rows, method_grid = cached_evaluation(bench, method, lrs[family], folders, singles, ctx)
             rows += method_rows
             grid_samples.update({(method.name, n): g for n, g in method_grid.items()})
-            os.makedirs(os.path.dirname(cached), exist_ok=True)
-            with open(cached + ".tmp", "w") as f:
-                grids = {n: {i: x.tolist() for i, x in g.items()} for n, g in method_grid.items()}
-                json.dump({"rows": method_rows, "grid_samples": grids}, f)
-            os.replace(cached + ".tmp", cached)
-        summary = summarize(rows, method.name)
-        log(
-            f"  {method.name}: "
-            + ", ".join(
-                f"N={n} retained {s['retained']:.3f} id {s['identity']:.2f} drift {100 * s['prior_drift']:+.1f}%"
-                for n, s in summary.items()
+            summary = summarize(rows, method.name)
+            log(
+                f"  {method.name}: "
+                + ", ".join(
+                    f"N={n} retained {s['retained']:.3f} id {s['identity']:.2f} drift {100 * s['prior_drift']:+.1f}%"
+                    for n, s in summary.items()
+                )
             )
-        )
+    results["lrs"], results["single_loss"], results["single"] = lrs, singles, single
     results["rows"] = rows
     results["summary"] = {m.name: summarize(rows, m.name) for m in methods}
     results["methods"] = [dataclasses.asdict(m) for m in methods]
     results["grid_samples"] = grid_samples
+    results["prediction"] = prediction_agreement(rows)
     results["wall_seconds"] = time.perf_counter() - t_start
     return results
 
 
+def cached_evaluation(bench, method, lr, folders, singles, ctx) -> tuple[list[dict], dict]:
+    """``evaluate_method``'s rows and sample grid, from ``<base>/results/`` when evaluated before with the same
+    adapters and settings (merge times too)."""
+    cached = os.path.join(
+        bench.dir, "results", f"{method.name}-{bench.cfg.eval_key(method.family, lr, method.options)}.json"
+    )
+    if os.path.isfile(cached):
+        with open(cached) as f:
+            saved = json.load(f)
+        grid = {int(n): {int(i): torch.tensor(x) for i, x in g.items()} for n, g in saved["grid_samples"].items()}
+        return saved["rows"], grid
+    rows, grid = evaluate_method(bench, method, folders, ctx["base_loss"], ctx["base_prior"], singles, ctx["n_max"])
+    os.makedirs(os.path.dirname(cached), exist_ok=True)
+    with open(cached + ".tmp", "w") as f:
+        json.dump(
+            {"rows": rows, "grid_samples": {n: {i: x.tolist() for i, x in g.items()} for n, g in grid.items()}}, f
+        )
+    os.replace(cached + ".tmp", cached)
+    return rows, grid
+
+
+def stats_settings(cfg: RunConfig) -> list[tuple[tuple[str, object], ...]]:
+    """Every combination of ``cfg.stats_grid`` as merge options; μ = 0 makes the prior target moot (kept once)."""
+    import itertools
+
+    grid = dict(cfg.stats_grid)
+    first_target = grid.get("prior_target", (None,))[0]
+    out = []
+    for values in itertools.product(*grid.values()):
+        opts = dict(zip(grid, values))
+        if opts.get("prior_weight") == 0 and opts.get("prior_target") != first_target:
+            continue
+        out.append(tuple(opts.items()))
+    return out
+
+
+def choose_setting(trials: list[dict], single_drift: float, allowance: float) -> dict:
+    """The rule: of the settings whose prior drift is at most ``allowance`` × the single adapters' own (at N = 1),
+    the one with the highest retained improvement; if none is within, the one with the lowest drift. It looks at
+    one N only (the tuning set's), so the defaults it picks do not depend on the N they are used at."""
+    if not trials:
+        raise ValueError("no statistics-merge setting was measured")
+    within = [t for t in trials if t["prior_drift"] <= allowance * max(single_drift, 0.0)]
+    return max(within, key=lambda t: t["retained"]) if within else min(trials, key=lambda t: t["prior_drift"])
+
+
+def tune_statistics_merge(bench: Benchmark, base_prior: float, family: str = "lora") -> dict:
+    """Choose the statistics merge's settings on the tuning concepts (never merged in the benchmark): train their
+    ``family`` adapters (recording statistics), merge all of them (N = 5) with every setting of the grid, measure
+    retained improvement, identity and prior drift, and apply ``choose_setting``. Cached with the evaluations."""
+    from .methods import Method
+
+    cfg, log = bench.cfg, bench.log
+    lr = DEFAULT_LRS[family] if family not in cfg.sweep else bench.tune_lr(family)[0]
+    key = cfg.eval_key(family, lr, ("tuning", tuple(map(tuple, stats_settings(cfg)))))
+    path = os.path.join(bench.dir, "results", f"stats-tuning-{key}.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    indices = sorted(TUNING_SET)
+    folders = {i: bench.train(family, lr, i) for i in indices}
+    single = bench.singles(family, folders, base_prior)
+    base_loss = {i: bench.loss(bench.base.unet, i) for i in indices}
+    single_drift = float(np.mean([v["prior_drift"] for v in single.values()]))
+    trials = []
+    for opts in stats_settings(cfg):
+        method = Method("tuning", family, "compose-regmean", "", opts)
+        unet, seconds = merge_into(bench.base.unet, method, [folders[i] for i in indices])
+        accs, _ = bench.identity(unet, indices)
+        retained = [retained_improvement(base_loss[i], bench.loss(unet, i), single[i]["loss"]) for i in indices]
+        trial = {
+            "options": dict(opts),
+            "retained": float(np.nanmean(retained)),
+            "retained_min": float(np.nanmin(retained)),
+            "identity": float(np.mean(accs)),
+            "prior_drift": prior_drift(base_prior, bench.prior_loss(unet)),
+            "merge_seconds": seconds,
+        }
+        trials.append(trial)
+        log(
+            f"  tuning {dict(opts)}: retained {trial['retained']:.3f}, identity {trial['identity']:.2f}, drift "
+            f"{100 * trial['prior_drift']:+.1f} %"
+        )
+    best = choose_setting(trials, single_drift, cfg.drift_allowance)
+    out = {
+        "family": family,
+        "concepts": indices,
+        "single_prior_drift": single_drift,
+        "single_identity": float(np.mean([v["identity"] for v in single.values()])),
+        "trials": trials,
+        "chosen": [list(kv) for kv in best["options"].items()],
+    }
+    log(f"  statistics merge settings chosen on the tuning concepts: {best['options']}")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(out, f)
+    os.replace(path + ".tmp", path)
+    return out
+
+
+def prediction_agreement(rows: list[dict]) -> dict:
+    """Spearman rank correlation between the merge report's predicted retention and the measured retained
+    improvement, over every (concept, N > 1) evaluation of each method that predicts (and all such together)."""
+    from scipy.stats import spearmanr
+
+    out = {}
+    pairs = [r for r in rows if r.get("predicted") is not None and r["n"] > 1 and not math.isnan(r["retained"])]
+    for name in [*dict.fromkeys(r["method"] for r in pairs), None]:
+        rs = [r for r in pairs if name is None or r["method"] == name]
+        if len(rs) >= 3:
+            rho = spearmanr([r["predicted"] for r in rs], [r["retained"] for r in rs]).statistic
+            out[name or "all"] = {"spearman": float(rho), "pairs": len(rs)}
+    return out
+
+
 def evaluate_method(bench, method, folders, base_loss, base_prior, singles, n_max) -> tuple[list[dict], dict]:
-    """Every merge of ``method`` (each N, each subset): rows of measurements and, at N = 1 and ``n_max``, one
-    sample per concept for the figure."""
+    """Every merge of ``method`` (each N, each subset): rows of measurements (with the merge report's predicted
+    retention where it gives one) and one sample per concept and N for the figures."""
     cfg, rows, grid = bench.cfg, [], {}
+    family = folders[method.family]
+    if method.merge == "compose-regmean-calibrated":
+        family = {i: bench.calibrated(f, i) for i, f in family.items()}
     for n in cfg.ns:
         if n > cfg.concepts:
             continue
         for subset in subsets(cfg.concepts, n):
-            unet, seconds = merge_into(bench.base.unet, method, [folders[method.family][i] for i in subset])
+            calibration, info = None, {}
+            if method.merge == "sequential":
+                calibration = (
+                    [bench.calibration_batches(i) for i in subset],
+                    bench.calibration_batches(0, prior=True),
+                )
+            unet, seconds = merge_into(
+                bench.base.unet, method, [family[i] for i in subset], calibration=calibration, info=info
+            )
+            predicted = predicted_retention(info.get("merged"), n)
             drift = prior_drift(base_prior, bench.prior_loss(unet))
             accs, imgs = bench.identity(unet, subset)
-            for i, acc, img in zip(subset, accs, imgs):
+            for k, (i, acc, img) in enumerate(zip(subset, accs, imgs)):
                 merged = bench.loss(unet, i)
                 rows.append(
                     {
@@ -420,11 +626,24 @@ def evaluate_method(bench, method, folders, base_loss, base_prior, singles, n_ma
                         "identity": acc,
                         "prior_drift": drift,
                         "merge_seconds": seconds,
+                        "predicted": None if predicted is None else predicted[k],
                     }
                 )
-                if n in (1, n_max):
-                    grid.setdefault(n, {})[i] = img[0]
+                grid.setdefault(n, {})[i] = img[0]
     return rows, grid
+
+
+def predicted_retention(merged, n: int) -> list[float] | None:
+    """Per adapter of the merge, the retention the merge report predicts before generating (``None`` when the
+    merge makes no such report)."""
+    report = getattr(merged, "report", None) if merged is not None else None
+    values = getattr(report, "predicted_retention", None)
+    if values is None:
+        return None
+    values = [float(v) for v in values]
+    if len(values) != n:
+        raise ValueError(f"the report predicts {len(values)} retentions for a merge of {n}")
+    return values
 
 
 def summarize(rows: list[dict], method: str) -> dict[int, dict]:
@@ -446,9 +665,10 @@ def summarize(rows: list[dict], method: str) -> dict[int, dict]:
 
 
 def write_docs(results: dict, bench_concepts, command: str, docs_dir: str) -> None:
-    """Figures into ``docs_dir`` and the fidelity section of ``docs_dir/benchmarks.md``."""
+    """Figures into ``docs_dir`` (``fidelity_*.png``, one sample grid per method under ``fidelity_samples/``) and
+    the fidelity section of ``docs_dir/benchmarks.md``."""
     from .. import _common
-    from .report import markdown, save_base_grid, save_concept_grid, save_plot
+    from .report import markdown, save_base_grid, save_concept_grid, save_method_grid, save_plot
 
     labels = {m["name"]: m["label"] for m in results["methods"]}
     save_base_grid(results["base_samples"], os.path.join(docs_dir, "fidelity_base_samples.png"))
@@ -457,6 +677,12 @@ def write_docs(results: dict, bench_concepts, command: str, docs_dir: str) -> No
     save_concept_grid(
         bench_concepts, results["grid_samples"], list(labels), n_max, os.path.join(docs_dir, "fidelity_concepts.png")
     )
+    os.makedirs(os.path.join(docs_dir, "fidelity_samples"), exist_ok=True)
+    for name in labels:
+        per_n = {n: g for (m, n), g in results["grid_samples"].items() if m == name}
+        if per_n:
+            path = os.path.join(docs_dir, "fidelity_samples", f"{name}.png")
+            save_method_grid(bench_concepts, per_n, labels[name], path)
     text = markdown(results, labels, command)
     _common.write_section(os.path.join(docs_dir, "benchmarks.md"), START, END, text)
 
