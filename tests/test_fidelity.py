@@ -253,3 +253,32 @@ def test_quick_run_end_to_end_on_a_toy_budget(tmp_path):
     assert "kept text" in page and START in page and "Retained improvement" in page
     for png in ("fidelity_base_samples.png", "fidelity_retained.png", "fidelity_concepts.png"):
         assert os.path.getsize(docs / png) > 1000
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+
+
+def test_training_records_each_kind_and_calibration_copies_the_adapter(tmp_path):
+    """Recorded statistics hold the three kinds; a calibrated copy keeps the adapter's files byte for byte and its
+    text-side statistics are the Gram of the concept prompt's text states (a float64 computation done here)."""
+    pytest.importorskip("peft_ortho.statistics", reason="needs the statistics recorder")
+    from peft_ortho.statistics import calibrate, load_statistics  # noqa: F401
+
+    from benchmarks.fidelity.run import Benchmark
+
+    bench = Benchmark(TOY, str(tmp_path / "cache"), log=lambda *_: None)
+    folder = bench.train("lora", 1e-2, 1)
+    recorded = load_statistics(folder, adapter="c01")
+    layer = next(k for k in recorded.layers if k.endswith("attn2.to_k"))
+    assert set(recorded.layers[layer]) == {"concept", "prior", "unconditional"}
+    # Every step records as many concept rows as prior rows (the DreamBooth batch is half and half).
+    assert recorded.layers[layer]["concept"].count == recorded.layers[layer]["prior"].count
+    out = bench.calibrated(folder, 1)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert open(os.path.join(out, name), "rb").read() == open(os.path.join(folder, name), "rb").read()
+    calibrated = load_statistics(out, adapter="c01")
+    states = bench.base.encode([bench.concept(1).prompt])[0].double()  # (tokens, 32): what every to_k reads
+    reference = states.T @ states / len(states)
+    assert torch.allclose(calibrated.moment(layer, "concept").dense(), reference, rtol=1e-5, atol=1e-8)
+    assert not torch.allclose(recorded.moment(layer, "prior").dense(), reference, rtol=1e-3)
+    assert bench.calibrated(folder, 1) == out  # cached

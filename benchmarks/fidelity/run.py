@@ -344,6 +344,8 @@ class Benchmark:
 
         out = folder + "-calibrated"
         if not os.path.isfile(os.path.join(out, "calibration.json")):
+            from peft_ortho.statistics import compare_statistics, load_statistics
+
             import shutil
 
             from peft_ortho._io import atomic_dir
@@ -354,12 +356,17 @@ class Benchmark:
                 steps=self.cfg.calibration_steps, guidance_scale=self.cfg.guidance, seed=self.cfg.seed,
             )  # fmt: skip
             seconds = time.perf_counter() - start
+            # How close the calibrated statistics come to the ones recorded in training (on what the merge uses).
+            adapter = load_adapter(resolve(folder))
+            recorded = load_statistics(folder, adapter=adapter.name)
+            per_layer = compare_statistics(stats, recorded, adapter)
+            closeness = {k: float(np.mean([v[k] for v in per_layer.values()])) for k in ("relative_error", "overlap")}
             with atomic_dir(out, overwrite=True) as tmp:
                 for name in ("adapter_config.json", "adapter_model.safetensors"):
                     shutil.copy(os.path.join(folder, name), os.path.join(tmp, name))
                 stats.save_pretrained(tmp)
                 with open(os.path.join(tmp, "calibration.json"), "w") as f:
-                    json.dump({"seconds": seconds, "prompt": self.concept(index).prompt}, f)
+                    json.dump({"seconds": seconds, "prompt": self.concept(index).prompt, **closeness}, f)
         return out
 
     @property
@@ -368,8 +375,16 @@ class Benchmark:
         scheduler)."""
         from types import SimpleNamespace
 
+        from diffusers import DDIMScheduler
+
         b = self.base
-        return SimpleNamespace(tokenizer=b.tokenizer, text_encoder=b.text_encoder, unet=b.unet, scheduler=b.scheduler)
+        parts = {
+            "tokenizer": b.tokenizer,
+            "text_encoder": b.text_encoder,
+            "unet": b.unet,
+            "scheduler": DDIMScheduler.from_config(b.scheduler.config),  # the benchmark's sampler
+        }
+        return SimpleNamespace(components=parts, **parts)
 
     def calibration_batches(self, index: int, prior: bool = False) -> list[tuple]:
         """UNet batches ``(x_t, t, text states)`` for the sequential merge: the concept's images at the evaluation
