@@ -69,7 +69,9 @@ class Adapter:
     layer_keys: dict[tuple[str | None, str], tuple[str, str]]
     scales: dict[tuple[str | None, str], float]
     tensors: dict[str, torch.Tensor] = field(repr=False)
-    statistics: AdapterStatistics | None = None
+    # Per-layer input statistics (recorded by the trainer, or computed by ``compose(..., calibrate=...)``); the
+    # statistics merge (``method="regmean"``) and the report's predictions need them.
+    statistics: AdapterStatistics | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
