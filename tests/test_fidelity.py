@@ -13,7 +13,15 @@ pytest.importorskip("sklearn", reason="the fidelity benchmark's data (digits) sh
 from benchmarks.fidelity import concepts as C  # noqa: E402
 from benchmarks.fidelity import metrics as M  # noqa: E402
 from benchmarks.fidelity.base_model import BaseConfig, build_tokenizer, class_prompt, load_digits_data  # noqa: E402
-from benchmarks.fidelity.run import START, RunConfig, run, subsets, write_docs  # noqa: E402
+from benchmarks.fidelity.run import (  # noqa: E402
+    START,
+    RunConfig,
+    choose_setting,
+    run,
+    stats_settings,
+    subsets,
+    write_docs,
+)
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +76,24 @@ def test_denoise_loss_matches_a_reference_computation():
     x_t = sched.add_noise(ev.x0, ev.noise, ev.t)
     reference = ((0.5 * x_t - ev.noise) ** 2).mean().item()
     assert M.denoise_loss(Shrink(), sched, encode, ev, batch=5) == pytest.approx(reference, rel=1e-6)
+
+
+def test_statistics_merge_settings_rule():
+    trials = [
+        {"options": {"prior_weight": 0.0}, "retained": 0.95, "prior_drift": 0.40},
+        {"options": {"prior_weight": 1.0}, "retained": 0.90, "prior_drift": 0.14},
+        {"options": {"prior_weight": 3.0}, "retained": 0.80, "prior_drift": 0.10},
+    ]
+    # Single adapters drift 10 %: within 1.5x are the last two; the better R of those wins, not the best R overall.
+    assert choose_setting(trials, 0.10, 1.5)["options"] == {"prior_weight": 1.0}
+    assert choose_setting(trials, 0.05, 1.5)["options"] == {"prior_weight": 3.0}  # none within: lowest drift
+    with pytest.raises(ValueError, match="no statistics-merge setting"):
+        choose_setting([], 0.1, 1.5)
+    cfg = RunConfig(
+        stats_grid=(("prior_weight", (0.0, 1.0, 3.0)), ("ridge", (1e-3,)), ("prior_target", ("own", "base")))
+    )
+    settings = [dict(s) for s in stats_settings(cfg)]
+    assert len(settings) == 5 and {"prior_weight": 0.0, "ridge": 1e-3, "prior_target": "base"} not in settings
 
 
 def test_subsets_cover_every_concept():
@@ -208,7 +234,18 @@ TOY = RunConfig(
     samples_per_concept=2,
     sample_steps=2,
     prior_images_per_class=1,
-    methods=("lora-sum", "lora-avg", "peft-ties", "ortho-disjoint", "ortho-disjoint-erasure", "block"),
+    class_images=4,
+    stats_grid=(("prior_weight", (0.0, 1.0)), ("ridge", (1e-3,)), ("prior_target", ("own", "base"))),
+    methods=(
+        "lora-sum",
+        "lora-avg",
+        "peft-ties",
+        "ortho-disjoint",
+        "ortho-disjoint-erasure",
+        "block",
+        "lora-stats",
+        "lora-stats-calibrated",
+    ),
 )
 
 
@@ -221,8 +258,10 @@ def test_quick_run_end_to_end_on_a_toy_budget(tmp_path):
     for name in measured:
         assert set(summary[name]) == {1, 3}
         assert summary[name][3]["evaluations"] == 3  # one merge of all three, each concept evaluated in it
-        # N = 1 is the single adapter itself for every method (peft turns one adapter into "linear", weight 1).
-        assert summary[name][1]["retained"] == pytest.approx(1.0, abs=1e-4)
+        # N = 1 is the single adapter itself for every weight-space method (peft turns one adapter into "linear",
+        # weight 1); the statistics merge of one adapter is its projection onto its recorded inputs.
+        if "stats" not in name:
+            assert summary[name][1]["retained"] == pytest.approx(1.0, abs=1e-4)
     rows = [r for r in results["rows"] if r["method"] == "lora-sum" and r["n"] == 3]
     base, single = results["base"]["loss"], results["single_loss"]["lora"]
     for r in rows:  # the table's number is the formula applied to the measured losses
@@ -232,7 +271,25 @@ def test_quick_run_end_to_end_on_a_toy_budget(tmp_path):
     avg = {r["concept"]: r["merged_loss"] for r in results["rows"] if r["method"] == "lora-avg" and r["n"] == 3}
     assert all(avg[r["concept"]] != r["merged_loss"] for r in rows)
     families = {m["family"] for m in results["methods"]}
-    assert sum("trained" in line for line in logs) == 3 * len(families)  # each concept once per family
+    # Each concept once per family, and the five tuning concepts once (their lora adapters choose the statistics
+    # merge's settings).
+    assert sum("trained" in line for line in logs) == 3 * len(families) + 5
+
+    # The statistics merge: settings chosen by the rule from the tuning trials, used by every statistics row, and
+    # the report's predictions paired with measured retention.
+    tuned = results["stats_tuning"]
+    assert len(tuned["trials"]) == 3  # μ = 0 once (the target is moot), μ = 1 with either target
+    best = choose_setting(tuned["trials"], tuned["single_prior_drift"], TOY.drift_allowance)
+    assert [list(kv) for kv in best["options"].items()] == tuned["chosen"]
+    stats_rows = [r for r in results["rows"] if r["method"] == "lora-stats"]
+    assert stats_rows and all(r["predicted"] is not None for r in stats_rows)
+    assert all(r["predicted"] is None for r in rows)  # the exact sum is not predicted here (no report retention)
+    pairs = [r for r in results["rows"] if r["predicted"] is not None and r["n"] > 1]
+    ranks = [np.argsort(np.argsort([r[k] for r in pairs])) for k in ("predicted", "retained")]
+    rho = np.corrcoef(*ranks)[0, 1]  # Spearman without ties = Pearson of the ranks
+    assert results["prediction"]["all"]["spearman"] == pytest.approx(rho)
+    calibrated = [r for r in results["rows"] if r["method"] == "lora-stats-calibrated" and r["n"] == 3]
+    assert {r["merged_loss"] for r in calibrated} != {r["merged_loss"] for r in stats_rows if r["n"] == 3}
 
     # Cached: a second run trains nothing and measures the same numbers.
     logs2 = []
@@ -262,9 +319,8 @@ def test_training_records_each_kind_and_calibration_copies_the_adapter(tmp_path)
     """Recorded statistics hold the three kinds; a calibrated copy keeps the adapter's files byte for byte and its
     text-side statistics are the Gram of the concept prompt's text states (a float64 computation done here)."""
     pytest.importorskip("peft_ortho.statistics", reason="needs the statistics recorder")
-    from peft_ortho.statistics import calibrate, load_statistics  # noqa: F401
-
     from benchmarks.fidelity.run import Benchmark
+    from peft_ortho.statistics import calibrate, load_statistics  # noqa: F401
 
     bench = Benchmark(TOY, str(tmp_path / "cache"), log=lambda *_: None)
     folder = bench.train("lora", 1e-2, 1)

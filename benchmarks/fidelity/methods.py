@@ -18,9 +18,12 @@ Merge *methods* (what the benchmark reports), each mapping a family's adapter fo
 - ``peft-ties`` / ``peft-svd``: the adapters loaded into one ``PeftModel`` and combined by peft's
   ``add_weighted_adapter`` (weights 1; ``ties`` with density 0.5 acts on the A and B factors separately, ``svd``
   truncates the summed delta to peft's default rank, the adapters' rank ``r``), then ``merge_and_unload``;
-- ``ortho-random``, ``ortho-disjoint``, ``ortho-disjoint-erasure``, ``block``, ``block-erasure``: ``compose`` (``method="auto"``,
-  weights 1: the stacked factors, exact) + ``fuse``;
-- ``soda``: the adapters loaded as named adapters, all active, ``merge_and_unload`` (sum of ``W_i − W0``).
+- ``ortho-random``, ``ortho-disjoint``, ``ortho-disjoint-erasure``, ``block``, ``block-erasure``: ``compose``
+  (``method="linear"``, weights 1: the stacked factors, exact) + ``fuse``;
+- ``soda``: the adapters loaded as named adapters, all active, ``merge_and_unload`` (sum of ``W_i − W0``);
+- ``*-stats``: ``compose(method="regmean")`` (the statistics merge) on the statistics each adapter recorded in
+  training; ``lora-stats-calibrated`` on statistics computed by ``peft_ortho.statistics.calibrate`` from the concept
+  prompt alone; ``lora-sequential``: the sequential output-matching merge on calibration batches.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ class Method:
 
     name: str
     family: str
-    # "compose-sum", "compose-avg", "compose-auto", "peft-ties", "peft-svd", "soda-sum", "compose-regmean" (the
+    # "compose-sum", "compose-avg", "compose-exact", "peft-ties", "peft-svd", "soda-sum", "compose-regmean" (the
     # statistics merge on the statistics each adapter recorded while training), "compose-regmean-calibrated" (on
     # statistics computed from the concept prompt alone, as for a third-party file), "sequential"
     merge: str
@@ -64,11 +67,11 @@ ALL_METHODS = [
     Method("lora-avg", "lora", "compose-avg", "LoRA, average"),
     Method("peft-ties", "lora", "peft-ties", "LoRA, peft ties"),
     Method("peft-svd", "lora", "peft-svd", "LoRA, peft svd"),
-    Method("ortho-random", "ortho-random", "compose-auto", "orthogonal, random slots"),
-    Method("ortho-disjoint", "ortho-disjoint", "compose-auto", "orthogonal, disjoint slots"),
-    Method("ortho-disjoint-erasure", "ortho-disjoint-erasure", "compose-auto", "orthogonal, disjoint + erasure"),
-    Method("block", "block", "compose-auto", "BlockLoRA (blocks only)"),
-    Method("block-erasure", "block-erasure", "compose-auto", "BlockLoRA + erasure"),
+    Method("ortho-random", "ortho-random", "compose-exact", "orthogonal, random slots"),
+    Method("ortho-disjoint", "ortho-disjoint", "compose-exact", "orthogonal, disjoint slots"),
+    Method("ortho-disjoint-erasure", "ortho-disjoint-erasure", "compose-exact", "orthogonal, disjoint + erasure"),
+    Method("block", "block", "compose-exact", "BlockLoRA (blocks only)"),
+    Method("block-erasure", "block-erasure", "compose-exact", "BlockLoRA + erasure"),
     Method("soda", "soda", "soda-sum", "SODA"),
     # The statistics merge (compose(method="regmean")) on the same adapters; its settings (prior weight μ, ridge λ,
     # prior target) are chosen on the tuning concepts (run.tune_statistics_merge) and filled in by the run.
@@ -355,7 +358,9 @@ def merge_into(
         from peft_ortho import compose
 
         weights = [1.0 / n] * n if method.merge == "compose-avg" else [1.0] * n
-        kind = {"compose-auto": "auto", "compose-sum": "linear", "compose-avg": "linear"}.get(method.merge, "regmean")
+        # The exact rows ask for "linear" (stacked factors) by name: "auto" would pick the statistics merge for
+        # adapters that carry statistics, and every adapter of a statistics family records them.
+        kind = "regmean" if method.uses_statistics else "linear"
         merged = _quiet(lambda: compose(folders, weights=weights, method=kind, progress=False, **options))
         merged.fuse(unet)
         if info is not None:
