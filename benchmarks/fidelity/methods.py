@@ -29,6 +29,7 @@ Merge *methods* (what the benchmark reports), each mapping a family's adapter fo
 from __future__ import annotations
 
 import copy
+import os
 import random
 import time
 import warnings
@@ -124,11 +125,13 @@ def family_available(family: str) -> bool:
 
 
 def available_methods(names: list[str] | None = None) -> list[Method]:
-    return [
-        m
-        for m in ALL_METHODS
-        if (names is None or m.name in names) and family_available(m.family) and merge_available(m.merge)
-    ]
+    """The methods this checkout can run: all, or those named, in the order named."""
+    by_name = {m.name: m for m in ALL_METHODS}
+    unknown = [n for n in names or [] if n not in by_name]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {list(by_name)}")
+    chosen = ALL_METHODS if names is None else [by_name[n] for n in names]
+    return [m for m in chosen if family_available(m.family) and merge_available(m.merge)]
 
 
 def _random_basis_rows(unet, rank: int, seed: int) -> dict[str, list[int]]:
@@ -366,10 +369,22 @@ def merge_into(
         if info is not None:
             info["merged"] = merged
     elif method.merge == "sequential":
-        from peft_ortho.compose import sequential_merge_into
+        from peft_ortho import compose
 
         inputs, prior = calibration
-        _quiet(lambda: sequential_merge_into(unet, folders, inputs=inputs, prior=prior, **options))
+        names = [os.path.basename(os.path.normpath(f)) for f in folders]
+        merged = _quiet(
+            lambda: compose(
+                folders,
+                method="sequential",
+                calibrate=base_unet,
+                inputs=dict(zip(names, inputs)),
+                prior_inputs=prior,
+                progress=False,
+                **options,
+            )
+        )
+        merged.fuse(unet)
     else:
         from peft import PeftModel
 

@@ -236,7 +236,7 @@ def tuning_table(tuned: dict) -> str:
     for t in tuned["trials"]:
         bold = "**" if t["options"] == chosen else ""
         cells = [f"{bold}{t['options'][k]}{bold}" for k in keys]
-        cells += [f"{t['retained']:.3f}", f"{t['retained_min']:.3f}", f"{t['identity']:.2f}"]
+        cells += [f"{t['retained']:.3f}", f"{t['retained_min']:.3f}", _fmt(t["identity"], ".2f")]
         cells.append(f"{100 * t['prior_drift']:+.1f} %")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

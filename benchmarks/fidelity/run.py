@@ -99,15 +99,19 @@ class RunConfig:
     # "own" (each adapter keeps its own behaviour on its prior batches) or "base" (the base's behaviour).
     stats_grid: tuple[tuple[str, tuple], ...] = (
         ("prior_weight", (0.0, 0.3, 1.0, 3.0, 10.0)),
-        ("ridge", (1e-3, 1e-1)),
+        ("ridge", (1e-3,)),
         ("prior_target", ("own", "base")),
     )
+    tuning_identity: bool = False  # the rule reads R and drift; sampling every setting's images costs ~3x more
     # Which concepts choose the settings: "tuning" (TUNING_SET, never merged in the benchmark: five more adapters to
     # train) or "benchmark" (the benchmark's own concepts, in ceil(C/5) merges of five: no extra training, but the
     # settings are then chosen on the concepts they are measured on, at N = 5 only).
     stats_tuning: str = "benchmark"
     drift_allowance: float = 1.5  # the rule: highest R whose prior drift ≤ allowance × the single adapters' own
     calibration_steps: int = 4  # denoising steps of calibrate() for adapters without statistics
+    # The sequential merge runs the model layer by layer per merge (minutes on this machine at N = 15): measured at
+    # these N only.
+    sequential_ns: tuple[int, ...] = (1, 5, 15)
     methods: tuple[str, ...] | None = None
     seed: int = 0
 
@@ -136,7 +140,7 @@ class RunConfig:
     def eval_key(self, family: str, lr: float, options=()) -> str:
         """Names a method's cached evaluation: everything that changes its numbers (not the method list)."""
         skip = ("methods", "sweep", "lr_grid", "stats_grid", "drift_allowance", "stats_tuning")
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip and k != "tuning_identity"}
         blob = json.dumps(
             [fields, self.base.key(), self.train_key(family, lr), list(options), "eval-v2"],
             sort_keys=True,
@@ -199,6 +203,7 @@ class Benchmark:
         self._states: dict[str, torch.Tensor] = {}
         self._class_pools: dict[int, torch.Tensor] = {}
         self._singles: dict[str, dict] = {}
+        self._single_images: dict[str, torch.Tensor] = {}
 
     def prior_pool(self, digit: int) -> tuple[torch.Tensor, list[str]] | None:
         """The class images and prompts concept training preserves: the concept's own class (``prior_classes =
@@ -337,14 +342,16 @@ class Benchmark:
             if folder in self._singles:  # measured before in this run (the settings' tuning measures them too)
                 out[i] = self._singles[folder]
                 continue
-            unet, _ = merge_into(self.base.unet, exact, [folder])
-            (acc,), _ = self.identity(unet, [i])
+            unet, seconds = merge_into(self.base.unet, exact, [folder])
+            (acc,), imgs = self.identity(unet, [i])
             out[i] = {
                 "loss": self.loss(unet, i),
                 "prior_drift": prior_drift(base_prior, self.prior_loss(unet)),
                 "identity": acc,
+                "merge_seconds": seconds,
             }
             self._singles[folder] = out[i]
+            self._single_images[folder] = imgs[0, 0]
         return out
 
     def calibrated(self, folder: str, index: int) -> str:
@@ -576,7 +583,8 @@ def tune_statistics_merge(bench: Benchmark, base_prior: float, family: str = "lo
         retained, accs, drifts, seconds = [], [], [], []
         for group in groups:
             unet, s = merge_into(bench.base.unet, method, [folders[i] for i in group])
-            accs += bench.identity(unet, group)[0]
+            if cfg.tuning_identity:
+                accs += bench.identity(unet, group)[0]
             retained += [retained_improvement(base_loss[i], bench.loss(unet, i), single[i]["loss"]) for i in group]
             drifts.append(prior_drift(base_prior, bench.prior_loss(unet)))
             seconds.append(s)
@@ -584,7 +592,7 @@ def tune_statistics_merge(bench: Benchmark, base_prior: float, family: str = "lo
             "options": dict(opts),
             "retained": float(np.nanmean(retained)),
             "retained_min": float(np.nanmin(retained)),
-            "identity": float(np.mean(accs)),
+            "identity": float(np.mean(accs)) if accs else math.nan,
             "prior_drift": float(np.mean(drifts)),
             "merge_seconds": float(np.median(seconds)),
         }
@@ -627,6 +635,10 @@ def prediction_agreement(rows: list[dict]) -> dict:
     return out
 
 
+# Merges whose result for one adapter is that adapter exactly.
+WEIGHT_SPACE_MERGES = ("compose-sum", "compose-avg", "compose-exact", "peft-ties", "peft-svd", "soda-sum")
+
+
 def evaluate_method(bench, method, folders, base_loss, base_prior, singles, n_max) -> tuple[list[dict], dict]:
     """Every merge of ``method`` (each N, each subset): rows of measurements (with the merge report's predicted
     retention where it gives one) and one sample per concept and N for the figures."""
@@ -635,7 +647,28 @@ def evaluate_method(bench, method, folders, base_loss, base_prior, singles, n_ma
     if method.merge == "compose-regmean-calibrated":
         family = {i: bench.calibrated(f, i) for i, f in family.items()}
     for n in cfg.ns:
-        if n > cfg.concepts:
+        if n > cfg.concepts or (method.merge == "sequential" and n not in cfg.sequential_ns):
+            continue
+        if n == 1 and method.merge in WEIGHT_SPACE_MERGES:
+            # A weight-space merge of one adapter is that adapter (weight 1; peft turns one adapter into "linear"):
+            # its row is the single adapter's measurement, taken once per family.
+            for i in range(cfg.concepts):
+                one = bench._singles[family[i]]
+                rows.append(
+                    {
+                        "method": method.name,
+                        "n": 1,
+                        "subset": [i],
+                        "concept": i,
+                        "merged_loss": one["loss"],
+                        "retained": retained_improvement(base_loss[i], one["loss"], singles[method.family][i]),
+                        "identity": one["identity"],
+                        "prior_drift": one["prior_drift"],
+                        "merge_seconds": one["merge_seconds"],
+                        "predicted": None,
+                    }
+                )
+                grid.setdefault(1, {})[i] = bench._single_images[family[i]]
             continue
         for subset in subsets(cfg.concepts, n):
             calibration, info = None, {}
@@ -727,6 +760,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="5 concepts, N = 1, 2, 5, smaller budget (< 5 min)")
     parser.add_argument("--methods", nargs="+", help="subset of methods (default: all available)")
+    parser.add_argument("--ns", nargs="+", type=int, help="the N to measure (default: the mode's)")
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE)
     parser.add_argument("--docs", action="store_true", help="write docs/ (default for the full run)")
     parser.add_argument("--no-docs", action="store_true", help="do not write docs/")
@@ -740,11 +774,14 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = QUICK if args.quick else FULL
     if args.methods:
         cfg = dataclasses.replace(cfg, methods=tuple(args.methods))
+    if args.ns:
+        cfg = dataclasses.replace(cfg, ns=tuple(args.ns))
     results = run(cfg, args.cache_dir)
     print(f"wall time {results['wall_seconds']:.0f} s")
     if (args.docs or not args.quick) and not args.no_docs:
         command = "python -m benchmarks.fidelity.run" + (" --quick" if args.quick else "")
         command += (" --methods " + " ".join(args.methods)) if args.methods else ""
+        command += (" --ns " + " ".join(map(str, args.ns))) if args.ns else ""
         results["note"] = args.note
         results["machine"] = (
             f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, "
