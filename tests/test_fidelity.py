@@ -271,9 +271,8 @@ def test_quick_run_end_to_end_on_a_toy_budget(tmp_path):
     avg = {r["concept"]: r["merged_loss"] for r in results["rows"] if r["method"] == "lora-avg" and r["n"] == 3}
     assert all(avg[r["concept"]] != r["merged_loss"] for r in rows)
     families = {m["family"] for m in results["methods"]}
-    # Each concept once per family, and the five tuning concepts once (their lora adapters choose the statistics
-    # merge's settings).
-    assert sum("trained" in line for line in logs) == 3 * len(families) + 5
+    # Each concept once per family (the statistics merge's settings are chosen on the same lora adapters).
+    assert sum("trained" in line for line in logs) == 3 * len(families)
 
     # The statistics merge: settings chosen by the rule from the tuning trials, used by every statistics row, and
     # the report's predictions paired with measured retention.
@@ -283,7 +282,9 @@ def test_quick_run_end_to_end_on_a_toy_budget(tmp_path):
     assert [list(kv) for kv in best["options"].items()] == tuned["chosen"]
     stats_rows = [r for r in results["rows"] if r["method"] == "lora-stats"]
     assert stats_rows and all(r["predicted"] is not None for r in stats_rows)
-    assert all(r["predicted"] is None for r in rows)  # the exact sum is not predicted here (no report retention)
+    # The report predicts the exact sum too (its adapters carry statistics); peft's merges make no report.
+    assert all(r["predicted"] is not None for r in rows)
+    assert all(r["predicted"] is None for r in results["rows"] if r["method"] == "peft-ties")
     pairs = [r for r in results["rows"] if r["predicted"] is not None and r["n"] > 1]
     ranks = [np.argsort(np.argsort([r[k] for r in pairs])) for k in ("predicted", "retained")]
     rho = np.corrcoef(*ranks)[0, 1]  # Spearman without ties = Pearson of the ranks

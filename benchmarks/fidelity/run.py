@@ -622,16 +622,19 @@ def tune_statistics_merge(bench: Benchmark, base_prior: float, family: str = "lo
 
 def prediction_agreement(rows: list[dict]) -> dict:
     """Spearman rank correlation between the merge report's predicted retention and the measured retained
-    improvement, over every (concept, N > 1) evaluation of each method that predicts (and all such together)."""
+    improvement over every (concept, N > 1) evaluation: per method that predicts, over the statistics merges
+    together (``"statistics"``) and over every predicting method together (``"all"``)."""
     from scipy.stats import spearmanr
 
     out = {}
     pairs = [r for r in rows if r.get("predicted") is not None and r["n"] > 1 and not math.isnan(r["retained"])]
-    for name in [*dict.fromkeys(r["method"] for r in pairs), None]:
-        rs = [r for r in pairs if name is None or r["method"] == name]
+    groups = {name: [r for r in pairs if r["method"] == name] for name in dict.fromkeys(r["method"] for r in pairs)}
+    groups["statistics"] = [r for r in pairs if "-stats" in r["method"]]
+    groups["all"] = pairs
+    for name, rs in groups.items():
         if len(rs) >= 3:
             rho = spearmanr([r["predicted"] for r in rs], [r["retained"] for r in rs]).statistic
-            out[name or "all"] = {"spearman": float(rho), "pairs": len(rs)}
+            out[name] = {"spearman": float(rho), "pairs": len(rs)}
     return out
 
 
@@ -765,6 +768,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--docs", action="store_true", help="write docs/ (default for the full run)")
     parser.add_argument("--no-docs", action="store_true", help="do not write docs/")
     parser.add_argument("--note", default="", help="a sentence appended to the docs section (e.g. what was left out)")
+    parser.add_argument("--note-file", help="a markdown file appended to the docs section (after --note)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a shared machine)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -783,6 +787,9 @@ def main(argv: list[str] | None = None) -> dict:
         command += (" --methods " + " ".join(args.methods)) if args.methods else ""
         command += (" --ns " + " ".join(map(str, args.ns))) if args.ns else ""
         results["note"] = args.note
+        if args.note_file:
+            with open(args.note_file) as f:
+                results["note"] = (args.note + "\n\n" + f.read()).strip()
         results["machine"] = (
             f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, "
             f"Python {platform.python_version()}"
