@@ -504,6 +504,17 @@ def run(cfg: RunConfig, cache_dir: str = DEFAULT_CACHE, log=print) -> dict:
     results["methods"] = [dataclasses.asdict(m) for m in methods]
     results["grid_samples"] = grid_samples
     results["prediction"] = prediction_agreement(rows)
+    cal = [
+        json.load(open(os.path.join(f + "-calibrated", "calibration.json")))
+        for per in folders.values()
+        for f in per.values()
+        if os.path.isfile(os.path.join(f + "-calibrated", "calibration.json"))
+    ]
+    if cal:  # how close calibrate() came to the statistics recorded in training (compare_statistics, "concept")
+        results["calibration"] = {
+            k: float(np.mean([c[k] for c in cal])) for k in ("relative_error", "overlap", "seconds")
+        }
+        results["calibration"]["adapters"] = len(cal)
     results["wall_seconds"] = time.perf_counter() - t_start
     return results
 
