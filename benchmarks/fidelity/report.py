@@ -320,7 +320,7 @@ def markdown(results: dict, labels: dict[str, str], command: str) -> str:
         "Classes: "
         + (
             "the ten class prompts `a photo of digit <d>` (the concept's class noun is *digit*). The strict "
-            "reading, the concept's own digit only, was measured first on two concepts: the nine other class "
+            "reading, the concept's own digit only, was measured first on two concepts (12 + 12 samples per step): the nine other class "
             "prompts then still drifted by up to +370 % (single LoRA of `sks0`: +153 % over all classes vs +17 % "
             "with all ten; `sks3`: +24 % vs +8 %), because in this 14-word vocabulary every prompt is one or two "
             "tokens from the concept's"
