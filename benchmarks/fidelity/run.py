@@ -623,7 +623,7 @@ def tune_statistics_merge(bench: Benchmark, base_prior: float, family: str = "lo
         "trials": trials,
         "chosen": [list(kv) for kv in best["options"].items()],
     }
-    log(f"  statistics merge settings chosen on the tuning concepts: {best['options']}")
+    log(f"  statistics merge settings chosen ({cfg.stats_tuning} concepts, N = {len(groups[0])}): {best['options']}")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w") as f:
         json.dump(out, f)
