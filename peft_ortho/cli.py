@@ -19,16 +19,27 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     c.add_argument("--format", choices=["peft", "diffusers", "fused"], default="peft")
     c.add_argument("--weights", type=float, nargs="+", help="one weight per adapter (default 1.0 each)")
-    c.add_argument("--method", default="auto", help="auto (exact stacking), linear, ties, dare_linear, dare_ties, svd")
+    _merge_arguments(c)
     c.add_argument("--svd-rank", type=int, help="rank of the LoRA export for delta-space methods")
     c.add_argument("--component", default="unet", help="diffusers component PEFT adapters belong to")
-    c.add_argument("--base", help="--format fused: the base model folder (diffusers or transformers) to fuse into")
+    c.add_argument(
+        "--base",
+        help="the base model folder (diffusers or transformers): --format fused fuses into it; the report's drift "
+        "‖ΔW X0‖/‖W X0‖ uses its weights",
+    )
     c.add_argument("--overwrite", action="store_true")
 
-    i = sub.add_parser("inspect", help="check adapters can be merged and print their interference report")
+    i = sub.add_parser("inspect", help="check adapters can be merged and print the report (predicted behaviour)")
     i.add_argument("names", nargs="+", metavar="NAME")
     i.add_argument("--weights", type=float, nargs="+")
-    i.add_argument("--plot", metavar="FILE.png", help="write a heatmap of the pairwise crosstalk")
+    _merge_arguments(i)
+    i.add_argument("--component", default="unet", help="diffusers component PEFT adapters belong to")
+    i.add_argument("--base", help="base model folder whose weights the report's drift ‖ΔW X0‖/‖W X0‖ uses")
+    i.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="write a heatmap: predicted output change per concept and layer, basis response",
+    )
     i.add_argument("--json", metavar="FILE.json", help="write the full report as JSON")
 
     e = sub.add_parser("export", help="convert a PEFT adapter to another format")
@@ -38,6 +49,56 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--component", default="unet")
     e.add_argument("--overwrite", action="store_true")
     return p
+
+
+def _merge_arguments(p: argparse.ArgumentParser) -> None:
+    from .compose.merge import PRIOR_TARGET, PRIOR_TARGETS, PRIOR_WEIGHT, RIDGE
+
+    p.add_argument(
+        "--method",
+        default="auto",
+        help="auto (regmean when every adapter carries input statistics, else exact stacking), linear, regmean, "
+        "ties, dare_linear, dare_ties, svd",
+    )
+    p.add_argument("--prior-weight", type=float, default=PRIOR_WEIGHT, help="regmean: μ, weight of ordinary inputs")
+    p.add_argument("--ridge", type=float, default=RIDGE, help="regmean: λ relative to tr(G)/in (0: minimum norm)")
+    p.add_argument(
+        "--prior-target",
+        choices=PRIOR_TARGETS,
+        default=PRIOR_TARGET,
+        help="regmean: keep each adapter's own output on its prior inputs (own) or the base's (base)",
+    )
+    p.add_argument(
+        "--calibrate",
+        metavar="MODEL_DIR",
+        help="pipeline or model folder to compute statistics with, for adapters without (needs --prompt)",
+    )
+    p.add_argument(
+        "--prompt",
+        action="append",
+        default=[],
+        metavar="NAME=PROMPT",
+        help="trigger prompt of adapter NAME for --calibrate (repeat per adapter)",
+    )
+
+
+def _prompts(items: list[str]) -> dict[str, str] | None:
+    prompts = {}
+    for item in items:
+        name, sep, prompt = item.partition("=")
+        if not sep or not name:
+            raise PeftOrthoError(f"--prompt {item!r}: expected NAME=PROMPT")
+        prompts[name] = prompt
+    return prompts or None
+
+
+def _load_model_or_pipeline(path: str):
+    """A diffusers pipeline folder (``model_index.json``) or a model folder (``_load_base``)."""
+    if os.path.isfile(os.path.join(path, "model_index.json")):
+        from diffusers import DiffusionPipeline
+
+        return DiffusionPipeline.from_pretrained(path)
+    return _load_base(path)
 
 
 def _load_base(path: str):
@@ -64,13 +125,24 @@ def _run(args) -> int:
         path = save_diffusers(args.adapter, args.out, component=args.component, overwrite=args.overwrite)
         print(f"wrote {path}")
         return 0
+    prompts = _prompts(args.prompt)
+    if prompts and not args.calibrate:
+        raise PeftOrthoError("--prompt needs --calibrate MODEL_DIR (the model to run the prompts through)")
+    calibrate = _load_model_or_pipeline(args.calibrate) if args.calibrate else None
+    base = _load_base(args.base) if args.base else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         merged = compose(
             args.names,
             weights=args.weights,
-            method=getattr(args, "method", "auto"),
-            component=getattr(args, "component", "unet"),
+            method=args.method,
+            prior_weight=args.prior_weight,
+            ridge=args.ridge,
+            prior_target=args.prior_target,
+            calibrate=calibrate,
+            prompts=prompts,
+            base=base,
+            component=args.component,
             progress=sys.stderr.isatty(),  # progress bars only for a person watching; logs get one-line errors
         )
     for w in caught:
@@ -93,7 +165,7 @@ def _run(args) -> int:
             raise PeftOrthoError("--format fused needs --base FOLDER (the base model to fuse into)")
         from ._io import atomic_dir
 
-        model = merged.fuse(_load_base(args.base), component=args.component)
+        model = merged.fuse(base, component=args.component)
         with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
             model.save_pretrained(tmp)
         path = os.path.abspath(args.out)

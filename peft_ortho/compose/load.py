@@ -24,6 +24,15 @@ import torch
 from .._io import mmap_safetensors, read_adapter_folder
 from .._registry import PeftOrthoType
 from ..errors import AdapterFileError
+from ..statistics import (
+    STATISTICS_NAME,
+    STATISTICS_SUFFIX,
+    AdapterStatistics,
+    check_statistics,
+    is_statistics_file,
+    layer_key,
+    load_statistics,
+)
 from ..tuners.block_lora.layout import block_entry, check_block_factor, pad_factor, stored_dim
 from .resolve import Source
 
@@ -60,6 +69,9 @@ class Adapter:
     layer_keys: dict[tuple[str | None, str], tuple[str, str]]
     scales: dict[tuple[str | None, str], float]
     tensors: dict[str, torch.Tensor] = field(repr=False)
+    # Per-layer input statistics (recorded by the trainer, or computed by ``compose(..., calibrate=...)``); the
+    # statistics merge (``method="regmean"``) and the report's predictions need them.
+    statistics: AdapterStatistics | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
@@ -88,7 +100,12 @@ class Adapter:
         return list(self.layer_keys)
 
     def assign_component(self, component: str) -> None:
-        """Place a PEFT-folder adapter (component ``None``) under ``component``, to merge it with diffusers files."""
+        """Place a PEFT-folder adapter (component ``None``) under ``component``, to merge it with diffusers files.
+
+        Its statistics, keyed by the folder's layer names, are re-keyed ``"component.layer"`` alike.
+        """
+        if self.statistics is not None and any(c is None for c, _ in self.layer_keys):
+            self.statistics = self.statistics.with_prefix(component)
         self.layer_keys = {(c if c is not None else component, n): v for (c, n), v in self.layer_keys.items()}
         self.scales = {(c if c is not None else component, n): v for (c, n), v in self.scales.items()}
 
@@ -163,10 +180,38 @@ def _pair_keys(keys, strip: str, adapter: str) -> dict[str, tuple[str, str]]:
 
 
 def load_adapter(source: Source) -> Adapter:
-    """Read one resolved source (config + tensor index; tensors stay lazy)."""
-    if os.path.isdir(source.path):
-        return _load_peft_folder(source)
-    return _load_single_file(source)
+    """Read one resolved source (config + tensor index; tensors stay lazy), with its statistics when it has them.
+
+    Statistics (``Adapter.statistics``) are read from ``adapter_statistics.safetensors`` in a PEFT folder; for a
+    single LoRA file ``x.safetensors`` from the sibling ``x.statistics.safetensors``, or from
+    ``adapter_statistics.safetensors`` beside it when it is the folder's only LoRA file (a diffusers LoRA folder or
+    Hub repo). They are validated (``load_statistics``) and must name only the adapter's layers, at their widths.
+    """
+    adapter = _load_peft_folder(source) if os.path.isdir(source.path) else _load_single_file(source)
+    path = statistics_path(source.path)
+    if path is not None:
+        stats = load_statistics(path, adapter=source.name)
+        widths = {layer_key(c, n): adapter.delta_shape((c, n))[1] for c, n in adapter.layers()}
+        check_statistics(stats, widths, adapter=source.name)
+        adapter.statistics = stats
+    return adapter
+
+
+def statistics_path(path: str) -> str | None:
+    """The statistics file that belongs to an adapter folder or single LoRA file, if there is one."""
+    if os.path.isdir(path):
+        candidate = os.path.join(path, STATISTICS_NAME)
+        return candidate if os.path.isfile(candidate) else None
+    sibling = path[: -len(".safetensors")] + STATISTICS_SUFFIX if path.endswith(".safetensors") else None
+    if sibling is not None and os.path.isfile(sibling):
+        return sibling
+    folder = os.path.dirname(path)
+    beside = os.path.join(folder, STATISTICS_NAME)
+    if os.path.isfile(beside):
+        weights = [f for f in os.listdir(folder) if f.endswith(".safetensors") and not is_statistics_file(f)]
+        if weights == [os.path.basename(path)]:
+            return beside
+    return None
 
 
 def _load_peft_folder(source: Source) -> Adapter:

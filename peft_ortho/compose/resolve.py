@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 from .._io import PICKLE_SUFFIXES, refuse_pickle
 from ..errors import AdapterFileError
+from ..statistics import is_statistics_file
 
-ADAPTER_FILES = ["adapter_config.json", "*.safetensors"]
+ADAPTER_FILES = ["adapter_config.json", "*.safetensors"]  # weights, and adapter_statistics.safetensors when present
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -49,7 +50,7 @@ def resolve(name: str, *, token: str | bool | None = None, cache_dir: str | None
         folder = os.path.abspath(name)
         if os.path.isfile(os.path.join(folder, "adapter_config.json")):
             return Source(name=name, kind="folder", path=folder)
-        weights = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+        weights = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors") and not is_statistics_file(f))
         if len(weights) == 1:  # a diffusers LoRA folder (pytorch_lora_weights.safetensors)
             return Source(name=name, kind="file", path=os.path.join(folder, weights[0]))
         for f in os.listdir(folder):
@@ -62,6 +63,8 @@ def resolve(name: str, *, token: str | bool | None = None, cache_dir: str | None
         refuse_pickle(name, adapter=name)
         if not name.endswith(".safetensors"):
             raise AdapterFileError("a single-file LoRA must be a .safetensors file", adapter=name)
+        if is_statistics_file(name):
+            raise AdapterFileError("is a statistics file, not an adapter: name the LoRA file beside it", adapter=name)
         return Source(name=name, kind="file", path=os.path.abspath(name))
     repo_id, revision = split_revision(name)
     looks_like_path = name.startswith((".", "/", "~")) or repo_id.count("/") != 1
@@ -97,7 +100,7 @@ def _resolve_hub(name: str, repo_id: str, revision: str | None, *, token, cache_
     # snapshot folders are named by the commit they hold.
     commit = os.path.basename(os.path.normpath(folder))
     has_config = os.path.isfile(os.path.join(folder, "adapter_config.json"))
-    weights = [f for f in os.listdir(folder) if f.endswith(".safetensors")]
+    weights = [f for f in os.listdir(folder) if f.endswith(".safetensors") and not is_statistics_file(f)]
     if not weights:
         raise AdapterFileError(
             f"{repo_id}@{revision or 'main'} has no .safetensors weights (pickled .bin weights are never read)",
