@@ -598,10 +598,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_dreambooth_trains_the_same_adapter_on_two_ddp_processes(dreambooth, sd_data, tmp_path):
-    """``accelerate launch`` with 2 CPU processes (torchrun + gloo): each process trains on its own images and noise
-    (their losses differ), DDP averages the gradients, and both end with bit-identical adapters that training moved.
-    The random orthogonal slot is drawn once and shared, or the processes' frozen ``lora_A`` would differ."""
+def test_dreambooth_trains_the_same_adapter_on_two_ddp_processes(dreambooth, sd_data, tmp_path, monkeypatch):
+    """``accelerate launch`` with 2 CPU processes (torchrun + gloo), with prior preservation: each process trains on
+    its own images and noise (their losses differ), DDP averages the gradients, and both end with bit-identical
+    adapters that training moved *and* bit-identical input statistics (summed over the processes). The random
+    orthogonal slot is drawn once and shared, or the processes' frozen ``lora_A`` would differ.
+
+    And 2 processes × batch 1 train on exactly the samples 1 process × batch 2 does (every draw is a function of the
+    sample's number): the same losses, statistics and adapter, to float rounding (the single process is handed the
+    basis rows the 2 processes drew)."""
+    from peft_ortho.statistics import load_statistics
+
     out = tmp_path / "ddp"
     env = {
         **os.environ,
@@ -610,6 +617,8 @@ def test_dreambooth_trains_the_same_adapter_on_two_ddp_processes(dreambooth, sd_
         "HF_HUB_OFFLINE": "1",
         "ACCELERATE_CONFIG_FILE": str(tmp_path / "none.yaml"),  # ignore any user-wide accelerate config
     }
+    train = ["--max_train_steps", "3", "--checkpointing_steps", "2", "--with_prior_preservation"]
+    train += ["--class_prompt", CLASS_PROMPT, "--class_data_dir", str(sd_data / "classes"), "--num_class_images", "3"]
     cmd = [
         sys.executable,
         "-m",
@@ -627,7 +636,7 @@ def test_dreambooth_trains_the_same_adapter_on_two_ddp_processes(dreambooth, sd_
         "--main_process_port",
         str(_free_port()),
         os.path.join(EXAMPLES, "train_dreambooth.py"),
-        *_argv(sd_data, out, "--max_train_steps", "3", "--checkpointing_steps", "2", "--debug_dump_adapter_hash"),
+        *_argv(sd_data, out, *train, "--debug_dump_adapter_hash"),
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -636,11 +645,42 @@ def test_dreambooth_trains_the_same_adapter_on_two_ddp_processes(dreambooth, sd_
     assert [d["world_size"] for d in dumps] == [2, 2]
     assert dumps[0]["losses"][0] != dumps[1]["losses"][0]  # different samples on each process...
     assert dumps[0]["sha256"] == dumps[1]["sha256"]  # ...and yet the same adapter
+    assert dumps[0]["statistics_sha256"] == dumps[1]["statistics_sha256"] is not None  # and the same statistics
     # The adapter rank 0 saved is that adapter, reloads (basis verified against the shared slot) and was trained.
     peft_unet = PeftModel.from_pretrained(_fresh_unet(sd_data), str(out))
     assert dreambooth.adapter_digest(peft_unet) == dumps[0]["sha256"]
     assert min(_lora_b_norms(_adapter_state(peft_unet))) > 0
     assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-3"]
+    assert sorted(os.listdir(out / "checkpoint-2" / "statistics")) == ["rank0.safetensors", "rank1.safetensors"]
+
+    # One process, batch 2: the same samples (and the same random rows).
+    rows = json.loads((out / "adapter_config.json").read_text())["basis_rows"]
+    monkeypatch.setattr(peft_ortho.bases, "random_rows", lambda n, r, rng=None: list(rows[f"{n}/{r}"]))
+    single = dreambooth.main(_argv(sd_data, tmp_path / "one", *train, "--train_batch_size", "2"))
+    assert single["losses"] == pytest.approx([(a + b) / 2 for a, b in zip(*(d["losses"] for d in dumps))], rel=1e-5)
+    two, one = (load_statistics(str(folder), adapter="rex") for folder in (out, tmp_path / "one"))
+    assert sorted(two.layers) == sorted(one.layers) == sorted(dreambooth_layers(peft_unet))
+    for layer, kinds in two.layers.items():
+        assert set(kinds) == {"concept", "prior", "unconditional"}
+        for kind, moment in kinds.items():
+            assert moment.count == one.layers[layer][kind].count
+            ref = one.layers[layer][kind].dense()  # float32 activations, batch 1 vs 2: equal to rounding
+            assert (moment.dense() - ref).norm() <= 1e-3 * ref.norm(), (layer, kind)
+    a, b = (
+        load_file(str(out / "adapter_model.safetensors")),
+        load_file(str(tmp_path / "one" / "adapter_model.safetensors")),
+    )
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-3)  # Adam's first steps ≈ lr · sign(g), lr = 1e-2
+
+
+def dreambooth_layers(peft_model) -> list[str]:
+    """Names of the adapted layers as statistics files key them (no ``base_model.model.`` prefix)."""
+    return sorted(
+        k.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+        for k in _adapter_state(peft_model)
+        if k.endswith("lora_A.weight")
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ LLM skills
