@@ -246,7 +246,7 @@ def test_dreambooth_prior_preservation_generates_caches_and_mixes(dreambooth, sd
     Image.fromarray(np.full((8, 8, 3), 127, np.uint8)).save(classes / "mine.png")  # counts as one of the 3
     argv = ["--with_prior_preservation", "--class_prompt", CLASS_PROMPT, "--class_data_dir", str(classes)]
     argv += ["--num_class_images", "3", "--class_inference_steps", "2", "--sample_batch_size", "1"]
-    argv += ["--train_batch_size", "2", "--max_train_steps", "2", "--no_statistics"]
+    argv += ["--train_batch_size", "2", "--max_train_steps", "2", "--slot", "1", "--no_statistics"]
     result = dreambooth.main(_argv(sd_data, tmp_path / "a", *argv))
     assert result["class_images_generated"] == 2
     made = sorted(p.name for p in classes.iterdir())
@@ -277,12 +277,15 @@ def test_dreambooth_prior_preservation_generates_caches_and_mixes(dreambooth, sd
     assert {p.name: p.read_bytes() for p in classes.iterdir()} == before
     monkeypatch.undo()
 
-    # Resumable: an interrupted generation (one image missing) makes exactly the missing one, bit for bit.
+    # Resumable: an interrupted generation (one image missing) makes exactly the missing one, bit for bit. This run
+    # records statistics (the default with prior preservation): recording only reads, the adapter is the same.
     (classes / "class-000001.png").unlink()
     _reset_accelerate()
-    resumed = dreambooth.main(_argv(sd_data, tmp_path / "c", *argv))
+    resumed = dreambooth.main(_argv(sd_data, tmp_path / "c", *[a for a in argv if a != "--no_statistics"]))
     assert resumed["class_images_generated"] == 1
     assert {p.name: p.read_bytes() for p in classes.iterdir()} == before
+    assert dreambooth.STATISTICS_FILE in resumed["files"] and dreambooth.STATISTICS_FILE not in result["files"]
+    assert resumed["adapter_sha256"] == result["adapter_sha256"]
 
 
 def _refuse_pipeline(*args, **kwargs):
