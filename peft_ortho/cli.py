@@ -7,7 +7,23 @@ import os
 import sys
 import warnings
 
+from .compose.merge import METHODS as _METHODS
 from .errors import PeftOrthoError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _one_line(text: str) -> str:
+    """The message with line breaks and other control characters escaped: errors are one line on stderr."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in str(text))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -20,14 +36,14 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--format", choices=["peft", "diffusers", "fused"], default="peft")
     c.add_argument("--weights", type=float, nargs="+", help="one weight per adapter (default 1.0 each)")
     _merge_arguments(c)
-    c.add_argument("--svd-rank", type=int, help="rank of the LoRA export for delta-space methods")
+    c.add_argument("--svd-rank", type=_positive_int, help="rank of the LoRA export for delta-space methods")
     c.add_argument("--component", default="unet", help="diffusers component PEFT adapters belong to")
     c.add_argument(
         "--base",
         help="the base model folder (diffusers or transformers): --format fused fuses into it; the report's drift "
         "‖ΔW X0‖/‖W X0‖ uses its weights",
     )
-    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --out (never one of the inputs)")
 
     i = sub.add_parser("inspect", help="check adapters can be merged and print the report (predicted behaviour)")
     i.add_argument("names", nargs="+", metavar="NAME")
@@ -41,13 +57,14 @@ def _parser() -> argparse.ArgumentParser:
         help="write a heatmap: predicted output change per concept and layer, basis response",
     )
     i.add_argument("--json", metavar="FILE.json", help="write the full report as JSON")
+    i.add_argument("--overwrite", action="store_true", help="replace existing --plot / --json files")
 
     e = sub.add_parser("export", help="convert a PEFT adapter to another format")
     e.add_argument("adapter", metavar="ADAPTER")
     e.add_argument("--format", choices=["diffusers"], required=True)
     e.add_argument("--out", required=True)
     e.add_argument("--component", default="unet")
-    e.add_argument("--overwrite", action="store_true")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --out (never the input)")
     return p
 
 
@@ -57,6 +74,7 @@ def _merge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--method",
         default="auto",
+        choices=_METHODS,
         help="auto (regmean when every adapter carries input statistics, else exact stacking), linear, regmean, "
         "ties, dare_linear, dare_ties, svd",
     )
@@ -97,23 +115,37 @@ def _load_model_or_pipeline(path: str):
     if os.path.isfile(os.path.join(path, "model_index.json")):
         from diffusers import DiffusionPipeline
 
-        return DiffusionPipeline.from_pretrained(path)
+        return DiffusionPipeline.from_pretrained(path, use_safetensors=True)
     return _load_base(path)
 
 
 def _load_base(path: str):
-    """A base model folder saved with ``save_pretrained`` (diffusers model, or transformers via AutoModel)."""
-    import json
+    """A base model folder saved with ``save_pretrained``: a diffusers pipeline (``model_index.json``) or model, or a
+    transformers model (``AutoModel``). Weights are read from safetensors files only (``use_safetensors=True``):
+    a folder holding only pickled ``.bin`` weights is refused by the loaders, never unpickled."""
+    from ._io import read_json_object
 
-    with open(os.path.join(path, "config.json")) as f:
-        config = json.load(f)
+    if not os.path.isdir(path):
+        raise PeftOrthoError(f"{path!r} is not a model folder")
+    if os.path.isfile(os.path.join(path, "model_index.json")):
+        from diffusers import DiffusionPipeline
+
+        return DiffusionPipeline.from_pretrained(path, use_safetensors=True)
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise PeftOrthoError(f"{path!r} has no config.json or model_index.json: not a saved model")
+    config = read_json_object(config_path, adapter=None)
     if "_class_name" in config:
         import diffusers
 
-        return getattr(diffusers, config["_class_name"]).from_pretrained(path)
+        name = config["_class_name"]
+        cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+        if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
+            raise PeftOrthoError(f"{path!r}: config.json names {name!r}, which is not a diffusers model class")
+        return cls.from_pretrained(path, use_safetensors=True)
     from transformers import AutoModel
 
-    return AutoModel.from_pretrained(path)
+    return AutoModel.from_pretrained(path, use_safetensors=True)
 
 
 def _run(args) -> int:
@@ -146,16 +178,20 @@ def _run(args) -> int:
             progress=sys.stderr.isatty(),  # progress bars only for a person watching; logs get one-line errors
         )
     for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
+        print(f"warning: {_one_line(w.message)}", file=sys.stderr)
     if args.command == "inspect":
         print(merged.statement)
         print(merged.report)
         if args.json:
-            merged.report.to_json(args.json)
+            merged.report.to_json(args.json, overwrite=args.overwrite)
         if args.plot:
-            print(f"wrote {merged.report.plot(args.plot)}")
+            print(f"wrote {merged.report.plot(args.plot, overwrite=args.overwrite)}")
         return 0
     merged.svd_rank = args.svd_rank
+    from ._io import atomic_dir, check_output
+
+    inputs = merged.input_paths + ([args.base] if args.base else [])
+    check_output(args.out, inputs)  # before the merge is written or fused
     if args.format == "peft":
         path = merged.save_pretrained(args.out, overwrite=args.overwrite)
     elif args.format == "diffusers":
@@ -163,11 +199,9 @@ def _run(args) -> int:
     else:
         if not args.base:
             raise PeftOrthoError("--format fused needs --base FOLDER (the base model to fuse into)")
-        from ._io import atomic_dir
-
         model = merged.fuse(base, component=args.component)
-        with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
-            model.save_pretrained(tmp)
+        with atomic_dir(args.out, overwrite=args.overwrite, inputs=inputs) as tmp:
+            model.save_pretrained(tmp)  # safetensors: transformers 5 writes nothing else, diffusers by default
         path = os.path.abspath(args.out)
     print(f"{merged.statement}\nwrote {path}")
     return 0
@@ -178,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except (PeftOrthoError, OSError, ValueError) as e:
-        print(f"peft-ortho: error: {e}", file=sys.stderr)
+        print(f"peft-ortho: error: {_one_line(e)}", file=sys.stderr)
         return 1
 
 

@@ -28,12 +28,12 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from safetensors.torch import save_file
 
-from ._io import atomic_dir, check_finite, mmap_safetensors, read_adapter_folder, refuse_pickle
+from ._io import atomic_dir, check_finite, check_output, mmap_safetensors, read_adapter_folder, refuse_pickle
 from .errors import AdapterFileError, UnsupportedAdapterError
 from .tuners.block_lora.layout import lora_config_dict, pad_state_dict
 
@@ -281,6 +281,7 @@ def write_diffusers_file(
     weight_name: str = DIFFUSERS_WEIGHT_NAME,
     adapter_configs: Mapping[str, dict] | None = None,
     adapter: str | Mapping[str, str] | None = None,
+    inputs: Iterable[str | os.PathLike] = (),
 ) -> str:
     """Write one diffusers LoRA file into ``out_dir`` (atomically) and return its path.
 
@@ -292,7 +293,9 @@ def write_diffusers_file(
     optional full configs per component, stored for provenance under ``peft_ortho_adapter_config``. Tensors must be
     finite. ``out_dir`` must be empty or absent unless ``overwrite``; it is replaced in one rename on success and
     left untouched on failure. ``adapter`` (one name, or one per component) names the adapter in errors.
+    ``inputs``: paths the tensors were read from; ``out_dir`` may not be, contain or lie inside any of them.
     """
+    check_output(out_dir, inputs)
     if not tensors_by_component:
         raise ValueError("nothing to export: no component has LoRA tensors")
     if set(metadata_by_component) != set(tensors_by_component):
@@ -322,7 +325,7 @@ def write_diffusers_file(
         file_metadata[PEFT_ORTHO_METADATA_KEY] = json.dumps(provenance, sort_keys=True, default=str)
     if os.path.basename(weight_name) != weight_name or not weight_name.endswith(".safetensors"):
         raise ValueError(f"weight_name must be a plain '*.safetensors' file name, got {weight_name!r}")
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, inputs=inputs) as tmp:
         save_file(state_dict, os.path.join(tmp, weight_name), metadata=file_metadata)
     return os.path.join(os.path.abspath(os.fspath(out_dir)), weight_name)
 
@@ -433,6 +436,8 @@ def save_diffusers(
     sources = dict(model_or_dir) if isinstance(model_or_dir, Mapping) else {component: model_or_dir}
     if not sources:
         raise ValueError("nothing to export: the mapping of components is empty")
+    inputs = [os.fspath(s) for s in sources.values() if isinstance(s, (str, os.PathLike))]
+    check_output(out_dir, inputs)  # before anything is read
     tensors_by_component, metadata_by_component, configs, names = {}, {}, {}, {}
     for comp, source in sources.items():
         _check_component(comp)
@@ -450,4 +455,5 @@ def save_diffusers(
         weight_name=weight_name,
         adapter_configs=configs,
         adapter=names,
+        inputs=inputs,
     )

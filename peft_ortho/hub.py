@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 
-from ._io import atomic_dir, refuse_pickle
+from ._io import atomic_dir, mmap_safetensors, read_adapter_folder
 from .errors import AdapterFileError
 from .export import (
     BLOCK_PEFT_TYPES,
@@ -294,19 +294,12 @@ def _stage(
         raise ValueError("peft-ortho saves safetensors only (a pickle can run arbitrary code when loaded)")
     if isinstance(model, (str, os.PathLike)):
         src = os.fspath(model)
-        config_path = os.path.join(src, "adapter_config.json")
-        if not os.path.isfile(config_path):
-            raise AdapterFileError("adapter_config.json is missing: not a peft adapter folder", adapter=src)
-        if not os.path.isfile(os.path.join(src, "adapter_model.safetensors")):
-            for candidate in sorted(os.listdir(src)):
-                refuse_pickle(os.path.join(src, candidate), adapter=src)
-            raise AdapterFileError("adapter_model.safetensors is missing", adapter=src)
+        config, weights = read_adapter_folder(src, adapter=src)  # validated; pickles refused
+        mmap_safetensors(weights, adapter=src)  # a well-formed safetensors file (its values are checked on write)
         for f in ADAPTER_FILES:
             shutil.copyfile(os.path.join(src, f), os.path.join(folder, f))
         if statistics is None and os.path.isfile(os.path.join(src, STATISTICS_NAME)):
             shutil.copyfile(os.path.join(src, STATISTICS_NAME), os.path.join(folder, STATISTICS_NAME))
-        with open(config_path) as f:
-            config = json.load(f)
         adapter_name = "default"
         diffusers_component = component if include_diffusers else None
     else:
@@ -376,7 +369,8 @@ def save_pretrained(
     place: an interrupted save leaves ``out_dir`` as it was.
     """
     card_kwargs = {"base_model": base_model, "extra_tags": tuple(extra_tags)}
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    inputs = [os.fspath(model)] if isinstance(model, (str, os.PathLike)) else []
+    with atomic_dir(out_dir, overwrite=overwrite, inputs=inputs) as tmp:
         _stage(
             model,
             tmp,

@@ -10,6 +10,7 @@ from functools import cached_property
 
 from torch import nn
 
+from .._io import check_output
 from ..errors import IncompatibleAdaptersError, PeftOrthoError
 from ..statistics import AdapterStatistics
 from .check import CollisionWarning, check_configs, check_weights, warn_collisions
@@ -75,6 +76,11 @@ class MergedAdapter:
     @property
     def sources(self) -> list[Source]:
         return [a.source for a in self.adapters]
+
+    @property
+    def input_paths(self) -> list[str]:
+        """The files and folders this merge reads: no output may be, contain or lie inside one of them."""
+        return [s.path for s in self.sources]
 
     @property
     def exact(self) -> bool:
@@ -171,7 +177,14 @@ class MergedAdapter:
 
         def module_for(comp):
             if hasattr(model, "components") and not isinstance(model, nn.Module):  # a diffusers pipeline
-                return getattr(model, comp or component or "unet")
+                name = comp or component or "unet"
+                part = getattr(model, name, None)
+                if not isinstance(part, nn.Module):
+                    raise IncompatibleAdaptersError(
+                        f"the pipeline has no {name!r} component to fuse into (it has "
+                        f"{sorted(k for k, v in model.components.items() if isinstance(v, nn.Module))})"
+                    )
+                return part
             if comp is not None and comp != component and hasattr(model, comp):
                 return getattr(model, comp)
             return model
@@ -234,15 +247,26 @@ class MergedAdapter:
         from .export import save_peft
 
         fan_in_fan_out = any(a.config.get("fan_in_fan_out") for a in self.adapters)  # GPT-2 style Conv1D targets
+        check_output(out_dir, self.input_paths)  # before the merge is computed for it
         return save_peft(
-            out_dir, self.by_component(), self.base_model, self.svd_rank, self.card(), overwrite, fan_in_fan_out
+            out_dir,
+            self.by_component(),
+            self.base_model,
+            self.svd_rank,
+            self.card(),
+            overwrite,
+            fan_in_fan_out,
+            inputs=self.input_paths,
         )
 
     def save_diffusers(self, out_dir: str, *, component: str = "unet", overwrite: bool = False) -> str:
         """``pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights`` (PEFT-adapter layers go to ``component``)."""
         from .export import save_diffusers_file
 
-        return save_diffusers_file(out_dir, self.by_component(), component, self.svd_rank, overwrite)
+        check_output(out_dir, self.input_paths)
+        return save_diffusers_file(
+            out_dir, self.by_component(), component, self.svd_rank, overwrite, inputs=self.input_paths
+        )
 
     def fuse(self, model: nn.Module, *, component: str | None = None) -> nn.Module:
         """Fold the merged update into ``model``'s weights in place (one GEMM per layer) and return it.
@@ -250,13 +274,21 @@ class MergedAdapter:
         ``model`` may be a diffusers pipeline: each component of the merge is fused into the pipeline's attribute of
         that name. For PEFT-adapter sources, ``component`` picks the pipeline attribute (default ``"unet"``).
         """
-        from .export import fuse_layer
+        from .export import check_fusable, fuse_layer
 
         targets = self._fuse_targets(model, component)  # all checked first
+        kept = self.__dict__.get("layers")
+
+        def layers():
+            return kept.items() if kept is not None else self.iter_layers()
+
+        # Every fused weight must stay finite in its dtype (an fp16 model overflows at 65504): proven for all layers
+        # before the first one is changed, so a refusal leaves the model as it was.
+        for (comp, name), layer in layers():
+            check_fusable(*targets[comp][name], layer, layer_name=name)
         if self._base_energy is None:  # the report's drift relative to these weights, measured before they change
             self.set_base(model, component=component)
-        stream = self.__dict__.get("layers")
-        for (comp, name), layer in stream.items() if stream is not None else self.iter_layers():
+        for (comp, name), layer in layers():
             fuse_layer(*targets[comp][name], layer)
         return model
 
@@ -319,6 +351,8 @@ def compose(
         raise ValueError(f"unknown merge method {method!r}; choose one of {METHODS}")
     if not names:
         raise ValueError("compose needs at least one adapter name")
+    if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1):
+        raise ValueError(f"svd_rank must be a positive integer or None, got {svd_rank!r}")
     RegMeanOptions(prior_weight, ridge, prior_target)  # refuse bad values before reading anything
     if prompts is not None and calibrate is None:
         raise ValueError("prompts= needs calibrate=<pipeline or model> to run them through")

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .._io import atomic_dir
+from .._io import atomic_dir, check_finite
 from ..errors import IncompatibleAdaptersError
 from .load import PEFT_PREFIX
 from .merge import MergedLayer
@@ -57,6 +57,7 @@ def save_peft_folder(
     folder: str, layers: dict[str, MergedLayer], base_model, svd_rank, card_text: str, fan_in_fan_out=False
 ) -> None:
     tensors, ranks = lora_tensors(layers, svd_rank)
+    check_finite(tensors)
     save_file({PEFT_PREFIX + k: v for k, v in tensors.items()}, os.path.join(folder, "adapter_model.safetensors"))
     with open(os.path.join(folder, "adapter_config.json"), "w") as f:
         json.dump(lora_config_dict(ranks, base_model, fan_in_fan_out), f, indent=2, sort_keys=True)
@@ -64,9 +65,14 @@ def save_peft_folder(
         f.write(card_text)
 
 
-def save_peft(out_dir, by_component, base_model, svd_rank, card_text, overwrite=False, fan_in_fan_out=False) -> str:
-    """One PEFT adapter; with several components (unet + text_encoder), one sub-folder each."""
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+def save_peft(
+    out_dir, by_component, base_model, svd_rank, card_text, overwrite=False, fan_in_fan_out=False, *, inputs=()
+) -> str:
+    """One PEFT adapter; with several components (unet + text_encoder), one sub-folder each.
+
+    ``inputs``: the merged adapters' paths, which ``out_dir`` may not be, contain or lie inside.
+    """
+    with atomic_dir(out_dir, overwrite=overwrite, inputs=inputs) as tmp:
         if len(by_component) == 1:
             (layers,) = by_component.values()
             save_peft_folder(tmp, layers, base_model, svd_rank, card_text, fan_in_fan_out)
@@ -80,7 +86,7 @@ def save_peft(out_dir, by_component, base_model, svd_rank, card_text, overwrite=
     return os.path.abspath(out_dir)
 
 
-def save_diffusers_file(out_dir, by_component, default_component, svd_rank, overwrite=False) -> str:
+def save_diffusers_file(out_dir, by_component, default_component, svd_rank, overwrite=False, *, inputs=()) -> str:
     from ..export import write_diffusers_file
 
     tensors_by_component, metadata_by_component = {}, {}
@@ -89,7 +95,9 @@ def save_diffusers_file(out_dir, by_component, default_component, svd_rank, over
         tensors, ranks = lora_tensors(layers, svd_rank)
         tensors_by_component[component] = tensors
         metadata_by_component[component] = lora_config_dict(ranks, None)
-    return write_diffusers_file(out_dir, tensors_by_component, metadata_by_component, overwrite=overwrite)
+    return write_diffusers_file(
+        out_dir, tensors_by_component, metadata_by_component, overwrite=overwrite, inputs=inputs
+    )
 
 
 def fuse_targets(model: nn.Module, shapes: dict[str, tuple[int, int]]) -> dict[str, tuple[torch.Tensor, bool]]:
@@ -119,6 +127,36 @@ def fuse_targets(model: nn.Module, shapes: dict[str, tuple[int, int]]) -> dict[s
             )
         targets[name] = (weight, transposed)
     return targets
+
+
+@torch.no_grad()
+def check_fusable(weight: torch.Tensor, transposed: bool, layer: MergedLayer, *, layer_name: str) -> None:
+    """Refuse, before anything is changed, a fusion whose result would not be finite in the weight's dtype.
+
+    A bound decides cheaply: ``max|W + ΔW| ≤ max|W| + max_i Σ_k |B_ik| · max|A|`` (stacked) or ``+ max|ΔW|``
+    (delta). Only when the bound exceeds half the dtype's largest value is the fused weight computed into a scratch
+    copy and checked exactly.
+    """
+    limit = torch.finfo(weight.dtype).max
+    if layer.delta is not None:
+        bound = float(layer.delta.abs().max().double()) if layer.delta.numel() else 0.0
+    elif layer.A.numel() and layer.B.numel():
+        bound = float(layer.B.abs().double().sum(1).max()) * float(layer.A.abs().max().double())
+    else:
+        bound = 0.0
+    if weight.numel():
+        bound += float(weight.detach().abs().max().double())
+    if math.isfinite(bound) and bound <= limit / 2:
+        return
+    scratch = weight.detach().clone()
+    fuse_layer(scratch, transposed, layer)
+    if not bool(torch.isfinite(scratch).all()):
+        raise IncompatibleAdaptersError(
+            f"fusing would make {int((~torch.isfinite(scratch)).sum())} weight(s) non-finite in {weight.dtype} "
+            f"(largest finite value {limit:.6g}): the merged update is too large for this model's dtype. Nothing "
+            "was changed; fuse into a float32 model or lower the weights",
+            layer=layer_name,
+        )
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ import torch
 
 from .._io import mmap_safetensors, read_adapter_folder
 from .._registry import PeftOrthoType
+from .._validate import check_name, check_scale, validate_adapter_config
 from ..errors import AdapterFileError
 from ..statistics import (
     STATISTICS_NAME,
@@ -179,6 +180,20 @@ def _pair_keys(keys, strip: str, adapter: str) -> dict[str, tuple[str, str]]:
     return {layer: (a_keys[layer], b_keys[layer]) for layer in sorted(a_keys)}
 
 
+def _check_factors(tensors: dict, pairs: dict[str, tuple[str, str]], adapter: str) -> None:
+    """Both factors floating point, at least 2-D, of rank ≥ 1 (shapes only; nothing is read)."""
+    for layer, keys in pairs.items():
+        for key in keys:
+            t = tensors[key]
+            if not t.is_floating_point() or t.ndim < 2 or t.shape[0 if key == keys[0] else 1] == 0:
+                raise AdapterFileError(
+                    f"tensor {key!r} of shape {tuple(t.shape)} and dtype {t.dtype} is not a LoRA factor "
+                    "(floating point, at least 2-D, rank at least 1)",
+                    adapter=adapter,
+                    layer=layer,
+                )
+
+
 def load_adapter(source: Source) -> Adapter:
     """Read one resolved source (config + tensor index; tensors stay lazy), with its statistics when it has them.
 
@@ -223,7 +238,10 @@ def _load_peft_folder(source: Source) -> Adapter:
             f"peft_type {peft_type!r} cannot be merged (supported: {', '.join(KNOWN_PEFT_TYPES)})", adapter=name
         )
     tensors, _ = mmap_safetensors(weights, adapter=name)
+    for key in tensors:
+        check_name(key, adapter=name)
     pairs = _pair_keys(tensors, PEFT_PREFIX, name)
+    _check_factors(tensors, pairs, name)
     layer_keys, scales = {}, {}
     for layer, (a_key, b_key) in pairs.items():
         layer_keys[(None, layer)] = (a_key, b_key)
@@ -237,12 +255,14 @@ def _load_peft_folder(source: Source) -> Adapter:
 def _load_single_file(source: Source) -> Adapter:
     path, name = source.path, source.name
     tensors, metadata = mmap_safetensors(path, adapter=name)
-    meta_config = json.loads(metadata["lora_adapter_metadata"]) if "lora_adapter_metadata" in metadata else None
+    for key in tensors:
+        check_name(key, adapter=name)
+    meta_config = _read_lora_metadata(metadata, name)
     if not any(".lora_A." in k for k in tensors):
         tensors, alphas = _convert_with_diffusers(tensors, name)
     else:
         alphas = {
-            _normalise_text_encoder_key(k[: -len(".alpha")]): float(v)
+            _normalise_text_encoder_key(k[: -len(".alpha")]): _alpha_value(v, k, name)
             for k, v in tensors.items()
             if k.endswith(".alpha")
         }
@@ -254,7 +274,10 @@ def _load_single_file(source: Source) -> Adapter:
     layer_keys, scales = {}, {}
     for component in components:
         pairs = _pair_keys([k for k in tensors if k.startswith(component + ".")], component + ".", name)
+        _check_factors(tensors, pairs, name)
         comp_meta = _component_metadata(meta_config, component)
+        if comp_meta is not None:
+            validate_adapter_config(comp_meta, adapter=name, source=f"lora_adapter_metadata ({component})")
         for layer, (a_key, b_key) in pairs.items():
             r = tensors[a_key].shape[0]
             if comp_meta is not None:
@@ -266,6 +289,32 @@ def _load_single_file(source: Source) -> Adapter:
             scales[(component, layer)] = scale
     config = {"peft_type": "LORA", "base_model_name_or_path": None, "format": "single-file"}
     return Adapter(source, config, "LORA", layer_keys, scales, tensors)
+
+
+def _read_lora_metadata(metadata: dict[str, str], name: str) -> dict | None:
+    """The ``lora_adapter_metadata`` object diffusers writes into the file's header, or None."""
+    text = metadata.get("lora_adapter_metadata")
+    if text is None:
+        return None
+    try:
+        meta = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise AdapterFileError(f"lora_adapter_metadata is not valid JSON ({e})", adapter=name) from e
+    if not isinstance(meta, dict):
+        raise AdapterFileError(
+            f"lora_adapter_metadata holds a JSON {type(meta).__name__}, not an object", adapter=name
+        )
+    return meta
+
+
+def _alpha_value(tensor, key: str, name: str) -> float:
+    """A kohya-style ``<layer>.alpha`` tensor: one finite number."""
+    if tensor.numel() != 1:
+        raise AdapterFileError(f"alpha tensor has {tensor.numel()} values, expected 1", adapter=name, layer=key)
+    try:
+        return float(check_scale(float(tensor.reshape(()).double()), field="alpha"))
+    except AdapterFileError as e:
+        raise AdapterFileError(str(e), adapter=name, layer=key) from e
 
 
 def _normalise_text_encoder_key(key: str) -> str:
@@ -316,7 +365,7 @@ def _convert_with_diffusers(tensors: dict, name: str) -> tuple[dict, dict]:
                     down = key[len(component) + 1 : -len(".alpha")]
                     (converted,) = convert({down: None})
                     layer = converted.rsplit(".lora_A", 1)[0]
-                    alphas[_normalise_text_encoder_key(f"{component}.{layer}")] = float(alpha)
+                    alphas[_normalise_text_encoder_key(f"{component}.{layer}")] = check_scale(float(alpha))
         except Exception as e:
             raise AdapterFileError(f"could not convert the {component} LoRA keys ({e})", adapter=name) from e
     return out, alphas

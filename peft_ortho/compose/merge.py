@@ -26,7 +26,7 @@ from collections.abc import Iterator
 
 import torch
 
-from ..errors import IncompatibleAdaptersError
+from ..errors import AdapterFileError, IncompatibleAdaptersError
 from .check import check_adapter_finite, check_basis, check_shapes, prepare_basis_checks
 from .load import Adapter
 
@@ -141,7 +141,9 @@ def iter_merged_layers(
                 regmean_terms(adapters, owners, layer, fs[0].A.shape[1], options)  # statistics present and fitting
                 yield layer, None
             return
-        yield from regmean_layers(adapters, weights, pending, options, dtype)
+        for layer, merged in regmean_layers(adapters, weights, pending, options, dtype):
+            _check_merged(merged.B if merged.delta is None else merged.delta, layer, None, "the regmean solve")
+            yield layer, merged
         return
     for layer, owners in layer_owners.items():
         fs = read(layer, owners)
@@ -161,12 +163,32 @@ def iter_merged_layers(
             for i, f in zip(owners, fs):
                 torch.mul(f.B, weights[i] * f.scale, out=B[:, col : col + f.rank])
                 col += f.rank
+            if not bool(torch.isfinite(B).all()):  # finite factors can overflow once scaled: name whose did
+                col = 0
+                for adapter, i, f in zip(group, owners, fs):
+                    what = f"lora_B × weight {weights[i]:g} × scale {f.scale:g}"
+                    _check_merged(B[:, col : col + f.rank], layer, adapter.name, what)
+                    col += f.rank
             yield layer, MergedLayer(A, B, None, a_shape, b_shape, ranks, blocks)
         else:
             deltas = [(f.B * f.scale) @ f.A for f in fs]
+            for adapter, d in zip(group, deltas):
+                _check_merged(d, layer, adapter.name, "scale × lora_B @ lora_A")
             layer_weights = torch.tensor([weights[i] for i in owners], dtype=dtype)
             delta = _combine_deltas(deltas, layer_weights, method, density, majority_sign_method)
+            _check_merged(delta, layer, None, f"the {method} combination")
             yield layer, MergedLayer(None, None, delta, a_shape, b_shape, ranks)
+
+
+def _check_merged(t: torch.Tensor, layer, adapter: str | None, what: str) -> None:
+    """Finite inputs can still overflow once scaled: refuse a non-finite merged tensor, naming who caused it."""
+    if not bool(torch.isfinite(t).all()):
+        raise AdapterFileError(
+            f"{what} overflows {t.dtype} ({int((~torch.isfinite(t)).sum())} non-finite value(s)): the merged "
+            "adapter would be NaN/inf. Lower the weight or check the adapter's lora_alpha",
+            adapter=adapter,
+            layer=layer[1] if layer[0] is None else f"{layer[0]}.{layer[1]}",
+        )
 
 
 class RegMeanOptions:

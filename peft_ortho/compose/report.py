@@ -40,6 +40,7 @@ from collections.abc import Iterable
 
 import torch
 
+from .._io import atomic_file
 from .load import Adapter
 from .merge import MergedLayer, concept_terms, statistics_key
 
@@ -166,6 +167,7 @@ class Report:
         sign_conflicts: bool = True,
     ):
         self.names = [a.name for a in adapters]
+        self.input_paths = [a.source.path for a in adapters]  # files written from the report never replace these
         self.method = method
         self.layers: dict[str, dict] = {}
         self.has_base = bool(base_energy)
@@ -313,10 +315,12 @@ class Report:
             "layers": self.layers,
         }
 
-    def to_json(self, path: str | None = None) -> str:
+    def to_json(self, path: str | None = None, *, overwrite: bool = False) -> str:
+        """The report as JSON text; with ``path``, also written there (atomically; an existing file only with
+        ``overwrite``; never over or inside one of the adapters it describes)."""
         text = json.dumps(self.to_dict(), indent=2, default=float)
         if path is not None:
-            with open(path, "w") as f:
+            with atomic_file(path, overwrite, inputs=self.input_paths) as tmp, open(tmp, "w", encoding="utf-8") as f:
                 f.write(text)
         return text
 
@@ -377,9 +381,12 @@ class Report:
                 lines.append(f"    {name:<{width}} {row}")
         return "\n".join(lines)
 
-    def plot(self, path: str) -> str:
+    def plot(self, path: str, *, overwrite: bool = False) -> str:
         """Heatmap PNG: predicted output change per concept and layer (with statistics) and the pairwise basis
-        response (needs matplotlib: ``pip install peft-ortho[plot]``)."""
+        response (needs matplotlib: ``pip install peft-ortho[plot]``).
+
+        Written atomically; an existing ``path`` is replaced only with ``overwrite``, never an input adapter.
+        """
         try:
             import matplotlib
 
@@ -414,11 +421,14 @@ class Report:
         ax.set_ylabel("adapter i (directions read)")
         ax.set_title("basis response ‖ΔW_j A_iᵀ‖ / ‖ΔW_i A_iᵀ‖", fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046)
-        with warnings.catch_warnings():  # long names: "tight layout not applied" is cosmetic, not the user's problem
-            warnings.simplefilter("ignore")
-            fig.tight_layout()
-            fig.savefig(path, dpi=120)
-        plt.close(fig)
+        try:
+            with warnings.catch_warnings():  # long names: "tight layout not applied" is cosmetic, not the user's
+                warnings.simplefilter("ignore")
+                fig.tight_layout()
+                with atomic_file(path, overwrite, inputs=self.input_paths) as tmp:
+                    fig.savefig(tmp, dpi=120)
+        finally:
+            plt.close(fig)
         return path
 
 
