@@ -1127,7 +1127,10 @@ class DreamBoothObjective:
                 ctx, pool = self.prompts(b["prompts"], base=True)
             sub = {**b, "timesteps": b["timesteps"][erased], "time_ids": b["time_ids"][erased]}
             noisy = self.scheduler.add_noise(b["latents"], b["noise"], b["timesteps"]).to(self.dtype)[erased]
-            return self.predict(self.unet, sub, ctx[erased], None if pool is None else pool[erased], noisy=noisy)
+            # The unwrapped model (same layers, adapters off): a DDP forward here would run on the ranks that erased
+            # something only, and DDP's forward may hold collectives (buffer broadcasts) every rank must join.
+            unet = self.accelerator.unwrap_model(self.unet)
+            return self.predict(unet, sub, ctx[erased], None if pool is None else pool[erased], noisy=noisy)
 
         base = self.erasure.teacher(self.unet, teacher, erased=erased)
         return self.erasure.loss(pred.float(), target.float(), erased, None if base is None else base.float())
