@@ -15,7 +15,7 @@ from .errors import (
     UnsupportedAdapterError,
     UnsupportedLayerError,
 )
-from .export import save_diffusers
+from .export import save_diffusers, save_kohya
 from .hub import model_card, push_to_hub
 from .tuners.block_lora import BlockLoraConfig, BlockLoraModel
 from .tuners.ortho_lora import OrthoLoraConfig, OrthoLoraModel
@@ -49,6 +49,7 @@ __all__ = [
     "model_card",
     "push_to_hub",
     "save_diffusers",
+    "save_kohya",
     "compose",
     "continual",
     "erasure",
