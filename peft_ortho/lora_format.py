@@ -18,7 +18,6 @@ Every reader and writer in peft-ortho (``export``, ``compose``, ``hub``, ``conti
 from __future__ import annotations
 
 import json
-import logging
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -301,6 +300,31 @@ def pipeline_class(pipeline):
     return pipeline if isinstance(pipeline, type) else type(pipeline)
 
 
+def loadable_components() -> set[str]:
+    """Every component name some diffusers pipeline loads LoRAs into (the union of ``_lora_loadable_modules``)."""
+    from diffusers.loaders import lora_pipeline
+
+    names: set[str] = set()
+    for obj in vars(lora_pipeline).values():
+        if isinstance(obj, type):
+            names.update(getattr(obj, "_lora_loadable_modules", None) or ())
+    return names
+
+
+def check_components(components: Iterable[str], *, adapter: str | None = None) -> None:
+    """Refuse a diffusers-layout file whose keys start with a part no diffusers pipeline has (e.g. BFL's
+    ``diffusion_model.``): loaded, it would do nothing."""
+    known = loadable_components()
+    for component in components:
+        if component not in known:
+            raise AdapterFileError(
+                f"keys start with {component + '.'!r}, which is no diffusers pipeline component (a layout diffusers "
+                "cannot convert, e.g. BFL's diffusion_model.… with lora_A/lora_B names)",
+                adapter=adapter,
+                layer=component,
+            )
+
+
 def check_loadable(layers: Mapping[str, Iterable[str]], pipeline=None, *, adapter: str | None = None) -> str | None:
     """Refuse components the target pipeline would drop; return the pipeline class name checked against.
 
@@ -432,18 +456,45 @@ def community_format(keys: Iterable[str]) -> str:
     return "diffusers-old"
 
 
+_FAMILY_MIXINS = {
+    "sd": "StableDiffusionLoraLoaderMixin",
+    "sdxl": "StableDiffusionXLLoraLoaderMixin",
+    "flux": "FluxLoraLoaderMixin",
+    "sd3": "SD3LoraLoaderMixin",
+}
 _FORMAT_FAMILY = {"kohya-sdxl-sgm": "sdxl", "kohya-sdxl": "sdxl", "flux": "flux", "kohya": "sd"}
 
 
-class _Captured(logging.Handler):
-    """Collects the warnings diffusers' converters log (they log, rather than raise, when they drop keys)."""
+_DOWN = re.compile(r"^(?P<m>.+?)\.(?:lora_down|lora\.down|lora_linear_layer\.down|down|lora_A)\.weight$")
+_UP_NAMES = ("lora_up", "lora.up", "lora_linear_layer.up", "up", "lora_B")
 
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
 
-    def emit(self, record):
-        self.messages.append(record.getMessage())
+def _delta_energy(tensors: Mapping, alphas: Mapping[str, float] | None = None) -> dict[str, float]:
+    """``{module: ‖s · B A‖_F²}`` for every down/up pair in any LoRA layout, in float64, without forming ``B A``.
+
+    ``‖B A‖² = Σ (BᵀB) ⊙ (A Aᵀ)`` costs ``O(r²(out + in))``. Splitting a fused layer's ΔW by rows (Flux's qkv, SD3's
+    ``linear1``) or permuting rows keeps the total, so a converter that drops a layer changes it. The scale is
+    ``alpha / r`` when the file (``<module>.alpha``, or ``alphas``) records one, else 1.
+    """
+    out = {}
+    for key, down in tensors.items():
+        m = _DOWN.match(key)
+        if m is None:
+            continue
+        module = m["m"]
+        kind = key[len(module) + 1 : -len(".weight")]
+        up_key = f"{module}.{_UP_NAMES[('lora_down', 'lora.down', 'lora_linear_layer.down', 'down', 'lora_A').index(kind)]}.weight"
+        up = tensors.get(up_key)
+        if up is None:
+            continue
+        a = down.reshape(down.shape[0], -1).double()
+        b = up.reshape(up.shape[0], -1).double()
+        alpha = tensors.get(f"{module}.alpha")
+        if alpha is None:  # diffusers' converters key alphas by the down-projection: "<module>.….down.weight.alpha"
+            alpha = (alphas or {}).get(f"{key}.alpha", (alphas or {}).get(f"{module}.alpha"))
+        scale = 1.0 if alpha is None else float(alpha) / a.shape[0]
+        out[module] = scale**2 * float(((b.T @ b) * (a @ a.T)).sum())
+    return out
 
 
 def convert_community(
@@ -499,37 +550,36 @@ def convert_community(
         from types import SimpleNamespace
 
         unet_config = SimpleNamespace(layers_per_block=2)  # SDXL base / refiner
-    mixin = getattr(diffusers.loaders, f"{FAMILY_PIPELINES[family].removesuffix('Pipeline')}LoraLoaderMixin", None)
-    if mixin is None:  # StableDiffusionPipeline's mixin is StableDiffusionLoraLoaderMixin
-        mixin = diffusers.loaders.StableDiffusionLoraLoaderMixin
-    if family == "sdxl":
-        mixin = diffusers.loaders.StableDiffusionXLLoraLoaderMixin
-    captured = _Captured()
-    loggers = [
-        logging.getLogger(n) for n in ("diffusers.loaders.lora_pipeline", "diffusers.loaders.lora_conversion_utils")
-    ]
-    for lg in loggers:
-        lg.addHandler(captured)
-    try:
+    mixin = getattr(diffusers.loaders, _FAMILY_MIXINS[family])
+
+    def run(part):
         if family == "flux":
-            state_dict, network_alphas = mixin.lora_state_dict(dict(tensors), return_alphas=True)
-        elif family == "sd3":
-            state_dict, network_alphas = mixin.lora_state_dict(dict(tensors)), None
-        elif family == "sdxl":
-            state_dict, network_alphas = mixin.lora_state_dict(dict(tensors), unet_config=unet_config)
-        else:
-            state_dict, network_alphas = mixin.lora_state_dict(dict(tensors))
+            return mixin.lora_state_dict(dict(part), return_alphas=True)
+        if family == "sd3":
+            return mixin.lora_state_dict(dict(part)), None
+        if family == "sdxl":
+            return mixin.lora_state_dict(dict(part), unet_config=unet_config)
+        return mixin.lora_state_dict(dict(part))
+
+    try:
+        state_dict, network_alphas = run(tensors)
     except Exception as e:
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise AdapterFileError(f"not a {family} LoRA layout diffusers can convert ({first})", adapter=adapter) from e
-    finally:
-        for lg in loggers:
-            lg.removeHandler(captured)
-    if captured.messages:
-        raise AdapterFileError(
-            f"diffusers' {family} converter dropped part of the file: {captured.messages[0][:300]}", adapter=adapter
-        )
     network_alphas = network_alphas or {}
+    # diffusers' converters drop what they do not know with at most a log line (Flux's T5 `lora_te2_` layers,
+    # unknown `lora_unet_` blocks): the ΔW energy of the file must survive the conversion.
+    before = _delta_energy(tensors)
+    after = _delta_energy(state_dict, network_alphas)
+    total_before, total_after = sum(before.values()), sum(after.values())
+    if abs(total_before - total_after) > 1e-4 * max(total_before, 1e-30):
+        dropped = [m for m in sorted(before) if not _delta_energy(_converted_alone(run, tensors, m))]
+        raise AdapterFileError(
+            f"diffusers' {family} converter drops {len(dropped) or 'some'} layer(s) of this file "
+            f"({100 * (1 - total_after / total_before):.0f}% of its ΔW), which the pipeline would not load",
+            adapter=adapter,
+            layer=dropped[0] if dropped else None,
+        )
     out, alphas = {}, {}
     for component in sorted({k.split(".", 1)[0] for k in state_dict}):
 
@@ -561,6 +611,16 @@ def convert_community(
         layers.setdefault(component, set()).add(layer)
     check_converted_layers(layers, adapter=adapter)
     return out, alphas, family
+
+
+def _converted_alone(run, tensors: Mapping, module: str) -> dict:
+    """What the converter makes of one module's tensors alone ({} when it drops or refuses them)."""
+    part = {k: v for k, v in tensors.items() if k.startswith(module + ".")}
+    try:
+        state_dict, _ = run(part)
+    except Exception:
+        return {}
+    return state_dict
 
 
 def normalise_text_encoder_key(key: str) -> str:

@@ -113,7 +113,9 @@ def test_flux_t5_text_encoder_part_is_refused_by_name(tmp_path):
     assert "\n" not in str(info.value) and "SelfAttention" in str(info.value)
     # A CLIP part under a component the pipeline does not load is refused against _lora_loadable_modules.
     clip = get_peft_model(testing.tiny_text_encoder(), LoraConfig(r=2, target_modules=["q_proj"]))
-    with pytest.raises(UnsupportedAdapterError, match=r"FluxPipeline loads LoRAs only into \['transformer', 'text_encoder'\]"):
+    with pytest.raises(
+        UnsupportedAdapterError, match=r"FluxPipeline loads LoRAs only into \['transformer', 'text_encoder'\]"
+    ):
         save_diffusers({"transformer": flux, "text_encoder_2": clip}, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     # ... and SDXL's pipeline does load a second CLIP encoder.
@@ -125,7 +127,9 @@ def test_compose_flux_folders_export_fuse_into_transformer(tmp_path):
     inputs = testing.family_inputs(testing.tiny_flux_transformer())
     folders, models = [], []
     for i, slot in enumerate((0, 1)):
-        m = get_peft_model(testing.tiny_flux_transformer(), OrthoLoraConfig(r=2, slot=slot, target_modules=testing.DIT_TARGETS))
+        m = get_peft_model(
+            testing.tiny_flux_transformer(), OrthoLoraConfig(r=2, slot=slot, target_modules=testing.DIT_TARGETS)
+        )
         _train_step(m, inputs)
         m.save_pretrained(str(tmp_path / f"a{i}"))
         folders.append(str(tmp_path / f"a{i}"))
@@ -153,3 +157,205 @@ def test_compose_flux_folders_export_fuse_into_transformer(tmp_path):
     torch.testing.assert_close(loaded, expected, atol=ATOL, rtol=0)
     card = open(tmp_path / "merged" / "README.md").read()
     assert "pipeline_tag: text-to-image" in card and "template:sd-lora" in card
+
+
+# ------------------------------------------------------------------------------- 2. community files in
+
+
+def _pair(prefix, out, inn, *, alpha=None, down="lora_down", up="lora_up", seed=0):
+    """One LoRA module as community tools write it: ``<prefix>.lora_down.weight`` ``(r, in)``, ``lora_up`` ``(out, r)``."""
+    g = torch.Generator().manual_seed(seed + out * 7 + inn)
+    tensors = {
+        f"{prefix}.{down}.weight": torch.randn(2, inn, generator=g),
+        f"{prefix}.{up}.weight": torch.randn(out, 2, generator=g) * 0.1,
+    }
+    if alpha is not None:
+        tensors[f"{prefix}.alpha"] = torch.tensor(float(alpha))
+    return tensors
+
+
+def _delta(tensors, prefix, rows=None, *, down="lora_down", up="lora_up"):
+    """Independent ΔW in float64: ``(alpha / r) · up[rows] @ down`` from the raw file tensors."""
+    a = tensors[f"{prefix}.{down}.weight"].double()
+    b = tensors[f"{prefix}.{up}.weight"].double()
+    alpha = tensors.get(f"{prefix}.alpha")
+    scale = 1.0 if alpha is None else float(alpha) / a.shape[0]
+    b = b if rows is None else b[rows]
+    return scale * b @ a
+
+
+def _write(tmp_path, name, tensors, metadata=None):
+    path = str(tmp_path / name)
+    save_file(tensors, path, metadata=metadata)
+    return path
+
+
+def _fused_deltas(merged, pipe, expected):
+    """Fuse the merge into ``pipe`` and return ``{component.layer: W_after - W_before}`` for ``expected``'s layers."""
+    before = {
+        k: pipe.components[k.split(".", 1)[0]].get_submodule(k.split(".", 1)[1]).weight.detach().clone()
+        for k in expected
+    }
+    merged.fuse(pipe)
+    return {
+        k: (pipe.components[k.split(".", 1)[0]].get_submodule(k.split(".", 1)[1]).weight.detach() - before[k]).double()
+        for k in expected
+    }
+
+
+def _assert_deltas(got, expected):
+    for k, ref in expected.items():
+        torch.testing.assert_close(got[k], ref, atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_kohya_sdxl_sgm_names_merge_exactly(tmp_path):
+    """sd-scripts' SDXL names (input_blocks_4_1, middle_block_1, output_blocks_0_1) land on the right layers.
+
+    Formerly read with the SD1.x converter as ``down_blocks.4.1…`` and reported exact; the export did nothing.
+    """
+    f = {}
+    f.update(_pair("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q", 64, 64, alpha=1))
+    f.update(_pair("lora_unet_middle_block_1_transformer_blocks_0_attn2_to_k", 64, 64, alpha=4))
+    f.update(_pair("lora_unet_output_blocks_0_1_proj_in", 64, 64, alpha=2))
+    f.update(_pair("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", 32, 32, alpha=1))
+    f.update(_pair("lora_te2_text_model_encoder_layers_1_mlp_fc1", 64, 32, alpha=3))
+    assert community_format(f) == "kohya-sdxl-sgm"
+    path = _write(tmp_path, "sdxl_kohya.safetensors", f)
+    expected = {
+        "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": _delta(
+            f, "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+        ),
+        "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k": _delta(
+            f, "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_k"
+        ),
+        "unet.up_blocks.0.attentions.0.proj_in": _delta(f, "lora_unet_output_blocks_0_1_proj_in"),
+        "text_encoder.encoder.layers.0.self_attn.q_proj": _delta(
+            f, "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
+        ),
+        "text_encoder_2.encoder.layers.1.mlp.fc1": _delta(f, "lora_te2_text_model_encoder_layers_1_mlp_fc1"),
+    }
+    merged = compose([path], progress=False)
+    pipe = testing.empty_pipeline(
+        "sdxl",
+        unet=testing.tiny_sdxl_unet(),
+        text_encoder=testing.tiny_text_encoder(),
+        text_encoder_2=testing.tiny_text_encoder(seed=1),
+    )
+    _assert_deltas(_fused_deltas(merged, pipe, expected), expected)
+    # Read as SD1.x (the former behaviour), the file is refused instead of mapped to invented names.
+    with pytest.raises(AdapterFileError, match="kohya-sdxl-sgm LoRA \\(sdxl\\) but family='sd'"):
+        compose([path], family="sd", progress=False)
+
+
+def test_sgm_key_that_stays_unmapped_is_refused_by_name(tmp_path):
+    f = _pair("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q", 64, 64, alpha=1)
+    f.update(_pair("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_zz", 64, 64, alpha=1))
+    with pytest.raises(AdapterFileError, match="stays unmapped") as info:
+        compose([_write(tmp_path, "bad.safetensors", f)], progress=False)
+    assert "attn1.to.zz" in str(info.value) and "\n" not in str(info.value)
+
+
+def _flux_reference(f, qkv, proj, mlp0, linear2, down="lora_down", up="lora_up"):
+    inner = 32
+    return {
+        "transformer.transformer_blocks.0.attn.to_q": _delta(f, qkv, slice(0, inner), down=down, up=up),
+        "transformer.transformer_blocks.0.attn.to_k": _delta(f, qkv, slice(inner, 2 * inner), down=down, up=up),
+        "transformer.transformer_blocks.0.attn.to_v": _delta(f, qkv, slice(2 * inner, 3 * inner), down=down, up=up),
+        "transformer.transformer_blocks.0.attn.to_out.0": _delta(f, proj, down=down, up=up),
+        **({"transformer.transformer_blocks.0.ff_context.net.0.proj": _delta(f, mlp0)} if mlp0 else {}),
+        **({"transformer.single_transformer_blocks.0.proj_out": _delta(f, linear2)} if linear2 else {}),
+    }
+
+
+@pytest.mark.parametrize("layout", ["kohya", "bfl"])
+def test_kohya_and_bfl_flux_files_merge_exactly(layout, tmp_path):
+    """sd-scripts' Flux names and BFL / ComfyUI's ``diffusion_model.`` names, fused qkv split into q, k, v."""
+    if layout == "kohya":
+        names = ("lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_double_blocks_0_img_attn_proj")
+        extra = ("lora_unet_double_blocks_0_txt_mlp_0", "lora_unet_single_blocks_0_linear2")
+    else:
+        names = ("diffusion_model.double_blocks.0.img_attn.qkv", "diffusion_model.double_blocks.0.img_attn.proj")
+        extra = (None, None)
+    f = {**_pair(names[0], 96, 32, alpha=1), **_pair(names[1], 32, 32, alpha=4)}
+    if extra[0]:
+        f.update({**_pair(extra[0], 128, 32, alpha=2), **_pair(extra[1], 32, 160, alpha=2)})
+    assert community_format(f) == "flux"
+    expected = _flux_reference(f, *names, *extra)
+    merged = compose([_write(tmp_path, "flux.safetensors", f)], progress=False)
+    pipe = testing.empty_pipeline("flux", transformer=testing.tiny_flux_transformer())
+    _assert_deltas(_fused_deltas(merged, pipe, expected), expected)
+
+
+def test_xlabs_flux_file_merges_exactly(tmp_path):
+    f = {
+        **_pair("double_blocks.0.processor.qkv_lora1", 96, 32, down="down", up="up"),
+        **_pair("double_blocks.0.processor.proj_lora1", 32, 32, down="down", up="up"),
+    }
+    expected = _flux_reference(
+        f,
+        "double_blocks.0.processor.qkv_lora1",
+        "double_blocks.0.processor.proj_lora1",
+        None,
+        None,
+        down="down",
+        up="up",
+    )
+    merged = compose([_write(tmp_path, "xlabs.safetensors", f)], progress=False)
+    pipe = testing.empty_pipeline("flux", transformer=testing.tiny_flux_transformer())
+    _assert_deltas(_fused_deltas(merged, pipe, expected), expected)
+
+
+def test_flux_t5_layers_dropped_by_the_converter_are_refused(tmp_path):
+    """Formerly: diffusers' Flux converter dropped the T5 (``lora_te2_``) layers with a log line, exit 0."""
+    f = _pair("lora_unet_double_blocks_0_img_attn_proj", 32, 32, alpha=1)
+    f.update(_pair("lora_te2_encoder_block_0_layer_0_SelfAttention_q", 32, 32, alpha=1))
+    with pytest.raises(AdapterFileError, match="drops 1 layer") as info:
+        compose([_write(tmp_path, "flux_t5.safetensors", f)], progress=False)
+    assert info.value.layer == "lora_te2_encoder_block_0_layer_0_SelfAttention_q" and "\n" not in str(info.value)
+
+
+def test_bfl_lora_a_names_are_refused_in_one_line(tmp_path):
+    f = _pair("diffusion_model.double_blocks.0.img_attn.qkv", 96, 32, down="lora_A", up="lora_B")
+    with pytest.raises(AdapterFileError) as info:
+        compose([_write(tmp_path, "bfl.safetensors", f)], progress=False)
+    assert "diffusion_model" in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "fmt, keys",
+    [
+        ("LoHa", ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"]),
+        ("LoKr", ["lokr_w1", "lokr_w2_a", "lokr_w2_b"]),
+        ("DoRA", ["lora_down.weight", "lora_up.weight", "dora_scale"]),
+    ],
+)
+def test_lycoris_and_dora_files_are_refused_in_one_line_naming_the_format(fmt, keys, tmp_path):
+    """Formerly: a 35 KB message that never said what is unsupported (or, for DoRA, a silently dropped magnitude)."""
+    prefix = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    f = {f"{prefix}.{k}": torch.randn(4, 4) for k in keys}
+    f[f"{prefix}.alpha"] = torch.tensor(4.0)
+    with pytest.raises(UnsupportedAdapterError, match=fmt) as info:
+        compose([_write(tmp_path, "lyco.safetensors", f)], progress=False)
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 400
+
+
+def test_diffusers_file_without_recorded_alpha_warns(tmp_path):
+    """Formerly: read at scale 1 with no word although it may have been trained with lora_alpha != r."""
+    f = _pair("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", 32, 32, down="lora_A", up="lora_B")
+    path = _write(tmp_path, "plain.safetensors", f)
+    with pytest.warns(UnknownScaleWarning, match="records no scale"):
+        compose([path], progress=False)
+    meta = {"format": "pt", "lora_adapter_metadata": json.dumps({"unet.r": 2, "unet.lora_alpha": 4})}
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnknownScaleWarning)
+        merged = compose([_write(tmp_path, "meta.safetensors", f, meta)], progress=False)
+    assert merged.adapters[0].scales[("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q")] == 2.0
+
+
+def test_sd3_non_diffusers_layout_is_refused(tmp_path):
+    f = _pair("lora_transformer_transformer_blocks_0_attn_to_q", 32, 32, alpha=1)
+    with pytest.raises(AdapterFileError):
+        compose([_write(tmp_path, "sd3.safetensors", f)], family="sd3", progress=False)

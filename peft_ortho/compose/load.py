@@ -28,6 +28,7 @@ from ..errors import AdapterFileError
 from ..lora_format import (
     LORA_ADAPTER_METADATA_KEY,
     PEFT_PREFIX,
+    check_components,
     convert_community,
     lora_scale,
     normalise_text_encoder_key,
@@ -207,6 +208,7 @@ def _load_single_file(source: Source, *, family: str | None = None, unet_config=
     # spelling per layer, so the same module from two files is recognised as one layer.
     tensors = {normalise_text_encoder_key(k): v for k, v in tensors.items()}
     components = sorted({k.split(".", 1)[0] for k in tensors})
+    check_components(components, adapter=name)
     layer_keys, scales = {}, {}
     for component in components:
         pairs = _pair_keys([k for k in tensors if k.startswith(component + ".")], component + ".", name)
