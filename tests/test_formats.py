@@ -359,3 +359,81 @@ def test_sd3_non_diffusers_layout_is_refused(tmp_path):
     f = _pair("lora_transformer_transformer_blocks_0_attn_to_q", 32, 32, alpha=1)
     with pytest.raises(AdapterFileError):
         compose([_write(tmp_path, "sd3.safetensors", f)], family="sd3", progress=False)
+
+
+# ------------------------------------------------------------------------------- 4. kohya out
+
+
+def _sd_adapters(tmp_path):
+    """A trained-like UNet adapter and a text-encoder adapter of the tiny SD1.5 pipeline, saved as PEFT folders."""
+    unet = get_peft_model(
+        testing.tiny_unet(),
+        LoraConfig(r=2, lora_alpha=6, target_modules=testing.UNET_TARGETS, init_lora_weights=False),
+    )
+    te = get_peft_model(
+        testing.tiny_text_encoder(),
+        LoraConfig(r=2, lora_alpha=1, target_modules=testing.TEXT_ENCODER_TARGETS, init_lora_weights=False),
+    )
+    unet.save_pretrained(str(tmp_path / "unet_ad"))
+    te.save_pretrained(str(tmp_path / "te_ad"))
+    return unet, te
+
+
+def _sd_outputs(pipe):
+    inputs = testing.unet_inputs(pipe.unet)
+    ids = torch.randint(0, 600, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return pipe.unet(**inputs).sample, pipe.text_encoder(input_ids=ids).last_hidden_state
+
+
+def test_kohya_export_reads_back_exactly_and_loads_in_diffusers(tmp_path):
+    _sd_adapters(tmp_path)
+    merged = compose([str(tmp_path / "unet_ad"), str(tmp_path / "te_ad")], progress=False)
+    path = merged.save_kohya(str(tmp_path / "kohya"))
+    keys = load_file(path)
+    # sd-scripts' SD1.x names: lora_unet_<diffusers module>, lora_te_text_model_…, lora_down/lora_up + alpha.
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight" in keys
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha" in keys
+    assert community_format(keys) == "kohya"
+
+    fused = testing.tiny_sd_pipeline()
+    merged.fuse(fused)
+    expected = _sd_outputs(fused)
+    readback = testing.tiny_sd_pipeline()
+    compose([path], progress=False).fuse(readback)  # through the kohya reader (diffusers' converter)
+    for got, ref in zip(_sd_outputs(readback), expected):
+        torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
+    loaded = testing.tiny_sd_pipeline()
+    loaded.load_lora_weights(str(tmp_path / "kohya"), weight_name="lora.safetensors")
+    for got, ref in zip(_sd_outputs(loaded), expected):
+        torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
+
+
+def test_save_kohya_of_a_peft_model_bakes_the_scale(tmp_path):
+    unet, te = _sd_adapters(tmp_path)
+    path = save_kohya({"unet": unet, "text_encoder": te}, tmp_path / "k", dtype="fp16")
+    tensors = load_file(path)
+    assert {v.dtype for v in tensors.values()} == {torch.float16}
+    pipe = testing.tiny_sd_pipeline()
+    pipe.load_lora_weights(str(tmp_path / "k"), weight_name="lora.safetensors")
+    ref = testing.tiny_sd_pipeline()
+    ref.unet, ref.text_encoder = unet, te
+    for got, want in zip(_sd_outputs(pipe), _sd_outputs(ref)):
+        torch.testing.assert_close(got, want, atol=2e-3, rtol=0)  # fp16 factors: one rounding per weight
+    with pytest.raises(UnsupportedAdapterError, match="no kohya SD/SDXL layout"):
+        save_kohya(get_peft_model(testing.tiny_flux_transformer(), _tuner_config("lora")), tmp_path / "f")
+
+
+def test_output_dtype_defaults_to_the_inputs_and_can_be_chosen(tmp_path):
+    unet = get_peft_model(testing.tiny_unet(), LoraConfig(r=2, target_modules=["to_q"], init_lora_weights=False))
+    unet = unet.to(torch.bfloat16)
+    unet.save_pretrained(str(tmp_path / "bf16"))
+    merged = compose([str(tmp_path / "bf16")], progress=False)
+    for out, dtype, want in [("a", None, torch.bfloat16), ("b", "fp32", torch.float32), ("c", "fp16", torch.float16)]:
+        path = merged.save_diffusers(str(tmp_path / out), dtype=dtype)
+        assert {v.dtype for v in load_file(path).values()} == {want}
+    folder = merged.save_pretrained(str(tmp_path / "peft"))
+    assert {v.dtype for v in load_file(os.path.join(folder, "adapter_model.safetensors")).values()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        merged.save_diffusers(str(tmp_path / "d"), dtype="int8")

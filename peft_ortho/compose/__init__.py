@@ -297,9 +297,16 @@ def compose(
     family, unet_config = _family_of_base(base, family)
     sources = resolve_all(list(names), token=token, cache_dir=cache_dir, progress=progress)
     adapters = [load_adapter(s, family=family, unet_config=unet_config) for s in sources]
-    if any(c is not None for a in adapters for c, _ in a.layers()):
-        from ..lora_format import infer_component
+    from ..lora_format import component_kind, infer_component
 
+    folder_kinds = {
+        component_kind(modules=[n for c, n in a.layers() if c is None])
+        for a in adapters
+        if any(c is None for c, _ in a.layers())
+    }
+    # Name the folders' component when they meet diffusers files, or when they adapt different parts (a UNet and a
+    # text-encoder adapter): one unnamed group would put the text encoder's layers under the UNet.
+    if any(c is not None for a in adapters for c, _ in a.layers()) or len(folder_kinds) > 1:
         for adapter in adapters:
             if any(c is None for c, _ in adapter.layers()):
                 names_ = [n for c, n in adapter.layers() if c is None]
