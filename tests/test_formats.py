@@ -437,3 +437,107 @@ def test_output_dtype_defaults_to_the_inputs_and_can_be_chosen(tmp_path):
     assert {v.dtype for v in load_file(os.path.join(folder, "adapter_model.safetensors")).values()} == {torch.bfloat16}
     with pytest.raises(ValueError, match="dtype must be one of"):
         merged.save_diffusers(str(tmp_path / "d"), dtype="int8")
+
+
+# ------------------------------------------------------------------------------- 5. LLM users
+
+
+@pytest.fixture
+def gpt2_adapters(tiny_gpt2, tmp_path):
+    """The tiny GPT-2 saved as a base folder and two CAUSAL_LM LoRA adapters on it (GPT-2's Conv1D layers)."""
+    base_dir = str(tmp_path / "gpt2")
+    tiny_gpt2.save_pretrained(base_dir)
+    folders = []
+    for i in range(2):
+        torch.manual_seed(10 + i)
+        config = LoraConfig(
+            r=2,
+            lora_alpha=4,
+            target_modules=["c_attn", "c_proj"],
+            task_type="CAUSAL_LM",
+            fan_in_fan_out=True,
+            init_lora_weights=False,
+        )
+        from transformers import AutoModelForCausalLM
+
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), config)
+        model.peft_config["default"].base_model_name_or_path = base_dir
+        model.save_pretrained(str(tmp_path / f"llm{i}"))
+        folders.append(str(tmp_path / f"llm{i}"))
+    return base_dir, folders
+
+
+def _logits(model, seed=0):
+    ids = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_llm_merge_keeps_task_type_and_loads_with_auto_peft_model(gpt2_adapters, tmp_path):
+    """Formerly: the merged config dropped task_type, so AutoPeftModelForCausalLM refused it."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    base_dir, folders = gpt2_adapters
+    merged = compose(folders, progress=False)
+    out = merged.save_pretrained(str(tmp_path / "merged"))
+    assert json.load(open(os.path.join(out, "adapter_config.json")))["task_type"] == "CAUSAL_LM"
+    loaded = AutoPeftModelForCausalLM.from_pretrained(out).eval()
+    # Reference: each source adapter merged into the base with peft's own merge_and_unload, deltas summed.
+    ref = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    from peft import PeftModel
+
+    state = {k: v.clone() for k, v in ref.state_dict().items()}
+    for folder in folders:
+        fused = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), folder).merge_and_unload()
+        base_sd = AutoModelForCausalLM.from_pretrained(base_dir).state_dict()
+        for k, v in fused.state_dict().items():
+            state[k] += v - base_sd[k]
+    ref.load_state_dict(state)
+    torch.testing.assert_close(_logits(loaded), _logits(ref), atol=1e-5, rtol=0)
+    card = open(os.path.join(out, "README.md")).read()
+    assert "pipeline_tag: text-generation" in card
+    assert base_dir not in card  # a local path is never written into a card meant for the Hub
+
+
+def test_cli_fused_causal_lm_keeps_the_lm_head(gpt2_adapters, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from peft_ortho.cli import main
+
+    base_dir, folders = gpt2_adapters
+    out = str(tmp_path / "fused")
+    assert main(["compose", *folders, "--format", "fused", "--base", base_dir, "--out", out]) == 0
+    fused = AutoModelForCausalLM.from_pretrained(out).eval()
+    ref = compose(folders, progress=False).fuse(AutoModelForCausalLM.from_pretrained(base_dir).eval())
+    assert type(fused).__name__ == "GPT2LMHeadModel"
+    torch.testing.assert_close(_logits(fused), _logits(ref), atol=1e-5, rtol=0)
+
+
+def test_cli_export_of_an_llm_adapter_to_diffusers_is_refused(gpt2_adapters, tmp_path, capsys):
+    """Formerly: exit 0 and a file of ``unet.transformer.h.0…`` keys no pipeline loads."""
+    from peft_ortho.cli import main
+
+    _, folders = gpt2_adapters
+    for extra in ([], ["--component", "unet"]):
+        assert main(["export", folders[0], "--format", "diffusers", "--out", str(tmp_path / "x"), *extra]) == 1
+        err = capsys.readouterr().err.strip()
+        assert "language model" in err and "\n" not in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_fused_into_a_diffusers_pipeline_folder(tmp_path, capsys):
+    from diffusers import DiffusionPipeline
+
+    from peft_ortho.cli import main
+
+    _sd_adapters(tmp_path)
+    pipe_dir = str(tmp_path / "pipe")
+    testing.tiny_sd_pipeline().save_pretrained(pipe_dir)
+    names = [str(tmp_path / "unet_ad"), str(tmp_path / "te_ad")]
+    assert main(["compose", *names, "--format", "fused", "--base", pipe_dir, "--out", str(tmp_path / "out")]) == 0
+    fused = DiffusionPipeline.from_pretrained(str(tmp_path / "out"))
+    ref = testing.tiny_sd_pipeline()
+    compose(names, progress=False).fuse(ref)
+    for got, want in zip(_sd_outputs(fused), _sd_outputs(ref)):
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0)

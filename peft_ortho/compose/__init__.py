@@ -148,7 +148,7 @@ class MergedAdapter:
     @property
     def task_type(self) -> str | None:
         """The sources' peft ``task_type`` (``CAUSAL_LM``...) when they agree, so the merge loads the same way."""
-        types = {a.config.get("task_type") for a in self.adapters}
+        types = {a.config.get("task_type") for a in self.adapters} - {None}
         if len(types) > 1:
             raise IncompatibleAdaptersError(
                 f"the adapters have different task_type values {sorted(map(str, types))}: they adapt different "
