@@ -146,6 +146,9 @@ def diffusers_lora_metadata(config, *, adapter: str | None = None) -> dict:
     dropped = {"peft_type", "task_type", "auto_mapping", "inference_mode"}
     meta = {k: jsonable(v) for k, v in d.items() if k in accepted and k not in dropped}
     meta["init_lora_weights"] = True
+    # diffusers 0.36 reads these two unconditionally (KeyError when absent).
+    meta.setdefault("rank_pattern", {})
+    meta.setdefault("alpha_pattern", {})
     for key in ("target_modules", "exclude_modules"):  # peft stores these as sets: order carries no meaning
         if isinstance(meta.get(key), list):
             meta[key] = sorted(meta[key])

@@ -256,7 +256,7 @@ def _stage(model, folder: str, *, include_diffusers: bool, component: str, card_
         with safe_open(os.path.join(src, "adapter_model.safetensors"), framework="pt") as f:
             modules = [k.removeprefix(PEFT_PREFIX).split(".lora_", 1)[0] for k in f.keys()]
         kind = component_kind(modules=modules)
-        diffusers_component = include_diffusers and (component is not None or kind not in (None, "llm"))
+        diffusers_component = include_diffusers and (component is not None or kind in ("unet", "transformer"))
     else:
         from peft import PeftModel
 
@@ -272,12 +272,12 @@ def _stage(model, folder: str, *, include_diffusers: bool, component: str, card_
         adapter_name = selected[0] if selected else getattr(model, "active_adapter", "default")
         config = model.peft_config[adapter_name]
         kind = component_kind(model)
-        diffusers_component = include_diffusers and (component is not None or kind not in (None, "llm"))
+        diffusers_component = include_diffusers and (component is not None or kind in ("unet", "transformer"))
     peft_type = _config_dict(config).get("peft_type")
     weight_name = None
     tensors = None
-    # An LLM adapter (or layers of no known pipeline part) gets no diffusers file unless a component is named —
-    # and naming one for an LLM is refused by collect_diffusers_lora.
+    # Only a denoiser (UNet / DiT) adapter gets a diffusers file unasked; a text encoder one when its component is
+    # named; an LLM adapter never (naming a component for one is refused by collect_diffusers_lora).
     if diffusers_component and peft_type in LORA_LIKE_PEFT_TYPES + BLOCK_PEFT_TYPES:
         tensors, cfg, name, diffusers_component = collect_diffusers_lora(model, component, adapter_name=adapter_name)
     if tensors is not None:

@@ -190,17 +190,20 @@ def _write(tmp_path, name, tensors, metadata=None):
     return path
 
 
+def _weight(pipe, key):
+    component, name = key.split(".", 1)
+    part = pipe.components[component]
+    try:
+        return part.get_submodule(name).weight.detach()
+    except AttributeError:  # CLIP in transformers < 5.x nests under text_model
+        return part.get_submodule(f"text_model.{name}").weight.detach()
+
+
 def _fused_deltas(merged, pipe, expected):
     """Fuse the merge into ``pipe`` and return ``{component.layer: W_after - W_before}`` for ``expected``'s layers."""
-    before = {
-        k: pipe.components[k.split(".", 1)[0]].get_submodule(k.split(".", 1)[1]).weight.detach().clone()
-        for k in expected
-    }
+    before = {k: _weight(pipe, k).clone() for k in expected}
     merged.fuse(pipe)
-    return {
-        k: (pipe.components[k.split(".", 1)[0]].get_submodule(k.split(".", 1)[1]).weight.detach() - before[k]).double()
-        for k in expected
-    }
+    return {k: (_weight(pipe, k) - before[k]).double() for k in expected}
 
 
 def _assert_deltas(got, expected):
@@ -234,14 +237,16 @@ def test_kohya_sdxl_sgm_names_merge_exactly(tmp_path):
         ),
         "text_encoder_2.encoder.layers.1.mlp.fc1": _delta(f, "lora_te2_text_model_encoder_layers_1_mlp_fc1"),
     }
-    merged = compose([path], progress=False)
     pipe = testing.empty_pipeline(
         "sdxl",
         unet=testing.tiny_sdxl_unet(),
         text_encoder=testing.tiny_text_encoder(),
         text_encoder_2=testing.tiny_text_encoder(seed=1),
     )
+    merged = compose([path], base=pipe, progress=False)  # family and layers_per_block from the base pipeline
+    assert merged.adapters[0].config["family"] == "sdxl"
     _assert_deltas(_fused_deltas(merged, pipe, expected), expected)
+    assert compose([path], progress=False).adapters[0].config["family"] == "sdxl"  # ... or from the keys
     # Read as SD1.x (the former behaviour), the file is refused instead of mapped to invented names.
     with pytest.raises(AdapterFileError, match="kohya-sdxl-sgm LoRA \\(sdxl\\) but family='sd'"):
         compose([path], family="sd", progress=False)
@@ -541,3 +546,97 @@ def test_cli_fused_into_a_diffusers_pipeline_folder(tmp_path, capsys):
     compose(names, progress=False).fuse(ref)
     for got, want in zip(_sd_outputs(fused), _sd_outputs(ref)):
         torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+# ------------------------------------------------------------------------------- 7. cards
+
+
+def test_hub_save_pretrained_of_a_flux_adapter_ships_transformer_keys(tmp_path):
+    from peft_ortho.hub import save_pretrained
+
+    flux = get_peft_model(testing.tiny_flux_transformer(), _tuner_config("ortho"))
+    out = save_pretrained(flux, tmp_path / "hub", include_diffusers=True, base_model="black-forest-labs/FLUX.1-dev")
+    with safe_open(os.path.join(out, "pytorch_lora_weights.safetensors"), "pt") as f:
+        assert {k.split(".", 1)[0] for k in f.keys()} == {"transformer"}
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(os.path.join(out, "README.md"))
+    assert card.data.pipeline_tag == "text-to-image" and card.data.base_model == "black-forest-labs/FLUX.1-dev"
+    assert "base_model:adapter:black-forest-labs/FLUX.1-dev" in card.data.tags
+
+
+def test_save_diffusers_writes_a_hub_card_without_local_paths(tmp_path):
+    from huggingface_hub import ModelCard
+
+    unet = get_peft_model(testing.tiny_unet(), LoraConfig(r=2, target_modules=["to_q"], init_lora_weights=False))
+    unet.peft_config["default"].base_model_name_or_path = str(tmp_path / "my-local-base")
+    save_diffusers(unet, tmp_path / "out")
+    text = open(tmp_path / "out" / "README.md").read()
+    card = ModelCard(text)
+    assert card.data.library_name == "peft" and card.data.pipeline_tag == "text-to-image"
+    assert {"lora", "diffusers", "diffusers-training", "template:sd-lora", "text-to-image"} <= set(card.data.tags)
+    assert str(tmp_path) not in text and card.data.base_model is None
+
+
+def test_lossy_merge_export_records_the_svd_error_in_its_card(tmp_path):
+    folders = []
+    for i in range(2):
+        torch.manual_seed(i)
+        m = get_peft_model(testing.tiny_unet(), LoraConfig(r=2, target_modules=["to_q"], init_lora_weights=False))
+        m.save_pretrained(str(tmp_path / f"a{i}"))
+        folders.append(str(tmp_path / f"a{i}"))
+    merged = compose(folders, method="ties", svd_rank=1, progress=False)
+    merged.save_diffusers(str(tmp_path / "out"))
+    text = open(tmp_path / "out" / "README.md").read()
+    assert "Rank-1 SVD of the merged deltas, relative Frobenius error per layer" in text
+    # Independent: the error of a rank-1 truncation of layer's merged ΔW, from its singular values in float64.
+    (comp, name), layer = next(iter(merged.layers.items()))
+    s = torch.linalg.svdvals(layer.delta.double())
+    want = float((s[1:].square().sum() / s.square().sum()).sqrt())
+    assert f"- `{name}`: {want:.3g}" in text
+
+
+def test_model_card_trigger_words_and_widget():
+    from peft_ortho import model_card
+
+    card = model_card(
+        {"peft_type": "LORA", "r": 4},
+        base_model="stabilityai/stable-diffusion-xl-base-1.0",
+        diffusion=True,
+        instance_prompt="a photo of sks dog",
+        widget=[{"text": "a photo of sks dog", "output": {"url": "sample.png"}}],
+    )
+    assert card.data.instance_prompt == "a photo of sks dog"
+    assert card.data.widget == [{"text": "a photo of sks dog", "output": {"url": "sample.png"}}]
+    assert "Use `a photo of sks dog` in the prompt" in card.text
+    llm = model_card({"peft_type": "LORA", "task_type": "CAUSAL_LM"}, base_model="openai-community/gpt2")
+    assert llm.data.pipeline_tag == "text-generation" and "template:sd-lora" not in llm.data.tags
+
+
+def test_cli_export_and_compose_of_flux_adapters_write_transformer_keys(tmp_path, capsys):
+    """Formerly: ``--component`` defaulted to ``unet`` and the Flux file did nothing in FluxPipeline."""
+    from peft_ortho.cli import main
+
+    flux = get_peft_model(testing.tiny_flux_transformer(), _tuner_config("lora"))
+    flux.save_pretrained(str(tmp_path / "flux"))
+    assert main(["export", str(tmp_path / "flux"), "--format", "diffusers", "--out", str(tmp_path / "e")]) == 0
+    assert main(["compose", str(tmp_path / "flux"), "--format", "diffusers", "--out", str(tmp_path / "c")]) == 0
+    for out in ("e", "c"):
+        with safe_open(str(tmp_path / out / "pytorch_lora_weights.safetensors"), "pt") as f:
+            assert {k.split(".", 1)[0] for k in f.keys()} == {"transformer"}
+    assert (
+        main(
+            [
+                "export",
+                str(tmp_path / "flux"),
+                "--format",
+                "diffusers",
+                "--out",
+                str(tmp_path / "u"),
+                "--component",
+                "unet",
+            ]
+        )
+        == 1
+    )
+    assert "component='unet'" in capsys.readouterr().err
