@@ -7,7 +7,23 @@ import os
 import sys
 import warnings
 
+from .compose.merge import METHODS as _METHODS
 from .errors import PeftOrthoError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _one_line(text: str) -> str:
+    """The message with line breaks and other control characters escaped: errors are one line on stderr."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in str(text))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -19,29 +35,36 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     c.add_argument("--format", choices=["peft", "diffusers", "kohya", "fused"], default="peft")
     c.add_argument("--weights", type=float, nargs="+", help="one weight per adapter (default 1.0 each)")
-    c.add_argument("--method", default="auto", help="auto (exact stacking), linear, ties, dare_linear, dare_ties, svd")
-    c.add_argument("--svd-rank", type=int, help="rank of the LoRA export for delta-space methods")
+    _merge_arguments(c)
+    c.add_argument("--svd-rank", type=_positive_int, help="rank of the LoRA export for delta-space methods")
     c.add_argument(
         "--component", help="diffusers component PEFT adapters belong to (default: inferred, e.g. unet / transformer)"
     )
-    c.add_argument(
-        "--family",
-        choices=["sd", "sdxl", "flux", "sd3"],
-        help="model family of community single files (kohya, A1111, ComfyUI, BFL, xlabs); default: from the keys",
-    )
+    _format_arguments(c)
     c.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="precision to write (default: the inputs')")
     c.add_argument(
         "--base",
-        help="--format fused: the base to fuse into (a diffusers pipeline or model folder, or a transformers model)",
+        help="the base model folder (diffusers or transformers): --format fused fuses into it; the report's drift "
+        "‖ΔW X0‖/‖W X0‖ uses its weights",
     )
-    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --out (never one of the inputs)")
 
-    i = sub.add_parser("inspect", help="check adapters can be merged and print their interference report")
+    i = sub.add_parser("inspect", help="check adapters can be merged and print the report (predicted behaviour)")
     i.add_argument("names", nargs="+", metavar="NAME")
     i.add_argument("--weights", type=float, nargs="+")
-    i.add_argument("--family", choices=["sd", "sdxl", "flux", "sd3"], help="model family of community single files")
-    i.add_argument("--plot", metavar="FILE.png", help="write a heatmap of the pairwise crosstalk")
+    _merge_arguments(i)
+    i.add_argument(
+        "--component", help="diffusers component PEFT adapters belong to (default: inferred, e.g. unet / transformer)"
+    )
+    _format_arguments(i)
+    i.add_argument("--base", help="base model folder whose weights the report's drift ‖ΔW X0‖/‖W X0‖ uses")
+    i.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="write a heatmap: predicted output change per concept and layer, basis response",
+    )
     i.add_argument("--json", metavar="FILE.json", help="write the full report as JSON")
+    i.add_argument("--overwrite", action="store_true", help="replace existing --plot / --json files")
 
     e = sub.add_parser("export", help="convert a PEFT adapter to another format")
     e.add_argument("adapter", metavar="ADAPTER")
@@ -49,39 +72,103 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True)
     e.add_argument("--component", help="pipeline component (default: inferred from the adapter's layers)")
     e.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="precision to write (default: the adapter's)")
-    e.add_argument("--overwrite", action="store_true")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --out (never the input)")
     return p
 
 
-def _load_base(path: str):
-    """A base model folder saved with ``save_pretrained``, loaded whole (safetensors only).
+def _format_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--family",
+        choices=["sd", "sdxl", "flux", "sd3"],
+        help="model family of community single files (kohya, A1111, ComfyUI, BFL, xlabs); default: from the keys",
+    )
 
-    A diffusers pipeline folder (``model_index.json``) with ``DiffusionPipeline``; a diffusers model by its
-    ``_class_name``; a transformers model with the class its ``config.architectures`` names (a causal LM keeps its
-    LM head), else ``AutoModelForCausalLM`` / ``AutoModel``.
-    """
-    import json
 
+def _merge_arguments(p: argparse.ArgumentParser) -> None:
+    from .compose.merge import PRIOR_TARGET, PRIOR_TARGETS, PRIOR_WEIGHT, RIDGE
+
+    p.add_argument(
+        "--method",
+        default="auto",
+        choices=_METHODS,
+        help="auto (regmean when every adapter carries input statistics, else exact stacking), linear, regmean, "
+        "ties, dare_linear, dare_ties, svd",
+    )
+    p.add_argument("--prior-weight", type=float, default=PRIOR_WEIGHT, help="regmean: μ, weight of ordinary inputs")
+    p.add_argument("--ridge", type=float, default=RIDGE, help="regmean: λ relative to tr(G)/in (0: minimum norm)")
+    p.add_argument(
+        "--prior-target",
+        choices=PRIOR_TARGETS,
+        default=PRIOR_TARGET,
+        help="regmean: keep each adapter's own output on its prior inputs (own) or the base's (base)",
+    )
+    p.add_argument(
+        "--calibrate",
+        metavar="MODEL_DIR",
+        help="pipeline or model folder to compute statistics with, for adapters without (needs --prompt)",
+    )
+    p.add_argument(
+        "--prompt",
+        action="append",
+        default=[],
+        metavar="NAME=PROMPT",
+        help="trigger prompt of adapter NAME for --calibrate (repeat per adapter)",
+    )
+
+
+def _prompts(items: list[str]) -> dict[str, str] | None:
+    prompts = {}
+    for item in items:
+        name, sep, prompt = item.partition("=")
+        if not sep or not name:
+            raise PeftOrthoError(f"--prompt {item!r}: expected NAME=PROMPT")
+        prompts[name] = prompt
+    return prompts or None
+
+
+def _load_model_or_pipeline(path: str):
+    """A diffusers pipeline folder (``model_index.json``) or a model folder (``_load_base``)."""
     if os.path.isfile(os.path.join(path, "model_index.json")):
         from diffusers import DiffusionPipeline
 
         return DiffusionPipeline.from_pretrained(path, use_safetensors=True)
-    with open(os.path.join(path, "config.json")) as f:
-        config = json.load(f)
+    return _load_base(path)
+
+
+def _load_base(path: str):
+    """A base model folder saved with ``save_pretrained``: a diffusers pipeline (``model_index.json``,
+    ``DiffusionPipeline``) or model (its ``_class_name``), or a transformers model with the class its
+    ``config.architectures`` names, so a causal LM keeps its LM head (else ``AutoModelForCausalLM`` / ``AutoModel``).
+    Weights are read from safetensors files only (``use_safetensors=True``):
+    a folder holding only pickled ``.bin`` weights is refused by the loaders, never unpickled."""
+    from ._io import read_json_object
+
+    if not os.path.isdir(path):
+        raise PeftOrthoError(f"{path!r} is not a model folder")
+    if os.path.isfile(os.path.join(path, "model_index.json")):
+        from diffusers import DiffusionPipeline
+
+        return DiffusionPipeline.from_pretrained(path, use_safetensors=True)
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise PeftOrthoError(f"{path!r} has no config.json or model_index.json: not a saved model")
+    config = read_json_object(config_path, adapter=None)
     if "_class_name" in config:
         import diffusers
 
-        cls = getattr(diffusers, str(config["_class_name"]), None)
-        if not isinstance(cls, type) or not hasattr(cls, "from_pretrained"):
-            raise PeftOrthoError(f"{path}: config.json names an unknown diffusers class {config['_class_name']!r}")
+        name = config["_class_name"]
+        cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+        if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
+            raise PeftOrthoError(f"{path!r}: config.json names {name!r}, which is not a diffusers model class")
         return cls.from_pretrained(path, use_safetensors=True)
     import transformers
 
     architectures = config.get("architectures") or []
-    cls = getattr(transformers, str(architectures[0]), None) if architectures else None
+    name = architectures[0] if isinstance(architectures, list) and architectures else None
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        cls = transformers.AutoModelForCausalLM if any("CausalLM" in str(a) for a in architectures) else None
-        cls = cls or transformers.AutoModel
+        causal = any("CausalLM" in str(a) or "LMHead" in str(a) for a in architectures or ())
+        cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     return cls.from_pretrained(path, use_safetensors=True)
 
 
@@ -95,27 +182,42 @@ def _run(args) -> int:
         path = save(args.adapter, args.out, component=args.component, overwrite=args.overwrite, dtype=args.dtype)
         print(f"wrote {path}")
         return 0
+    prompts = _prompts(args.prompt)
+    if prompts and not args.calibrate:
+        raise PeftOrthoError("--prompt needs --calibrate MODEL_DIR (the model to run the prompts through)")
+    calibrate = _load_model_or_pipeline(args.calibrate) if args.calibrate else None
+    base = _load_base(args.base) if args.base else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         merged = compose(
             args.names,
             weights=args.weights,
-            method=getattr(args, "method", "auto"),
-            component=getattr(args, "component", None),
-            family=getattr(args, "family", None),
+            method=args.method,
+            prior_weight=args.prior_weight,
+            ridge=args.ridge,
+            prior_target=args.prior_target,
+            calibrate=calibrate,
+            prompts=prompts,
+            base=base,
+            component=args.component,
+            family=args.family,
             progress=sys.stderr.isatty(),  # progress bars only for a person watching; logs get one-line errors
         )
     for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
+        print(f"warning: {_one_line(w.message)}", file=sys.stderr)
     if args.command == "inspect":
         print(merged.statement)
         print(merged.report)
         if args.json:
-            merged.report.to_json(args.json)
+            merged.report.to_json(args.json, overwrite=args.overwrite)
         if args.plot:
-            print(f"wrote {merged.report.plot(args.plot)}")
+            print(f"wrote {merged.report.plot(args.plot, overwrite=args.overwrite)}")
         return 0
     merged.svd_rank = args.svd_rank
+    from ._io import atomic_dir, check_output
+
+    inputs = merged.input_paths + ([args.base] if args.base else [])
+    check_output(args.out, inputs)  # before the merge is written or fused
     if args.format == "peft":
         path = merged.save_pretrained(args.out, overwrite=args.overwrite, dtype=args.dtype)
     elif args.format == "diffusers":
@@ -125,11 +227,9 @@ def _run(args) -> int:
     else:
         if not args.base:
             raise PeftOrthoError("--format fused needs --base FOLDER (the base model to fuse into)")
-        from ._io import atomic_dir
-
-        model = merged.fuse(_load_base(args.base), component=args.component)
-        with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
-            model.save_pretrained(tmp)
+        model = merged.fuse(base, component=args.component)
+        with atomic_dir(args.out, overwrite=args.overwrite, inputs=inputs) as tmp:
+            model.save_pretrained(tmp)  # safetensors: transformers 5 writes nothing else, diffusers by default
         path = os.path.abspath(args.out)
     print(f"{merged.statement}\nwrote {path}")
     return 0
@@ -140,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except (PeftOrthoError, OSError, ValueError) as e:
-        print(f"peft-ortho: error: {e}", file=sys.stderr)
+        print(f"peft-ortho: error: {_one_line(e)}", file=sys.stderr)
         return 1
 
 

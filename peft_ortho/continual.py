@@ -195,9 +195,16 @@ class ContinualLearner:
             raise ContinualStateError("no task is open: call begin_task() first")
         if self.strategy != "naive":
             peft_model = self._peft_model
+            layers = _lora_layers(peft_model, self.adapter_name)
             with torch.no_grad():
-                for name, layer in _lora_layers(peft_model, self.adapter_name).items():
-                    self._fuse(name, layer)
+                # All fused weights are computed and checked before the first is written: a task whose update
+                # overflows the weights' dtype is refused with the model (and the open task) as they were.
+                fused = {name: self._fused(name, layer) for name, layer in layers.items()}
+                for name, layer in layers.items():
+                    layer.get_base_layer().weight.copy_(fused.pop(name))
+                    if self.strategy == "merge_and_orthogonal_init":
+                        a = _down_projection(layer, self.adapter_name).detach()
+                        self._extra[name] = self._extra[name].to(a.device) + a if name in self._extra else a.clone()
             self._base = peft_model.unload()
             for n, p in self._base.named_parameters():  # peft froze the base; hand the model back as it was given
                 p.requires_grad_(self._requires_grad.get(n, p.requires_grad))
@@ -206,7 +213,8 @@ class ContinualLearner:
         self.tasks_done += 1
         return self.model
 
-    def _fuse(self, name: str, layer: LoraLayer) -> None:
+    def _fused(self, name: str, layer: LoraLayer) -> torch.Tensor:
+        """The layer's weight after this task, in the weight's dtype; an error if it is not finite there."""
         weight = layer.get_base_layer().weight
         delta = layer.get_delta_weight(self.adapter_name)  # s·B A in the weight's layout (peft handles conv, Conv1D)
         if delta.shape != weight.shape:
@@ -220,12 +228,18 @@ class ContinualLearner:
             w0 = self._extra[name].to(dtype)
             running = weight.to(dtype) - w0  # τ_{t-1}
             keep_new = delta.to(dtype).abs() >= running.abs()
-            weight.copy_(torch.where(keep_new, w0 + delta.to(dtype), weight.to(dtype)))
+            new = torch.where(keep_new, w0 + delta.to(dtype), weight.to(dtype))
         else:
-            weight.copy_(weight.to(dtype) + delta.to(dtype))
-        if self.strategy == "merge_and_orthogonal_init":
-            a = _down_projection(layer, self.adapter_name).detach()
-            self._extra[name] = self._extra[name].to(a.device) + a if name in self._extra else a.clone()
+            new = weight.to(dtype) + delta.to(dtype)
+        new = new.to(weight.dtype)
+        if not bool(torch.isfinite(new).all()):
+            raise ContinualStateError(
+                f"fusing this task would make {int((~torch.isfinite(new)).sum())} weight(s) NaN/inf in "
+                f"{weight.dtype}; nothing was fused (the task is still open)",
+                adapter=self.adapter_name,
+                layer=name,
+            )
+        return new
 
     # ------------------------------------------------------------------ state
     def extra_state(self) -> dict[str, torch.Tensor]:
@@ -329,32 +343,51 @@ class ContinualLearner:
             )
         tensors, _ = mmap_safetensors(os.path.join(path, STATE_TENSORS))
 
-        def get(key: str, like_shape: Sequence[int] | None = None) -> torch.Tensor:
+        def get(key: str, like: torch.Tensor | None = None) -> torch.Tensor:
             if key not in tensors:
                 raise ContinualStateError(f"{STATE_TENSORS} in {path} lacks tensor {key!r} (corrupt or truncated)")
             t = tensors[key]
-            if like_shape is not None and tuple(t.shape) != tuple(like_shape):
+            if like is not None and tuple(t.shape) != tuple(like.shape):
                 raise ContinualStateError(
-                    f"tensor {key!r} in {path} has shape {tuple(t.shape)}, expected {like_shape}"
+                    f"tensor {key!r} in {path} has shape {tuple(t.shape)}, expected {tuple(like.shape)}"
                 )
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise ContinualStateError(f"tensor {key!r} in {path} holds NaN/Inf")
+            if not t.is_floating_point() or not bool(torch.isfinite(t.float() if t.element_size() == 1 else t).all()):
+                raise ContinualStateError(f"tensor {key!r} in {path} is not floating point or holds NaN/Inf")
+            if like is not None and like.is_floating_point() and t.numel():
+                limit = torch.finfo(like.dtype).max
+                if float(t.abs().max().double()) > limit:
+                    raise ContinualStateError(
+                        f"tensor {key!r} in {path} has values beyond {like.dtype}'s range ({limit:.6g})"
+                    )
             return t
 
-        with torch.no_grad():
+        # Everything is read and checked first; the model is changed only once all of it is known to be valid.
+        writes: list[tuple[torch.Tensor, torch.Tensor]] = []
+        extra: dict[str, torch.Tensor] = {}
+        try:
             if saved == "naive":
                 if meta["tasks_done"] > 0:
                     learner._peft_model = learner._wrap(learner._task_config(0), 0)
                     for name, layer in _lora_layers(learner._peft_model, learner.adapter_name).items():
                         for key, p in (("lora_A", _down_projection(layer, learner.adapter_name)),
                                        ("lora_B", _up_projection(layer, learner.adapter_name))):  # fmt: skip
-                            p.copy_(get(f"adapter.{name}.{key}", p.shape))
+                            writes.append((p, get(f"adapter.{name}.{key}", p)))
             else:
                 for name in learner._layers:
                     w = _weight(learner._base, name)
-                    w.copy_(get(f"model.{name}.weight", w.shape))
+                    writes.append((w, get(f"model.{name}.weight", w)))
                 if saved == "merge_and_orthogonal_init" and meta["tasks_done"] > 0:
-                    learner._extra = {name: get(f"state.{name}.sum_A").clone() for name in learner._layers}
+                    extra = {name: get(f"state.{name}.sum_A") for name in learner._layers}
+        except BaseException:
+            if learner._peft_model is not None:  # remove the adapters injected to read the shapes
+                learner._peft_model.unload()
+                learner._peft_model = None
+            raise
+        with torch.no_grad():
+            for p, t in writes:
+                p.copy_(t)
+        if extra:
+            learner._extra = {name: t.clone() for name, t in extra.items()}
         learner.tasks_done = int(meta["tasks_done"])
         return learner
 
@@ -648,9 +681,9 @@ def _read_meta(path: str) -> dict:
             refuse_pickle(os.path.join(path, candidate))
         raise ContinualStateError(f"{path} is not a continual state: it needs {STATE_JSON} and {STATE_TENSORS}")
     try:
-        with open(json_path) as f:
+        with open(json_path, encoding="utf-8") as f:
             meta = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or not UTF-8
         raise ContinualStateError(f"{json_path} is not valid JSON ({e})") from e
     if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
         raise ContinualStateError(
@@ -666,4 +699,8 @@ def _read_meta(path: str) -> dict:
         raise ContinualStateError(
             f"{json_path} is incomplete or unknown (missing {missing}, strategy {meta.get('strategy')!r})"
         )
+    types = {"tasks_done": int, "seed": int, "adapter_name": str, "lora_config": dict, "base_fingerprint": str}
+    for key, kind in types.items():
+        if not isinstance(meta[key], kind) or isinstance(meta[key], bool) or (kind is int and meta[key] < 0):
+            raise ContinualStateError(f"{json_path}: {key} must be a {'non-negative ' * (kind is int)}{kind.__name__}")
     return meta

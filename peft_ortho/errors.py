@@ -38,6 +38,10 @@ class UnsupportedLayerError(PeftOrthoError, TypeError):
     """A targeted module is of a type the tuner does not support."""
 
 
+class UnsupportedFeatureError(PeftOrthoError, ValueError):
+    """A peft feature the tuner does not implement was asked for (e.g. mixed adapter batches, ``adapter_names=``)."""
+
+
 class AdapterFileError(PeftOrthoError, ValueError):
     """An adapter file is missing, corrupt, pickled or holds non-finite values."""
 
@@ -48,3 +52,11 @@ class IncompatibleAdaptersError(PeftOrthoError, ValueError):
 
 class UnsupportedAdapterError(PeftOrthoError, ValueError):
     """The adapter is not a LoRA the target format can hold (another peft type, DoRA, modules_to_save, ...)."""
+
+
+class OutputExistsError(PeftOrthoError, FileExistsError):
+    """The output exists and is not empty, and ``overwrite`` was not given (or another writer created it first)."""
+
+
+class UnsafeOutputError(PeftOrthoError, ValueError):
+    """An output path is, contains or lies inside one of the inputs: writing it would replace or delete an input."""

@@ -27,12 +27,12 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from safetensors.torch import save_file
 
-from ._io import atomic_dir, check_finite, mmap_safetensors, read_adapter_folder, refuse_pickle
+from ._io import atomic_dir, check_finite, check_output, mmap_safetensors, read_adapter_folder, refuse_pickle
 from .errors import AdapterFileError, UnsupportedAdapterError
 from .lora_format import (
     BLOCK_PEFT_TYPES,
@@ -244,6 +244,7 @@ def write_diffusers_file(
     pipeline=None,
     dtype: str | torch.dtype | None = None,
     card: str | None = None,
+    inputs: Iterable[str | os.PathLike] = (),
 ) -> str:
     """Write one diffusers LoRA file into ``out_dir`` (atomically) and return its path.
 
@@ -262,7 +263,9 @@ def write_diffusers_file(
     layer names where they tell (Flux's single blocks, SDXL's second text encoder); T5 text-encoder parts are always
     refused. ``dtype``: ``"fp16"``, ``"bf16"``, ``"fp32"`` (or a torch dtype) to write; default the tensors' own.
     Values a narrower dtype cannot hold are refused by layer. ``card``: text of a ``README.md`` written beside it.
+    ``inputs``: paths the tensors were read from; ``out_dir`` may not be, contain or lie inside any of them.
     """
+    check_output(out_dir, inputs)
     if not tensors_by_component:
         raise ValueError("nothing to export: no component has LoRA tensors")
     if set(metadata_by_component) != set(tensors_by_component):
@@ -302,7 +305,7 @@ def write_diffusers_file(
         file_metadata[PEFT_ORTHO_METADATA_KEY] = json.dumps(provenance, sort_keys=True, default=str)
     if os.path.basename(weight_name) != weight_name or not weight_name.endswith(".safetensors"):
         raise ValueError(f"weight_name must be a plain '*.safetensors' file name, got {weight_name!r}")
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, inputs=inputs) as tmp:
         save_file(state_dict, os.path.join(tmp, weight_name), metadata=file_metadata)
         if card is not None:
             with open(os.path.join(tmp, "README.md"), "w") as f:
@@ -420,6 +423,8 @@ def save_diffusers(
     sources = list(model_or_dir.items()) if isinstance(model_or_dir, Mapping) else [(component, model_or_dir)]
     if not sources:
         raise ValueError("nothing to export: the mapping of components is empty")
+    inputs = [os.fspath(s) for _, s in sources if isinstance(s, (str, os.PathLike))]
+    check_output(out_dir, inputs)  # before anything is read
     tensors_by_component, metadata_by_component, configs, names = {}, {}, {}, {}
     for comp, source in sources:
         tensors, config, name, comp = collect_diffusers_lora(source, comp, adapter_name=adapter_name)
@@ -441,6 +446,7 @@ def save_diffusers(
         pipeline=pipeline,
         dtype=dtype,
         card=_single_adapter_card(configs, names) if card else None,
+        inputs=inputs,
     )
 
 
@@ -469,6 +475,7 @@ def write_kohya_file(
     weight_name: str = KOHYA_WEIGHT_NAME,
     dtype: str | torch.dtype | None = None,
     card: str | None = None,
+    inputs: Iterable[str | os.PathLike] = (),
 ) -> str:
     """Write scale-1 LoRA factors as one kohya-format file (``out_dir/lora.safetensors``) and return its path.
 
@@ -478,10 +485,12 @@ def write_kohya_file(
     after two fix-ups the kohya readers need: CLIP layers get their ``text_model.`` level back, and a single text
     encoder (SD1.x) is ``lora_te_`` as sd-scripts writes it (``lora_te1_``/``lora_te2_`` are SDXL's two).
     Only SD1.x / SDXL parts (``unet``, ``text_encoder``, ``text_encoder_2``) have a kohya layout here; others are
-    refused. ``dtype``: ``"fp16"``, ``"bf16"``, ``"fp32"`` (default the tensors' own).
+    refused. ``dtype``: ``"fp16"``, ``"bf16"``, ``"fp32"`` (default the tensors' own). ``inputs``: paths the
+    tensors were read from, which ``out_dir`` may not be, contain or lie inside.
     """
     from diffusers.utils import convert_state_dict_to_kohya
 
+    check_output(out_dir, inputs)
     target_dtype = resolve_dtype(dtype)
     peft_keys: dict[str, torch.Tensor] = {}
     for component, tensors in tensors_by_component.items():
@@ -534,9 +543,13 @@ def save_kohya(
     Returns the path of ``out_dir/lora.safetensors``.
     """
     sources = list(model_or_dir.items()) if isinstance(model_or_dir, Mapping) else [(component, model_or_dir)]
+    inputs = [os.fspath(s) for _, s in sources if isinstance(s, (str, os.PathLike))]
+    check_output(out_dir, inputs)  # before anything is read
     tensors_by_component = {}
     for comp, source in sources:
         tensors, config, name, comp = collect_diffusers_lora(source, comp, adapter_name=adapter_name)
         meta = _checked_component(comp, tensors, diffusers_lora_metadata(config, adapter=name), name)
         tensors_by_component[comp], _ = _bake_scale(tensors, meta, comp)
-    return write_kohya_file(out_dir, tensors_by_component, overwrite=overwrite, weight_name=weight_name, dtype=dtype)
+    return write_kohya_file(
+        out_dir, tensors_by_component, overwrite=overwrite, weight_name=weight_name, dtype=dtype, inputs=inputs
+    )

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 
-from ._io import atomic_dir, refuse_pickle
+from ._io import atomic_dir, mmap_safetensors, read_adapter_folder
 from .errors import AdapterFileError
 from .export import collect_diffusers_lora, write_diffusers_file
 from .lora_format import (
@@ -26,6 +26,7 @@ from .lora_format import (
     component_kind,
     config_dict,
 )
+from .statistics import STATISTICS_NAME, AdapterStatistics, load_statistics, save_statistics
 
 METHOD_TAGS = {
     "ORTHO_LORA": ("orthogonal-adaptation", "Orthogonal adaptation (Po et al., CVPR 2024, arXiv 2312.02432)"),
@@ -108,6 +109,7 @@ def model_card(
     instance_prompt: str | None = None,
     widget: Sequence[Mapping] | None = None,
     task_type: str | None = None,
+    statistics: AdapterStatistics | None = None,
 ):
     """A ``huggingface_hub.ModelCard`` for a peft-ortho (or plain LoRA) adapter.
 
@@ -126,6 +128,8 @@ def model_card(
     ``instance_prompt`` (trigger words) and an optional ``widget`` (``[{"text": prompt, "output": {"url":
     "image.png"}}]``). A ``base_model`` that is a local path, not a Hub repo id, is left out of the metadata, and
     local absolute paths in ``sources`` are shown by their last component only.
+    ``statistics``: the adapter's input statistics, shipped as ``adapter_statistics.safetensors``: the card says what
+    the file holds, its kinds, layers and input counts.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -207,6 +211,8 @@ def model_card(
         ]
     if peft_type == "ORTHO_LORA":
         parts += ["", _provenance(d)]
+    if statistics is not None:
+        parts += ["", _statistics_section(statistics)]
     if sources:
         parts += ["", "## Sources", "", _table(sources)]
     parts += ["", "## Framework versions", "", *_versions()]
@@ -217,6 +223,67 @@ def model_card(
         extra["widget"] = [dict(w) for w in widget]
     data = ModelCardData(library_name="peft", base_model=base_model, tags=tags, pipeline_tag=pipeline_tag, **extra)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(parts) + "\n")
+
+
+def _statistics_section(stats: AdapterStatistics) -> str:
+    """What ``adapter_statistics.safetensors`` holds: one row per kind (layers, input rows, exact vs sketched)."""
+    lines = [
+        "## Input statistics",
+        "",
+        f"`{STATISTICS_NAME}` holds, for each of the {len(stats.layers)} adapted layers, the mean second moment "
+        "`G = XᵀX / n` of the inputs the layer saw while training (no inputs, images or prompts themselves): "
+        "exact for narrow layers, a low-rank eigen-sketch with its residual trace for wide ones. "
+        '`peft_ortho.compose(..., method="regmean")` uses them to merge this adapter with others while keeping what '
+        "each does on its own inputs. Layout: peft-ortho's `docs/statistics.md`.",
+        "",
+        "| kind | layers | input rows per layer (min – max) | stored exactly / sketched |",
+        "|---|---|---|---|",
+    ]
+    for kind in stats.kinds():
+        moments = [m[kind] for m in stats.layers.values() if kind in m]
+        counts = [m.count for m in moments]
+        sketched = sum(m.is_sketch for m in moments)
+        lines.append(
+            f"| `{kind}` | {len(moments)} | {min(counts):,} – {max(counts):,} | {len(moments) - sketched} / {sketched} |"
+        )
+    return "\n".join(lines)
+
+
+def _as_statistics(statistics, adapter: str) -> AdapterStatistics:
+    from .statistics import InputStatistics
+
+    if isinstance(statistics, InputStatistics):
+        return statistics.statistics()
+    if isinstance(statistics, AdapterStatistics):
+        return statistics
+    if isinstance(statistics, (str, os.PathLike)):
+        return load_statistics(statistics, adapter=adapter)
+    raise TypeError(
+        f"statistics must be InputStatistics, AdapterStatistics or a path, not {type(statistics).__name__}"
+    )
+
+
+def _stage_statistics(folder: str, statistics, adapter: str) -> AdapterStatistics | None:
+    """Write (or keep) ``adapter_statistics.safetensors`` in the staged folder, checked against the adapter's keys."""
+    path = os.path.join(folder, STATISTICS_NAME)
+    if statistics is None:
+        if not os.path.isfile(path):
+            return None
+        stats = load_statistics(path, adapter=adapter)  # copied from the source folder: validate before shipping
+    else:
+        stats = _as_statistics(statistics, adapter)
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(folder, "adapter_model.safetensors"), framework="pt") as f:
+        keys = [k.removeprefix("base_model.model.") for k in f.keys()]
+    for layer in stats.layers:
+        if not any(k.startswith(layer + ".") for k in keys):
+            raise AdapterFileError(
+                f"{STATISTICS_NAME} has statistics for a layer the adapter does not have", adapter=adapter, layer=layer
+            )
+    if statistics is not None:
+        save_statistics(stats, path, overwrite=True)  # the staging folder is ours
+    return stats
 
 
 def _versions() -> list[str]:
@@ -233,23 +300,27 @@ def _versions() -> list[str]:
     return lines
 
 
-def _stage(model, folder: str, *, include_diffusers: bool, component: str, card_kwargs: dict, save_kwargs: dict):
-    """Write the adapter files, the diffusers file (when loadable) and our README.md into ``folder``."""
+def _stage(
+    model,
+    folder: str,
+    *,
+    include_diffusers: bool,
+    component: str | None,
+    card_kwargs: dict,
+    save_kwargs: dict,
+    statistics=None,
+):
+    """Write the adapter files, the statistics, the diffusers file (when loadable) and our README.md into ``folder``."""
     if save_kwargs.get("safe_serialization") is False:
         raise ValueError("peft-ortho saves safetensors only (a pickle can run arbitrary code when loaded)")
     if isinstance(model, (str, os.PathLike)):
         src = os.fspath(model)
-        config_path = os.path.join(src, "adapter_config.json")
-        if not os.path.isfile(config_path):
-            raise AdapterFileError("adapter_config.json is missing: not a peft adapter folder", adapter=src)
-        if not os.path.isfile(os.path.join(src, "adapter_model.safetensors")):
-            for candidate in sorted(os.listdir(src)):
-                refuse_pickle(os.path.join(src, candidate), adapter=src)
-            raise AdapterFileError("adapter_model.safetensors is missing", adapter=src)
+        config, weights = read_adapter_folder(src, adapter=src)  # validated; pickles refused
+        mmap_safetensors(weights, adapter=src)  # a well-formed safetensors file (its values are checked on write)
         for f in ADAPTER_FILES:
             shutil.copyfile(os.path.join(src, f), os.path.join(folder, f))
-        with open(config_path) as f:
-            config = json.load(f)
+        if statistics is None and os.path.isfile(os.path.join(src, STATISTICS_NAME)):
+            shutil.copyfile(os.path.join(src, STATISTICS_NAME), os.path.join(folder, STATISTICS_NAME))
         adapter_name = "default"
         from safetensors import safe_open
 
@@ -273,6 +344,9 @@ def _stage(model, folder: str, *, include_diffusers: bool, component: str, card_
         config = model.peft_config[adapter_name]
         kind = component_kind(model)
         diffusers_component = include_diffusers and (component is not None or kind in ("unet", "transformer"))
+    stats = _stage_statistics(
+        folder, statistics, adapter=str(model) if isinstance(model, (str, os.PathLike)) else adapter_name
+    )
     peft_type = _config_dict(config).get("peft_type")
     weight_name = None
     tensors = None
@@ -297,7 +371,7 @@ def _stage(model, folder: str, *, include_diffusers: bool, component: str, card_
     # Replaces the README.md peft's save_pretrained just wrote (its generic template).
     if kind in ("unet", "transformer"):
         card_kwargs = {"diffusion": True, **card_kwargs}
-    card = model_card(config, diffusers_weight_name=weight_name, **card_kwargs)
+    card = model_card(config, diffusers_weight_name=weight_name, statistics=stats, **card_kwargs)
     card.save(os.path.join(folder, "README.md"))
 
 
@@ -310,6 +384,7 @@ def save_pretrained(
     component: str | None = None,
     base_model: str | None = None,
     extra_tags: Iterable[str] = (),
+    statistics=None,
     **kwargs,
 ) -> str:
     """``model.save_pretrained(out_dir, **kwargs)`` with peft-ortho's model card as ``README.md``; returns the folder.
@@ -317,11 +392,15 @@ def save_pretrained(
     ``model``: a ``PeftModel`` (``kwargs`` go to its ``save_pretrained``; safetensors only) or a saved adapter
     folder. With ``include_diffusers`` and a diffusers-loadable LoRA, ``pytorch_lora_weights.safetensors`` is
     written too, under ``component`` (inferred when None: ``unet`` for a UNet, ``transformer`` for Flux/SD3, ...;
-    an LLM adapter gets no diffusers file, and naming a component for one is refused). Written into a
-    temporary folder and moved into place: an interrupted save leaves ``out_dir`` as it was.
+    an LLM adapter gets no diffusers file, and naming a component for one is refused). ``statistics``
+    (``InputStatistics``, ``AdapterStatistics`` or the path of a statistics file) is written as
+    ``adapter_statistics.safetensors``; a source folder's own statistics file is kept (validated). Either way the
+    card lists it, and layers the adapter does not have are refused. Written into a temporary folder and moved into
+    place: an interrupted save leaves ``out_dir`` as it was.
     """
     card_kwargs = {"base_model": base_model, "extra_tags": tuple(extra_tags)}
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    inputs = [os.fspath(model)] if isinstance(model, (str, os.PathLike)) else []
+    with atomic_dir(out_dir, overwrite=overwrite, inputs=inputs) as tmp:
         _stage(
             model,
             tmp,
@@ -329,6 +408,7 @@ def save_pretrained(
             component=component,
             card_kwargs=card_kwargs,
             save_kwargs=kwargs,
+            statistics=statistics,
         )
     return os.path.abspath(os.fspath(out_dir))
 
@@ -346,9 +426,12 @@ def push_to_hub(
     api=None,
     base_model: str | None = None,
     extra_tags: Iterable[str] = (),
+    statistics=None,
     **kwargs,
 ):
-    """Upload the adapter, peft-ortho's model card and (when loadable) the diffusers file to ``repo_id``.
+    """Upload the adapter, its statistics, peft-ortho's card and (when loadable) the diffusers file to ``repo_id``.
+
+    ``statistics``: as in ``save_pretrained`` (given, or the source folder's ``adapter_statistics.safetensors``).
 
     Stages everything in a temporary folder (see ``save_pretrained``), creates the repo if needed
     (``create_repo(exist_ok=True, private=private)``), creates the branch ``revision`` if given, and uploads the
@@ -370,6 +453,7 @@ def push_to_hub(
             component=component,
             card_kwargs=card_kwargs,
             save_kwargs=kwargs,
+            statistics=statistics,
         )
         api.create_repo(repo_id=repo_id, exist_ok=True, private=private, repo_type="model")
         if revision is not None and not revision.startswith("refs/pr/"):

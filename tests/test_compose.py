@@ -237,14 +237,14 @@ def test_stream_fuse_equals_in_memory_fuse(unet0, ad):
         assert na == nb and torch.equal(pa, pb), na
 
 
-def test_orthogonal_disjoint_slots_have_no_crosstalk(ad):
+def test_orthogonal_disjoint_slots_have_no_basis_response(ad):
     with warnings.catch_warnings():
         warnings.simplefilter("error", CollisionWarning)
         merged = compose([ad["o0"], ad["o1"]])
     report = merged.report
     assert report.max_overlap() < 1e-6
-    assert report.max_crosstalk()[0] < 1e-6
-    assert report.crosstalk.abs().max().item() < 1e-6
+    assert report.max_basis_response()[0] < 1e-6
+    assert report.basis_response.abs().max().item() < 1e-6
 
 
 # ----------------------------------------------------------------------------------------------------- sources
@@ -659,10 +659,10 @@ def test_overlapping_random_slots_warn_with_shared_row_count(unet0, tmp_path):
     assert a in message and b in message
     assert "2 shared rows" in message
     report = merged.report
-    assert report.crosstalk[0, 1].item() > 1e-2 and report.crosstalk[1, 0].item() > 1e-2
-    # the warning carries the measured crosstalk: here every layer collides, so it is the report's larger direction
-    warned = float(re.search(r"measured crosstalk there ([0-9.e+-]+)", message).group(1))
-    expected = max(report.crosstalk[0, 1].item(), report.crosstalk[1, 0].item())
+    assert report.basis_response[0, 1].item() > 1e-2 and report.basis_response[1, 0].item() > 1e-2
+    # the warning carries the basis response: here every layer collides, so it is the report's larger direction
+    warned = float(re.search(r"basis response there ([0-9.e+-]+)", message).group(1))
+    expected = max(report.basis_response[0, 1].item(), report.basis_response[1, 0].item())
     assert math.isclose(warned, expected, rel_tol=1e-2)
     # two orthonormal rows shared out of four: overlap sqrt(2) / 4 on every layer
     for entry in report.layers.values():
@@ -679,7 +679,7 @@ def test_disjoint_random_slots_do_not_warn(unet0, tmp_path):
         warnings.simplefilter("error", CollisionWarning)
         merged = compose([a, b])
     assert merged.report.max_overlap() < 1e-6
-    assert merged.report.crosstalk.abs().max().item() < 1e-6
+    assert merged.report.basis_response.abs().max().item() < 1e-6
 
 
 # ----------------------------------------------------------------------------------------------------- report
@@ -690,7 +690,7 @@ def test_report_summary_json_and_plot(ad, tmp_path):
     merged = compose(names, weights=[1.0, 0.5, 2.0])
     report = merged.report
     text = str(report)
-    assert "crosstalk" in text and "overlap" in text
+    assert "basis response" in text and "overlap" in text
     for name in names:
         assert name in text
     data = json.loads(report.to_json())
@@ -698,12 +698,12 @@ def test_report_summary_json_and_plot(ad, tmp_path):
     n_layers = len(merged.layers)
     assert n_layers == 56 and len(data["layers"]) == n_layers
     entry = data["layers"][UNET_LAYER]
-    assert set(entry) >= {"overlap", "crosstalk", "sign_conflicts"}
-    assert len(entry["overlap"]) == 3 and len(entry["crosstalk"]) == 6
-    assert len(data["pairwise_crosstalk"]) == 3
-    # orthogonal pair: no crosstalk; plain LoRA vs orthogonal: some
-    assert data["pairwise_crosstalk"][0][1] < 1e-6
-    assert data["pairwise_crosstalk"][0][2] > 1e-3
+    assert set(entry) >= {"overlap", "basis_response", "sign_conflicts"}
+    assert len(entry["overlap"]) == 3 and len(entry["basis_response"]) == 6
+    assert len(data["pairwise_basis_response"]) == 3
+    # orthogonal pair: no basis response; plain LoRA vs orthogonal: some
+    assert data["pairwise_basis_response"][0][1] < 1e-6
+    assert data["pairwise_basis_response"][0][2] > 1e-3
     path = tmp_path / "report.json"
     report.to_json(str(path))
     assert json.loads(path.read_text()) == data

@@ -10,11 +10,24 @@ from functools import cached_property
 
 from torch import nn
 
-from ..errors import IncompatibleAdaptersError
+from .._io import check_output
+from ..errors import IncompatibleAdaptersError, PeftOrthoError
+from ..statistics import AdapterStatistics
 from .check import CollisionWarning, check_configs, check_weights, warn_collisions
 from .load import Adapter, UnknownScaleWarning, load_adapter
-from .merge import DELTA_METHODS, METHODS, MergedLayer, iter_merged_layers
-from .report import Report
+from .merge import (
+    DELTA_METHODS,
+    EXACT_METHODS,
+    METHODS,
+    PRIOR_TARGET,
+    PRIOR_WEIGHT,
+    RIDGE,
+    STATISTICS_METHODS,
+    MergedLayer,
+    RegMeanOptions,
+    iter_merged_layers,
+)
+from .report import Report, base_energies
 from .resolve import Source, resolve, resolve_all
 
 __all__ = ["CollisionWarning", "MergedAdapter", "Report", "Source", "UnknownScaleWarning", "compose", "resolve"]
@@ -29,10 +42,24 @@ class MergedAdapter:
     N adapters needs memory for one layer's factors, not for all of them.
     """
 
-    def __init__(self, adapters: list[Adapter], weights: list[float], method: str, svd_rank=None, **merge_options):
+    def __init__(
+        self,
+        adapters: list[Adapter],
+        weights: list[float],
+        method: str,
+        svd_rank=None,
+        *,
+        requested_method: str | None = None,
+        calibrated: list[str] | None = None,
+        **merge_options,
+    ):
         self.adapters, self.weights, self.method = adapters, weights, method
+        self.requested_method = requested_method or method
+        self.calibrated = list(calibrated or [])  # adapters whose statistics compose computed (calibrate=)
         self.svd_rank = svd_rank
         self._merge_options = merge_options
+        # tr(W G_0 Wᵀ) per layer of the base model, when one was given (base=, calibrate=, fuse): the report's drift
+        self._base_energy: dict | None = None
         bases = {a.base_model for a in adapters if a.base_model}
         self.base_model = bases.pop() if len(bases) == 1 else None
 
@@ -51,9 +78,14 @@ class MergedAdapter:
         return [a.source for a in self.adapters]
 
     @property
+    def input_paths(self) -> list[str]:
+        """The files and folders this merge reads: no output may be, contain or lie inside one of them."""
+        return [s.path for s in self.sources]
+
+    @property
     def exact(self) -> bool:
         """True when the merged ΔW equals ``Σ w_i ΔW_i`` to float rounding (stacking)."""
-        return self.method not in DELTA_METHODS
+        return self.method in EXACT_METHODS
 
     @property
     def statement(self) -> str:
@@ -61,27 +93,64 @@ class MergedAdapter:
         ortho = sum(a.is_orthogonal for a in self.adapters)
         block = sum(a.is_block for a in self.adapters)
         plain = len(self.adapters) - ortho - block
+        if self.method in STATISTICS_METHODS:
+            o = self._merge_options
+            target = (
+                "each adapter's own output on its ordinary (prior) inputs"
+                if o.get("prior_target", PRIOR_TARGET) == "own"
+                else "the base's output on ordinary (prior) inputs"
+            )
+            text = (
+                "Statistics merge (regmean): per layer, the least-squares update that keeps each adapter's output on "
+                f"its own recorded inputs and {target} (prior_weight μ={o.get('prior_weight', PRIOR_WEIGHT):g}, "
+                f"ridge λ={o.get('ridge', RIDGE):g}); it is not Σ w_i ΔW_i. Stored as a stacked LoRA of rank Σ r_i "
+                "(new down-projections, the adapters' own up-projections), so every export is exact for it; the "
+                "report predicts each concept's output change."
+            )
+            if self.requested_method == "auto":
+                text += " Chosen by method='auto' because every adapter carries input statistics."
+            if self.calibrated:
+                text += f" Statistics computed here by calibration for: {', '.join(self.calibrated)}."
+            if block:
+                text += " BlockLoRA terms now read every input channel: they are no longer confined to their blocks."
+            return text
         if not self.exact:
             return (
                 f"{self.method} combines the deltas non-linearly: the result is not Σ w_i ΔW_i; LoRA exports re-factor "
                 "it with a truncated SVD (relative error per layer in the card)."
             )
-        text = "Exact: the merged ΔW equals Σ w_i ΔW_i (factors stacked, no approximation)."
+        text = (
+            "Exact: the merged ΔW equals Σ w_i ΔW_i (factors stacked, no approximation). Exact weights are not kept "
+            "behaviour: each adapter also acts on the other concepts' inputs (the report predicts how much when the "
+            "adapters carry input statistics)."
+        )
         if block > 1:
             text += (
                 f" The {block} BlockLoRA adapters change disjoint weights (their block layouts were checked), so "
-                "there are no sign conflicts between them; they may still respond to each other's inputs (crosstalk "
-                "in the report, which output erasure during training reduces)."
+                "there are no sign conflicts between them; they may still respond to each other's inputs (the "
+                "report's predicted output change, with input statistics; output erasure during training reduces it)."
             )
         if plain and ortho:
             text += (
                 f" {plain} plain LoRA(s) share input directions with every other adapter, so only the orthogonal "
-                "adapters are free of crosstalk among themselves; see the report."
+                "adapters read disjoint input directions among themselves; see the report."
             )
         elif plain:
             text += (
                 " Plain LoRAs are not orthogonal: the sum is exact but the concepts may interfere (see the report)."
             )
+        if self.requested_method == "auto":
+            missing = [a.name for a in self.adapters if a.statistics is None]
+            if len(missing) == len(self.adapters):
+                text += (
+                    " method='auto' stacked exactly because no adapter carries input statistics (record them while "
+                    "training, or pass calibrate= and prompts=, for the statistics merge)."
+                )
+            elif missing:
+                text += (
+                    f" method='auto' stacked exactly because {len(missing)} adapter(s) carry no input statistics "
+                    f"({', '.join(missing)}); the statistics merge needs them for every adapter."
+                )
         return text
 
     def iter_layers(self, *, check: bool = False):
@@ -97,7 +166,48 @@ class MergedAdapter:
 
     @cached_property
     def report(self) -> Report:
-        return Report(self.adapters, self.weights, self.method)
+        """Predicted output change per concept (from statistics) and basis relations; see ``Report``."""
+        kept = self.__dict__.get("layers")
+        layers = kept.items() if kept is not None else self.iter_layers()
+        return Report(self.adapters, self.weights, self.method, layers=layers, base_energy=self._base_energy)
+
+    def _fuse_targets(self, model, component: str | None = None) -> dict:
+        """``{component: {layer: (weight, transposed)}}`` in ``model`` (module or pipeline), every shape checked."""
+        from ..lora_format import infer_component
+        from .export import fuse_targets
+
+        def module_for(comp, names):
+            if hasattr(model, "components") and not isinstance(model, nn.Module):  # a diffusers pipeline
+                # PEFT folders (comp None) go to `component`, inferred from their layer names when None.
+                name = comp or infer_component(modules=names, given=component)
+                part = getattr(model, name, None)
+                if not isinstance(part, nn.Module):
+                    raise IncompatibleAdaptersError(
+                        f"the pipeline has no {name!r} component to fuse into (it has "
+                        f"{sorted(k for k, v in model.components.items() if isinstance(v, nn.Module))})"
+                    )
+                return part
+            if comp is not None and comp != component and hasattr(model, comp):
+                return getattr(model, comp)
+            return model
+
+        shapes: dict = {}
+        for adapter in self.adapters:
+            for comp, name in adapter.layers():
+                shapes.setdefault(comp, {})[name] = adapter.delta_shape((comp, name))
+        return {comp: fuse_targets(module_for(comp, list(s)), s) for comp, s in shapes.items()}
+
+    def set_base(self, model, *, component: str | None = None) -> None:
+        """Measure ``‖W X_0‖`` on ``model``'s weights for the report's drift (cheap: products with the statistics).
+
+        Called by ``compose(..., base=model)`` / ``calibrate=`` and by ``fuse`` before it changes any weight.
+        """
+        if not any(a.statistics is not None for a in self.adapters):
+            return
+        targets = self._fuse_targets(model, component)
+        views = {(comp, name): t for comp, by_name in targets.items() for name, t in by_name.items()}
+        self._base_energy = base_energies(self.adapters, views)
+        self.__dict__.pop("report", None)  # recomputed with the drift relative to the base
 
     def by_component(self) -> dict[str | None, dict[str, MergedLayer]]:
         out: dict = {}
@@ -120,7 +230,7 @@ class MergedAdapter:
             for a, s, w in zip(self.adapters, self.sources, self.weights)
         ]
         summary = f"Merged with peft-ortho `compose` (method `{self.method}`). {self.statement}"
-        if not self.exact:
+        if self.method in DELTA_METHODS:
             errors = {}
             for (comp, name), layer in self.layers.items():
                 layer.factors(self.svd_rank)  # decomposed once; the file reuses it
@@ -173,6 +283,7 @@ class MergedAdapter:
         from .export import save_peft
 
         fan_in_fan_out = any(a.config.get("fan_in_fan_out") for a in self.adapters)  # GPT-2 style Conv1D targets
+        check_output(out_dir, self.input_paths)  # before the merge is computed for it
         return save_peft(
             out_dir,
             self.by_component(),
@@ -183,6 +294,7 @@ class MergedAdapter:
             fan_in_fan_out,
             task_type=self.task_type,
             dtype=dtype or self.dtype,
+            inputs=self.input_paths,
         )
 
     def save_diffusers(
@@ -197,6 +309,7 @@ class MergedAdapter:
         """
         from .export import save_diffusers_file
 
+        check_output(out_dir, self.input_paths)
         return save_diffusers_file(
             out_dir,
             self.by_component(),
@@ -206,6 +319,7 @@ class MergedAdapter:
             pipeline=pipeline,
             dtype=dtype or self.dtype,
             card=self.card(diffusion=True),
+            inputs=self.input_paths,
         )
 
     def save_kohya(self, out_dir: str, *, overwrite: bool = False, dtype=None, component: str | None = None) -> str:
@@ -217,8 +331,16 @@ class MergedAdapter:
         """
         from .export import save_kohya_file
 
+        check_output(out_dir, self.input_paths)
         return save_kohya_file(
-            out_dir, self.by_component(), component, self.svd_rank, overwrite, dtype=dtype or self.dtype
+            out_dir,
+            self.by_component(),
+            component,
+            self.svd_rank,
+            overwrite,
+            dtype=dtype or self.dtype,
+            card=self.card(diffusion=True),
+            inputs=self.input_paths,
         )
 
     def fuse(self, model: nn.Module, *, component: str | None = None) -> nn.Module:
@@ -228,31 +350,21 @@ class MergedAdapter:
         that name (``unet``, ``transformer``, ``text_encoder``...). For PEFT-adapter sources, ``component`` picks the
         pipeline attribute, inferred from the layer names when None (``transformer`` for Flux/SD3 layers).
         """
-        from ..lora_format import infer_component
-        from .export import fuse_layer, fuse_targets
+        from .export import check_fusable, fuse_layer
 
-        is_pipeline = hasattr(model, "components") and not isinstance(model, nn.Module)
+        targets = self._fuse_targets(model, component)  # all checked first
+        kept = self.__dict__.get("layers")
 
-        def module_for(comp, names):
-            if is_pipeline:
-                attr = comp or infer_component(modules=names, given=component)
-                part = getattr(model, attr, None)
-                if not isinstance(part, nn.Module):
-                    raise IncompatibleAdaptersError(
-                        f"the merge has a {attr!r} part but the {type(model).__name__} has no such component"
-                    )
-                return part
-            if comp is not None and comp != component and hasattr(model, comp):
-                return getattr(model, comp)
-            return model
+        def layers():
+            return kept.items() if kept is not None else self.iter_layers()
 
-        shapes: dict = {}
-        for adapter in self.adapters:
-            for comp, name in adapter.layers():
-                shapes.setdefault(comp, {})[name] = adapter.delta_shape((comp, name))
-        targets = {comp: fuse_targets(module_for(comp, list(s)), s) for comp, s in shapes.items()}  # checked first
-        stream = self.__dict__.get("layers")
-        for (comp, name), layer in stream.items() if stream is not None else self.iter_layers():
+        # Every fused weight must stay finite in its dtype (an fp16 model overflows at 65504): proven for all layers
+        # before the first one is changed, so a refusal leaves the model as it was.
+        for (comp, name), layer in layers():
+            check_fusable(*targets[comp][name], layer, layer_name=name)
+        if self._base_energy is None:  # the report's drift relative to these weights, measured before they change
+            self.set_base(model, component=component)
+        for (comp, name), layer in layers():
             fuse_layer(*targets[comp][name], layer)
         return model
 
@@ -267,33 +379,66 @@ def compose(
     density: float = 0.5,
     majority_sign_method: str = "total",
     svd_rank: int | None = None,
+    prior_weight: float = PRIOR_WEIGHT,
+    ridge: float = RIDGE,
+    prior_target: str = PRIOR_TARGET,
+    statistics: dict | None = None,
+    calibrate=None,
+    prompts: dict[str, str] | None = None,
+    base=None,
     allow_different_base: bool = False,
     stream: bool = False,
     component: str | None = None,
     progress: bool = True,
     family: str | None = None,
-    base=None,
 ) -> MergedAdapter:
     """Merge adapters given by name (Hub repo id ``owner/name[@revision]``, local folder, or ``.safetensors`` file).
 
-    ``method="auto"`` stacks the factors: exact for every LoRA, interference-free for orthogonal adapters on distinct
-    slots. ``"ties"``, ``"dare_linear"``, ``"dare_ties"``, ``"svd"`` combine plain LoRAs in delta space with peft's
-    ``merge_utils``. Raises, naming the adapter and the layer, on anything it cannot merge correctly; warns
-    (``CollisionWarning``) when orthogonal adapters share basis rows. ``stream=True`` keeps peak memory independent
-    of the number of adapters (for ``fuse`` of very many), at the cost of a second read of the files. When PEFT
-    adapter folders are merged with diffusers files (which name their components), the folders' layers belong to
-    ``component`` (inferred from their layer names when None: ``unet`` or ``transformer``).
+    Methods: ``"linear"`` stacks the factors, exact for every LoRA (``ΔW = Σ w_i ΔW_i``). ``"regmean"`` merges for
+    behaviour from each adapter's input statistics: per layer
+    ``ΔW = (Σ_i w_i ΔW_i H_i)(Σ_i H_i [+ μ G_0] + λ̄ I)⁻¹``, stored as a stacked LoRA (docs/compose.md, "Statistics
+    merge"). ``"auto"`` is ``"regmean"`` when every adapter carries statistics and ``"linear"`` otherwise (the
+    statement says which and why). ``"ties"``, ``"dare_linear"``, ``"dare_ties"``, ``"svd"`` combine plain LoRAs in
+    delta space with peft's ``merge_utils``.
 
-    Community single files (kohya, A1111, ComfyUI, BFL and xlabs Flux) are read with their model family's diffusers
-    converter: ``family`` (``"sd"``, ``"sdxl"``, ``"flux"``, ``"sd3"``), or the family of ``base`` (a diffusers
-    pipeline, whose UNet config also fixes SDXL's block numbering), or inferred from the keys. A key that stays
-    unmapped, and LoHa / LoKr / DoRA files, are refused by name. A diffusers file that records no scale warns
-    (``UnknownScaleWarning``).
+    Args:
+        names: adapters to merge.
+        weights: one per adapter (default 1.0 each).
+        method: see above.
+        prior_weight: μ ≥ 0, the weight of ordinary ("prior") inputs in the statistics merge.
+        ridge: λ ≥ 0 relative to ``tr(G)/in``; 0 gives the minimum-norm least-squares solution.
+        prior_target: ``"own"`` (default) keeps each adapter's own behaviour on the prior inputs it was trained on
+            (``H_i = G_i + μ P_i``); ``"base"`` asks for the base's behaviour on the pooled prior inputs
+            (``H_i = G_i`` and the term ``μ G_0``).
+        statistics: ``{adapter name: AdapterStatistics}`` to use instead of (or for adapters without) a statistics
+            file, e.g. recorded in this process; names must be adapters of this merge.
+        calibrate: a pipeline or model to compute statistics with (``peft_ortho.statistics.calibrate``) for the
+            adapters that carry none and have a prompt in ``prompts``; also the base for the report's drift.
+        prompts: ``{adapter name: trigger prompt}`` for ``calibrate``; names must be adapters of this merge.
+        base: a model or pipeline whose weights ``W`` the report's drift ``‖ΔW X_0‖ / ‖W X_0‖`` uses.
+        stream: keep peak memory independent of the number of adapters (for ``fuse`` of very many), at the cost of
+            a second read of the files.
+        component: the diffusers component PEFT adapter folders belong to when merged with diffusers files
+            (inferred from their layer names when None: ``unet``, ``transformer``, ``text_encoder``).
+        family: ``"sd"``, ``"sdxl"``, ``"flux"`` or ``"sd3"``: the diffusers converter for community single files
+            (kohya, A1111, ComfyUI, BFL and XLabs Flux). Default: the family of ``base`` when it is a pipeline
+            (whose UNet config also fixes SDXL's block numbering), else inferred from the keys. A key that stays
+            unmapped, and LoHa / LoKr / DoRA files, are refused by name; a diffusers file that records no scale
+            warns (``UnknownScaleWarning``).
+
+    Returns:
+        A ``MergedAdapter``. Raises, naming the adapter and the layer, on anything it cannot merge correctly; warns
+        (``CollisionWarning``) when orthogonal adapters share basis rows.
     """
     if method not in METHODS:
         raise ValueError(f"unknown merge method {method!r}; choose one of {METHODS}")
     if not names:
         raise ValueError("compose needs at least one adapter name")
+    if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1):
+        raise ValueError(f"svd_rank must be a positive integer or None, got {svd_rank!r}")
+    RegMeanOptions(prior_weight, ridge, prior_target)  # refuse bad values before reading anything
+    if prompts is not None and calibrate is None:
+        raise ValueError("prompts= needs calibrate=<pipeline or model> to run them through")
     family, unet_config = _family_of_base(base, family)
     sources = resolve_all(list(names), token=token, cache_dir=cache_dir, progress=progress)
     adapters = [load_adapter(s, family=family, unet_config=unet_config) for s in sources]
@@ -313,12 +458,84 @@ def compose(
                 adapter.assign_component(infer_component(modules=names_, given=component, adapter=adapter.name))
     weights = check_weights(adapters, weights)
     check_configs(adapters, allow_different_base=allow_different_base)
+    if statistics:
+        by_name = _by_name(adapters, statistics, "statistics")
+        for name, stats in statistics.items():
+            if not isinstance(stats, AdapterStatistics):
+                raise IncompatibleAdaptersError(
+                    f"statistics= needs AdapterStatistics, got {type(stats).__name__}", adapter=name
+                )
+            by_name[name].statistics = stats
+    calibrated = _calibrate(adapters, calibrate, prompts) if calibrate is not None else []
+    resolved = _resolve_method(method, adapters)
     merged = MergedAdapter(
-        adapters, weights, method, svd_rank=svd_rank, density=density, majority_sign_method=majority_sign_method
+        adapters,
+        weights,
+        resolved,
+        svd_rank=svd_rank,
+        requested_method=method,
+        calibrated=calibrated,
+        density=density,
+        majority_sign_method=majority_sign_method,
+        **(
+            {"prior_weight": prior_weight, "ridge": ridge, "prior_target": prior_target}
+            if resolved == "regmean"
+            else {}
+        ),
     )
     merged._build(stream)
-    warn_collisions(adapters, weights)  # after the checks: the crosstalk it reports is measured on valid tensors
+    warn_collisions(adapters, weights)  # after the checks: the basis response it reports is measured on valid tensors
+    if base is not None or calibrate is not None:
+        merged.set_base(base if base is not None else calibrate, component=component)
     return merged
+
+
+def _resolve_method(method: str, adapters: list[Adapter]) -> str:
+    """``"auto"`` → ``"regmean"`` when every adapter carries statistics; ``"regmean"`` refuses when one does not."""
+    missing = [a.name for a in adapters if a.statistics is None]
+    if method == "auto":
+        return "regmean" if not missing else "auto"
+    if method in STATISTICS_METHODS and missing:
+        raise IncompatibleAdaptersError(
+            f"method={method!r} needs input statistics for every adapter; none for: {', '.join(missing)} (record "
+            "them while training, pass calibrate=<pipeline> and prompts={name: prompt}, or choose method='linear')"
+        )
+    return method
+
+
+def _by_name(adapters: list[Adapter], given: dict, argument: str) -> dict[str, Adapter]:
+    """``{name: adapter}``, refusing keys of ``given`` that name no adapter of this merge."""
+    by_name = {a.name: a for a in adapters}
+    unknown = sorted(set(given) - set(by_name), key=str)
+    if unknown:
+        raise IncompatibleAdaptersError(
+            f"{argument}= names no adapter of this merge: {', '.join(map(repr, unknown))} (adapters: "
+            f"{', '.join(map(repr, by_name))})"
+        )
+    return by_name
+
+
+def _calibrate(adapters: list[Adapter], target, prompts: dict[str, str] | None) -> list[str]:
+    """Statistics for the adapters without any, from ``prompts``, by ``peft_ortho.statistics.calibrate``.
+
+    Adapters that carry recorded statistics keep them (a prompt for them is not used). Returns the names calibrated.
+    """
+    if not prompts:
+        raise ValueError("calibrate= needs prompts={adapter name: trigger prompt} for the adapters without statistics")
+    _by_name(adapters, prompts, "prompts")
+    for name, prompt in prompts.items():
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise IncompatibleAdaptersError("the calibration prompt must be a non-empty string", adapter=name)
+    todo = [a for a in adapters if a.statistics is None and a.name in prompts]
+    if not todo:
+        return []
+    try:
+        from ..statistics import calibrate as run_calibration
+    except ImportError as e:
+        raise PeftOrthoError("this peft-ortho has no calibration (peft_ortho.statistics.calibrate)") from e
+    for adapter in todo:
+        adapter.statistics = run_calibration(adapter, target, prompts[adapter.name])
+    return [a.name for a in todo]
 
 
 def _family_of_base(base, family: str | None):

@@ -23,7 +23,7 @@ from .load import Adapter, LayerFactors
 
 
 class CollisionWarning(UserWarning):
-    """Two orthogonal adapters share basis rows on some layers: their merge will have crosstalk there."""
+    """Two orthogonal adapters share basis rows on some layers: each reads part of the other's input subspace there."""
 
 
 def check_weights(adapters: list[Adapter], weights) -> list[float]:
@@ -62,7 +62,7 @@ def check_configs(adapters: list[Adapter], *, allow_different_base: bool = False
             if a.config.get(field) != b.config.get(field):
                 raise IncompatibleAdaptersError(
                     f"{field}={a.config.get(field)!r} but adapter {b.name!r} has {field}={b.config.get(field)!r}: "
-                    "orthogonal adapters only merge without crosstalk when drawn from the same basis",
+                    "orthogonal adapters only read disjoint input subspaces when drawn from the same basis",
                     adapter=a.name,
                 )
 
@@ -128,8 +128,8 @@ def _layers_by_width(adapter: Adapter) -> dict[int, set]:
     return index
 
 
-def pair_crosstalk(a: Adapter, b: Adapter, weights: tuple[float, float], widths: set[int]) -> float:
-    """Measured crosstalk between two adapters over their common layers of the given input widths.
+def pair_basis_response(a: Adapter, b: Adapter, weights: tuple[float, float], widths: set[int]) -> float:
+    """Basis response between two adapters over their common layers of the given input widths.
 
     The larger of the two directions of ``sqrt(Σ‖ΔW_j A_iᵀ‖²) / sqrt(Σ‖ΔW_i A_iᵀ‖²)`` (the report's definition),
     from ``r × r`` Gram blocks only.
@@ -147,15 +147,15 @@ def pair_crosstalk(a: Adapter, b: Adapter, weights: tuple[float, float], widths:
 
 
 def warn_collisions(adapters: list[Adapter], weights: list[float]) -> None:
-    """A ``CollisionWarning`` per pair of orthogonal adapters that share basis rows, with the measured crosstalk."""
+    """A ``CollisionWarning`` per pair of orthogonal adapters that share basis rows, with their basis response."""
     by_name = {a.name: (a, w) for a, w in zip(adapters, weights)}
     for (a, b), common in shared_rows(adapters).items():
         (adapter_a, w_a), (adapter_b, w_b) = by_name[a], by_name[b]
-        crosstalk = pair_crosstalk(adapter_a, adapter_b, (w_a, w_b), {int(w) for w in common})
+        response = pair_basis_response(adapter_a, adapter_b, (w_a, w_b), {int(w) for w in common})
         detail = ", ".join(f"{c} shared rows at input width {w}" for w, c in sorted(common.items()))
         warnings.warn(
             f"adapters {a!r} and {b!r} share basis rows ({detail}): on those layers each reads part of the other's "
-            f"input subspace; measured crosstalk there {crosstalk:.3g} (0 for disjoint slots; per layer in "
+            f"input subspace; basis response there {response:.3g} (0 for disjoint slots; per layer in "
             "merged.report). Use distinct `slot`s or `concept_id`s to avoid it.",
             CollisionWarning,
             stacklevel=3,

@@ -78,6 +78,7 @@ def save_peft_folder(
     dtype=None,
 ) -> None:
     tensors, ranks = lora_tensors(layers, svd_rank, dtype)
+    check_finite(tensors)
     save_file({PEFT_PREFIX + k: v for k, v in tensors.items()}, os.path.join(folder, "adapter_model.safetensors"))
     lora_config(ranks, base_model, fan_in_fan_out, task_type).save_pretrained(folder)  # adapter_config.json
     with open(os.path.join(folder, "README.md"), "w") as f:
@@ -95,12 +96,16 @@ def save_peft(
     *,
     task_type=None,
     dtype=None,
+    inputs=(),
 ) -> str:
-    """One PEFT adapter; with several components (unet + text_encoder), one sub-folder each."""
+    """One PEFT adapter; with several components (unet + text_encoder), one sub-folder each.
+
+    ``inputs``: the merged adapters' paths, which ``out_dir`` may not be, contain or lie inside.
+    """
     from ..export import resolve_dtype
 
     dtype = resolve_dtype(dtype)
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, inputs=inputs) as tmp:
         if len(by_component) == 1:
             (layers,) = by_component.values()
             save_peft_folder(tmp, layers, base_model, svd_rank, card_text, fan_in_fan_out, task_type, dtype)
@@ -127,7 +132,16 @@ def _named_components(by_component, default_component) -> dict[str, dict[str, Me
 
 
 def save_diffusers_file(
-    out_dir, by_component, default_component, svd_rank, overwrite=False, *, pipeline=None, dtype=None, card=None
+    out_dir,
+    by_component,
+    default_component,
+    svd_rank,
+    overwrite=False,
+    *,
+    pipeline=None,
+    dtype=None,
+    card=None,
+    inputs=(),
 ) -> str:
     from ..export import resolve_dtype, write_diffusers_file
 
@@ -138,11 +152,19 @@ def save_diffusers_file(
         tensors_by_component[component] = tensors
         metadata_by_component[component] = lora_config_dict(ranks, None)
     return write_diffusers_file(
-        out_dir, tensors_by_component, metadata_by_component, overwrite=overwrite, pipeline=pipeline, card=card
+        out_dir,
+        tensors_by_component,
+        metadata_by_component,
+        overwrite=overwrite,
+        pipeline=pipeline,
+        card=card,
+        inputs=inputs,
     )
 
 
-def save_kohya_file(out_dir, by_component, default_component, svd_rank, overwrite=False, *, dtype=None) -> str:
+def save_kohya_file(
+    out_dir, by_component, default_component, svd_rank, overwrite=False, *, dtype=None, card=None, inputs=()
+) -> str:
     from ..export import resolve_dtype, write_kohya_file
 
     dtype = resolve_dtype(dtype)
@@ -150,7 +172,7 @@ def save_kohya_file(out_dir, by_component, default_component, svd_rank, overwrit
         component: lora_tensors(layers, svd_rank, dtype)[0]  # scale 1: alpha = r in the kohya file
         for component, layers in _named_components(by_component, default_component).items()
     }
-    return write_kohya_file(out_dir, tensors_by_component, overwrite=overwrite)
+    return write_kohya_file(out_dir, tensors_by_component, overwrite=overwrite, card=card, inputs=inputs)
 
 
 def fuse_targets(model: nn.Module, shapes: dict[str, tuple[int, int]]) -> dict[str, tuple[torch.Tensor, bool]]:
@@ -180,6 +202,36 @@ def fuse_targets(model: nn.Module, shapes: dict[str, tuple[int, int]]) -> dict[s
             )
         targets[name] = (weight, transposed)
     return targets
+
+
+@torch.no_grad()
+def check_fusable(weight: torch.Tensor, transposed: bool, layer: MergedLayer, *, layer_name: str) -> None:
+    """Refuse, before anything is changed, a fusion whose result would not be finite in the weight's dtype.
+
+    A bound decides cheaply: ``max|W + ΔW| ≤ max|W| + max_i Σ_k |B_ik| · max|A|`` (stacked) or ``+ max|ΔW|``
+    (delta). Only when the bound exceeds half the dtype's largest value is the fused weight computed into a scratch
+    copy and checked exactly.
+    """
+    limit = torch.finfo(weight.dtype).max
+    if layer.delta is not None:
+        bound = float(layer.delta.abs().max().double()) if layer.delta.numel() else 0.0
+    elif layer.A.numel() and layer.B.numel():
+        bound = float(layer.B.abs().double().sum(1).max()) * float(layer.A.abs().max().double())
+    else:
+        bound = 0.0
+    if weight.numel():
+        bound += float(weight.detach().abs().max().double())
+    if math.isfinite(bound) and bound <= limit / 2:
+        return
+    scratch = weight.detach().clone()
+    fuse_layer(scratch, transposed, layer)
+    if not bool(torch.isfinite(scratch).all()):
+        raise IncompatibleAdaptersError(
+            f"fusing would make {int((~torch.isfinite(scratch)).sum())} weight(s) non-finite in {weight.dtype} "
+            f"(largest finite value {limit:.6g}): the merged update is too large for this model's dtype. Nothing "
+            "was changed; fuse into a float32 model or lower the weights",
+            layer=layer_name,
+        )
 
 
 @torch.no_grad()

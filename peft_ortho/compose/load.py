@@ -24,6 +24,7 @@ import torch
 
 from .._io import mmap_safetensors, read_adapter_folder
 from .._registry import PeftOrthoType
+from .._validate import check_name, check_scale, validate_adapter_config
 from ..errors import AdapterFileError
 from ..lora_format import (
     LORA_ADAPTER_METADATA_KEY,
@@ -33,6 +34,15 @@ from ..lora_format import (
     lora_scale,
     normalise_text_encoder_key,
     pair_lora_keys,
+)
+from ..statistics import (
+    STATISTICS_NAME,
+    STATISTICS_SUFFIX,
+    AdapterStatistics,
+    check_statistics,
+    is_statistics_file,
+    layer_key,
+    load_statistics,
 )
 from ..tuners.block_lora.layout import block_entry, check_block_factor, pad_factor, stored_dim
 from .resolve import Source
@@ -73,6 +83,9 @@ class Adapter:
     layer_keys: dict[tuple[str | None, str], tuple[str, str]]
     scales: dict[tuple[str | None, str], float]
     tensors: dict[str, torch.Tensor] = field(repr=False)
+    # Per-layer input statistics (recorded by the trainer, or computed by ``compose(..., calibrate=...)``); the
+    # statistics merge (``method="regmean"``) and the report's predictions need them.
+    statistics: AdapterStatistics | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
@@ -101,7 +114,12 @@ class Adapter:
         return list(self.layer_keys)
 
     def assign_component(self, component: str) -> None:
-        """Place a PEFT-folder adapter (component ``None``) under ``component``, to merge it with diffusers files."""
+        """Place a PEFT-folder adapter (component ``None``) under ``component``, to merge it with diffusers files.
+
+        Its statistics, keyed by the folder's layer names, are re-keyed ``"component.layer"`` alike.
+        """
+        if self.statistics is not None and any(c is None for c, _ in self.layer_keys):
+            self.statistics = self.statistics.with_prefix(component)
         self.layer_keys = {(c if c is not None else component, n): v for (c, n), v in self.layer_keys.items()}
         self.scales = {(c if c is not None else component, n): v for (c, n), v in self.scales.items()}
 
@@ -150,15 +168,59 @@ def _pair_keys(keys, strip: str, adapter: str) -> dict[str, tuple[str, str]]:
     return pair_lora_keys(keys, strip, adapter)
 
 
+def _check_factors(tensors: dict, pairs: dict[str, tuple[str, str]], adapter: str) -> None:
+    """Both factors floating point, at least 2-D, of rank ≥ 1 (shapes only; nothing is read)."""
+    for layer, keys in pairs.items():
+        for key in keys:
+            t = tensors[key]
+            if not t.is_floating_point() or t.ndim < 2 or t.shape[0 if key == keys[0] else 1] == 0:
+                raise AdapterFileError(
+                    f"tensor {key!r} of shape {tuple(t.shape)} and dtype {t.dtype} is not a LoRA factor "
+                    "(floating point, at least 2-D, rank at least 1)",
+                    adapter=adapter,
+                    layer=layer,
+                )
+
+
 def load_adapter(source: Source, *, family: str | None = None, unet_config=None) -> Adapter:
-    """Read one resolved source (config + tensor index; tensors stay lazy).
+    """Read one resolved source (config + tensor index; tensors stay lazy), with its statistics when it has them.
 
     ``family`` (``"sd"``, ``"sdxl"``, ``"flux"``, ``"sd3"``) and ``unet_config`` pick the diffusers converter for a
-    community single-file LoRA (kohya, A1111, ComfyUI, BFL, xlabs); inferred from its keys when None.
+    community single-file LoRA (kohya, A1111, ComfyUI, BFL, XLabs); inferred from its keys when None.
+
+    Statistics (``Adapter.statistics``) are read from ``adapter_statistics.safetensors`` in a PEFT folder; for a
+    single LoRA file ``x.safetensors`` from the sibling ``x.statistics.safetensors``, or from
+    ``adapter_statistics.safetensors`` beside it when it is the folder's only LoRA file (a diffusers LoRA folder or
+    Hub repo). They are validated (``load_statistics``) and must name only the adapter's layers, at their widths.
     """
     if os.path.isdir(source.path):
-        return _load_peft_folder(source)
-    return _load_single_file(source, family=family, unet_config=unet_config)
+        adapter = _load_peft_folder(source)
+    else:
+        adapter = _load_single_file(source, family=family, unet_config=unet_config)
+    path = statistics_path(source.path)
+    if path is not None:
+        stats = load_statistics(path, adapter=source.name)
+        widths = {layer_key(c, n): adapter.delta_shape((c, n))[1] for c, n in adapter.layers()}
+        check_statistics(stats, widths, adapter=source.name)
+        adapter.statistics = stats
+    return adapter
+
+
+def statistics_path(path: str) -> str | None:
+    """The statistics file that belongs to an adapter folder or single LoRA file, if there is one."""
+    if os.path.isdir(path):
+        candidate = os.path.join(path, STATISTICS_NAME)
+        return candidate if os.path.isfile(candidate) else None
+    sibling = path[: -len(".safetensors")] + STATISTICS_SUFFIX if path.endswith(".safetensors") else None
+    if sibling is not None and os.path.isfile(sibling):
+        return sibling
+    folder = os.path.dirname(path)
+    beside = os.path.join(folder, STATISTICS_NAME)
+    if os.path.isfile(beside):
+        weights = [f for f in os.listdir(folder) if f.endswith(".safetensors") and not is_statistics_file(f)]
+        if weights == [os.path.basename(path)]:
+            return beside
+    return None
 
 
 def _load_peft_folder(source: Source) -> Adapter:
@@ -170,7 +232,10 @@ def _load_peft_folder(source: Source) -> Adapter:
             f"peft_type {peft_type!r} cannot be merged (supported: {', '.join(KNOWN_PEFT_TYPES)})", adapter=name
         )
     tensors, _ = mmap_safetensors(weights, adapter=name)
+    for key in tensors:
+        check_name(key, adapter=name)
     pairs = _pair_keys(tensors, PEFT_PREFIX, name)
+    _check_factors(tensors, pairs, name)
     layer_keys, scales = {}, {}
     for layer, (a_key, b_key) in pairs.items():
         layer_keys[(None, layer)] = (a_key, b_key)
@@ -184,13 +249,15 @@ def _load_peft_folder(source: Source) -> Adapter:
 def _load_single_file(source: Source, *, family: str | None = None, unet_config=None) -> Adapter:
     path, name = source.path, source.name
     tensors, metadata = mmap_safetensors(path, adapter=name)
-    meta_config = json.loads(metadata[LORA_ADAPTER_METADATA_KEY]) if LORA_ADAPTER_METADATA_KEY in metadata else None
-    converted = not any(".lora_A." in k for k in tensors)
-    if converted:
+    for key in tensors:
+        check_name(key, adapter=name)
+    meta_config = _read_lora_metadata(metadata, name)
+    if not any(".lora_A." in k for k in tensors):
         tensors, alphas, family = convert_community(tensors, family=family, unet_config=unet_config, adapter=name)
+        alphas = {k: float(check_scale(a, field="alpha")) for k, a in alphas.items()}
     else:
         alphas = {
-            normalise_text_encoder_key(k[: -len(".alpha")]): float(v)
+            normalise_text_encoder_key(k[: -len(".alpha")]): _alpha_value(v, k, name)
             for k, v in tensors.items()
             if k.endswith(".alpha")
         }
@@ -212,7 +279,10 @@ def _load_single_file(source: Source, *, family: str | None = None, unet_config=
     layer_keys, scales = {}, {}
     for component in components:
         pairs = _pair_keys([k for k in tensors if k.startswith(component + ".")], component + ".", name)
+        _check_factors(tensors, pairs, name)
         comp_meta = _component_metadata(meta_config, component)
+        if comp_meta is not None:
+            validate_adapter_config(comp_meta, adapter=name, source=f"lora_adapter_metadata ({component})")
         for layer, (a_key, b_key) in pairs.items():
             r = tensors[a_key].shape[0]
             if comp_meta is not None:
@@ -224,6 +294,32 @@ def _load_single_file(source: Source, *, family: str | None = None, unet_config=
             scales[(component, layer)] = scale
     config = {"peft_type": "LORA", "base_model_name_or_path": None, "format": "single-file", "family": family}
     return Adapter(source, config, "LORA", layer_keys, scales, tensors)
+
+
+def _read_lora_metadata(metadata: dict[str, str], name: str) -> dict | None:
+    """The ``lora_adapter_metadata`` object diffusers writes into the file's header, or None."""
+    text = metadata.get("lora_adapter_metadata")
+    if text is None:
+        return None
+    try:
+        meta = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise AdapterFileError(f"lora_adapter_metadata is not valid JSON ({e})", adapter=name) from e
+    if not isinstance(meta, dict):
+        raise AdapterFileError(
+            f"lora_adapter_metadata holds a JSON {type(meta).__name__}, not an object", adapter=name
+        )
+    return meta
+
+
+def _alpha_value(tensor, key: str, name: str) -> float:
+    """A kohya-style ``<layer>.alpha`` tensor: one finite number."""
+    if tensor.numel() != 1:
+        raise AdapterFileError(f"alpha tensor has {tensor.numel()} values, expected 1", adapter=name, layer=key)
+    try:
+        return float(check_scale(float(tensor.reshape(()).double()), field="alpha"))
+    except AdapterFileError as e:
+        raise AdapterFileError(str(e), adapter=name, layer=key) from e
 
 
 def _component_metadata(meta: dict | None, component: str) -> dict | None:

@@ -12,20 +12,36 @@ generally do; ``merged.report`` measures it.
 ``merge_utils`` (peft's ``add_weighted_adapter`` applies them to A and B separately, which is not a function of
 the deltas). Their result is a full-rank ΔW per layer: ``fuse`` uses it exactly, the LoRA exports re-factor it
 with a truncated SVD of rank ``svd_rank`` and record the relative error per layer.
+
+``"regmean"`` merges for behaviour, from each adapter's input statistics (``Adapter.statistics``): per layer it
+solves ``min_ΔW Σ_i ‖(ΔW − w_i ΔW_i) X_i‖² + …`` in closed form (``regmean_layers``). The result is still a stacked
+LoRA, ``ΔW = Σ_i B_i A'_i`` with ``A'_i = w_i s_i A_i H_i G⁻¹``, so every export works unchanged; it is not
+``Σ w_i ΔW_i``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
 
+from ..errors import AdapterFileError, IncompatibleAdaptersError
 from .check import check_adapter_finite, check_basis, check_shapes, prepare_basis_checks
 from .load import Adapter
 
 EXACT_METHODS = ("auto", "linear", "cat")
 DELTA_METHODS = ("ties", "dare_linear", "dare_ties", "svd")
-METHODS = EXACT_METHODS + DELTA_METHODS
+STATISTICS_METHODS = ("regmean",)
+METHODS = EXACT_METHODS + DELTA_METHODS + STATISTICS_METHODS
+PRIOR_TARGETS = ("own", "base")
+
+# Defaults of the statistics merge (provisional, see docs/compose.md "Statistics merge").
+PRIOR_WEIGHT = 1.0  # μ: weight of the ordinary ("prior") inputs against the concept's own
+RIDGE = 1e-3  # λ, relative to the mean eigenvalue tr(G)/in of the matrix being inverted
+PRIOR_TARGET = "own"
+RIDGE_FLOOR = 1e-9  # added to λ: keeps the factorisation defined at ridge=0 (→ the minimum-norm solution)
+_CHUNK_BYTES = 64 << 20  # float64 Grams solved in one batched call (memory bound, independent of N)
 
 
 class MergedLayer:
@@ -83,15 +99,18 @@ def iter_merged_layers(
     *,
     density: float = 0.5,
     majority_sign_method: str = "total",
+    prior_weight: float = PRIOR_WEIGHT,
+    ridge: float = RIDGE,
+    prior_target: str = PRIOR_TARGET,
     dtype: torch.dtype = torch.float32,
     check: bool = True,
     merge: bool = True,
 ) -> Iterator[tuple[tuple[str | None, str], MergedLayer | None]]:
     """The single pass, one layer at a time: read that layer of each adapter, check it, merge it, yield it.
 
-    Only one layer's factors are in memory at a time, so consumers that stream (``fuse``, validation) use memory
-    independent of the number of adapters. ``merge=False`` only checks (yields ``None``); ``check=False`` skips the
-    checks for adapters already validated.
+    Only one layer's factors are in memory at a time (for ``"regmean"``: one batch of layers of equal width, bounded
+    in bytes), so consumers that stream (``fuse``, validation) use memory independent of the number of adapters.
+    ``merge=False`` only checks (yields ``None``); ``check=False`` skips the checks for adapters already validated.
     """
     if method not in METHODS:
         raise ValueError(f"unknown merge method {method!r}; choose one of {METHODS}")
@@ -103,7 +122,8 @@ def iter_merged_layers(
     for i, adapter in enumerate(adapters):
         for layer in adapter.layers():
             layer_owners.setdefault(layer, []).append(i)
-    for layer, owners in layer_owners.items():
+
+    def read(layer, owners):
         group = [adapters[i] for i in owners]
         fs = [a.factors(layer, dtype=dtype) for a in group]  # views of the memory maps: nothing copied yet
         check_shapes(group, layer, fs)
@@ -111,11 +131,28 @@ def iter_merged_layers(
             for adapter, f in zip(group, fs):
                 if adapter.is_orthogonal:
                     check_basis(adapter, layer[1], f)
+        return fs
+
+    if method in STATISTICS_METHODS:
+        options = RegMeanOptions(prior_weight, ridge, prior_target)
+        pending = ((layer, owners, read(layer, owners)) for layer, owners in layer_owners.items())
+        if not merge:
+            for layer, owners, fs in pending:
+                regmean_terms(adapters, owners, layer, fs[0].A.shape[1], options)  # statistics present and fitting
+                yield layer, None
+            return
+        for layer, merged in regmean_layers(adapters, weights, pending, options, dtype):
+            _check_merged(merged.B if merged.delta is None else merged.delta, layer, None, "the regmean solve")
+            yield layer, merged
+        return
+    for layer, owners in layer_owners.items():
+        fs = read(layer, owners)
         if not merge:
             yield layer, None
             continue
         ranks = [f.rank for f in fs]
         a_shape, b_shape = fs[0].a_shape, fs[0].b_shape
+        group = [adapters[i] for i in owners]
         blocks = [a.block(layer) for a in group]
         blocks = [b if b is None else (b[0], b[2], b[3]) for b in blocks] if any(blocks) else None
         if method in EXACT_METHODS:
@@ -126,12 +163,196 @@ def iter_merged_layers(
             for i, f in zip(owners, fs):
                 torch.mul(f.B, weights[i] * f.scale, out=B[:, col : col + f.rank])
                 col += f.rank
+            if not bool(torch.isfinite(B).all()):  # finite factors can overflow once scaled: name whose did
+                col = 0
+                for adapter, i, f in zip(group, owners, fs):
+                    what = f"lora_B × weight {weights[i]:g} × scale {f.scale:g}"
+                    _check_merged(B[:, col : col + f.rank], layer, adapter.name, what)
+                    col += f.rank
             yield layer, MergedLayer(A, B, None, a_shape, b_shape, ranks, blocks)
         else:
             deltas = [(f.B * f.scale) @ f.A for f in fs]
+            for adapter, d in zip(group, deltas):
+                _check_merged(d, layer, adapter.name, "scale × lora_B @ lora_A")
             layer_weights = torch.tensor([weights[i] for i in owners], dtype=dtype)
             delta = _combine_deltas(deltas, layer_weights, method, density, majority_sign_method)
+            _check_merged(delta, layer, None, f"the {method} combination")
             yield layer, MergedLayer(None, None, delta, a_shape, b_shape, ranks)
+
+
+def _check_merged(t: torch.Tensor, layer, adapter: str | None, what: str) -> None:
+    """Finite inputs can still overflow once scaled: refuse a non-finite merged tensor, naming who caused it."""
+    if not bool(torch.isfinite(t).all()):
+        raise AdapterFileError(
+            f"{what} overflows {t.dtype} ({int((~torch.isfinite(t)).sum())} non-finite value(s)): the merged "
+            "adapter would be NaN/inf. Lower the weight or check the adapter's lora_alpha",
+            adapter=adapter,
+            layer=layer[1] if layer[0] is None else f"{layer[0]}.{layer[1]}",
+        )
+
+
+class RegMeanOptions:
+    """``prior_weight`` μ ≥ 0, ``ridge`` λ ≥ 0 (relative to ``tr(G)/in``), ``prior_target`` ``"own"`` | ``"base"``."""
+
+    __slots__ = ("prior_weight", "ridge", "prior_target")
+
+    def __init__(self, prior_weight: float = PRIOR_WEIGHT, ridge: float = RIDGE, prior_target: str = PRIOR_TARGET):
+        for name, value in (("prior_weight", prior_weight), ("ridge", ridge)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number ≥ 0, got {value!r}")
+        if prior_target not in PRIOR_TARGETS:
+            raise ValueError(f"prior_target must be one of {PRIOR_TARGETS}, got {prior_target!r}")
+        self.prior_weight, self.ridge, self.prior_target = float(prior_weight), float(ridge), prior_target
+
+
+def statistics_key(adapter: Adapter, layer: tuple[str | None, str]) -> str:
+    """The layer's name in ``adapter.statistics``: ``name`` for PEFT folders, ``component.name`` for pipeline files."""
+    component, name = layer
+    stats = adapter.statistics
+    if component is not None and stats is not None and f"{component}.{name}" in stats.layers:
+        return f"{component}.{name}"
+    return name
+
+
+def layer_moments(adapter: Adapter, layer: tuple[str | None, str], in_features: int) -> dict:
+    """``{"concept", "unconditional", "prior"} → Moment | None`` of one adapter's layer, checked against its width.
+
+    Refuses (naming adapter and layer) an adapter without statistics for a layer it adapts, or without its
+    ``"concept"`` moment there, or a moment of another width.
+    """
+    key = statistics_key(adapter, layer)
+    stats = adapter.statistics
+    if stats is None:
+        raise IncompatibleAdaptersError(
+            "carries no input statistics: the statistics merge needs them (record them while training, or pass "
+            "calibrate=<pipeline> and prompts={name: prompt}; or choose method='linear')",
+            adapter=adapter.name,
+        )
+    moments = {kind: stats.moment(key, kind) for kind in ("concept", "unconditional", "prior")}
+    if moments["concept"] is None:
+        raise IncompatibleAdaptersError(
+            "has no 'concept' input statistics for this layer, which it adapts", adapter=adapter.name, layer=key
+        )
+    for kind, m in moments.items():
+        if m is not None and m.in_features != in_features:
+            raise IncompatibleAdaptersError(
+                f"{kind!r} statistics are {m.in_features} wide but the layer's input is {in_features}",
+                adapter=adapter.name,
+                layer=key,
+            )
+    return moments
+
+
+def concept_terms(moments: dict) -> list[tuple[float, object]]:
+    """``G_i`` as ``[(coefficient, Moment)]``: the inputs the concept meets when it is sampled.
+
+    With classifier-free guidance every step runs the concept's prompt and the empty prompt on the same latents,
+    so when an ``"unconditional"`` moment is recorded ``G_i = (G_concept + G_unconditional) / 2``; otherwise
+    ``G_i = G_concept``.
+    """
+    if moments["unconditional"] is None:
+        return [(1.0, moments["concept"])]
+    return [(0.5, moments["concept"]), (0.5, moments["unconditional"])]
+
+
+def _right_multiply(terms, M: torch.Tensor) -> torch.Tensor:
+    """``M Σ_t c_t G_t`` for ``M`` ``(r, in)``, without forming any ``G_t`` of a sketch."""
+    out = None
+    for coef, moment in terms:
+        part = moment.right_multiply(M)
+        out = part.mul_(coef) if out is None else out.add_(part, alpha=coef)
+    return out
+
+
+def _add_dense(G: torch.Tensor, terms) -> None:
+    """``G += Σ_t c_t G_t`` in place: exact Grams added, all sketches in one GEMM ``V diag(c(σ−ρ)) Vᵀ`` + ``Σ cρ I``."""
+    cols, scaled = [], []
+    diagonal = 0.0
+    for coef, m in terms:
+        if m.is_sketch:
+            cols.append(m.basis)
+            scaled.append(m.basis * (coef * (m.values - m.residual)))
+            diagonal += coef * m.residual
+        else:
+            G.add_(m.gram, alpha=coef)
+    if cols:
+        G.addmm_(torch.cat(scaled, dim=1), torch.cat(cols, dim=1).T)
+    if diagonal:
+        G.diagonal().add_(diagonal)
+
+
+def regmean_terms(adapters, owners, layer, in_features, options: RegMeanOptions):
+    """Per owner the terms of ``H_i`` (the Gram each adapter's behaviour is matched on) and the shared terms.
+
+    ``prior_target="own"``: ``H_i = G_i + μ P_i`` (the adapter's whole training distribution, its prior inputs
+    included), no shared term. ``"base"``: ``H_i = G_i`` and the shared term ``μ G_0``, ``G_0`` the mean of the
+    owners' prior moments, asks for the base's behaviour (no change) on ordinary inputs.
+    """
+    own, priors = [], []
+    for i in owners:
+        moments = layer_moments(adapters[i], layer, in_features)
+        terms = concept_terms(moments)
+        if moments["prior"] is not None:
+            priors.append(moments["prior"])
+            if options.prior_target == "own" and options.prior_weight:
+                terms.append((options.prior_weight, moments["prior"]))
+        own.append(terms)
+    shared = []
+    if options.prior_target == "base" and options.prior_weight and priors:
+        shared = [(options.prior_weight / len(priors), m) for m in priors]
+    return own, shared
+
+
+def regmean_layers(adapters, weights, pending, options: RegMeanOptions, dtype) -> Iterator:
+    """The statistics merge of each layer: ``A'_i = w_i s_i (A_i H_i) G⁻¹``, ``G = Σ_i H_i [+ μ G_0] + λ̄ I``.
+
+    ``λ̄ = (λ + 1e-9) · tr(G)/in``: scale-free, and at ``λ = 0`` the limit is the minimum-norm least-squares
+    solution (rank-deficient ``G``, e.g. text-side inputs, included: ``A_i H_i`` has no component outside
+    ``range(G)``). Layers of equal width are solved together, batched Cholesky, in chunks of at most 64 MB of
+    float64 matrices; anything not positive definite after the floor is solved by eigendecomposition
+    (pseudo-inverse). ``B'_i = B_i``.
+    """
+    chunk: list = []
+    chunk_width = None
+    for layer, owners, fs in pending:
+        width = fs[0].A.shape[1]
+        if chunk and (width != chunk_width or (len(chunk) + 1) * width * width * 8 > _CHUNK_BYTES):
+            yield from _solve_chunk(chunk, dtype)
+            chunk = []
+        chunk_width = width
+        own, shared = regmean_terms(adapters, owners, layer, width, options)
+        G = torch.zeros(width, width, dtype=torch.float64)
+        numerators = []
+        for i, f, terms in zip(owners, fs, own):
+            _add_dense(G, terms)
+            numerators.append(_right_multiply(terms, f.A * (weights[i] * f.scale)))
+        _add_dense(G, shared)
+        level = float(G.diagonal().sum()) / width
+        G.diagonal().add_((options.ridge + RIDGE_FLOOR) * level if level > 0 else 1.0)
+        chunk.append((layer, fs, G, torch.cat(numerators)))
+    if chunk:
+        yield from _solve_chunk(chunk, dtype)
+
+
+def _solve_chunk(chunk, dtype) -> Iterator:
+    """``M G⁻¹`` for every entry, one batched Cholesky (``G`` symmetric: solve ``G Xᵀ = Mᵀ``)."""
+    Gs = torch.stack([g for _, _, g, _ in chunk])
+    rank = max(m.shape[0] for *_, m in chunk)
+    rhs = torch.zeros(len(chunk), Gs.shape[1], rank, dtype=torch.float64)
+    for k, (*_, M) in enumerate(chunk):
+        rhs[k, :, : M.shape[0]] = M.T
+    L, info = torch.linalg.cholesky_ex(Gs)
+    X = torch.cholesky_solve(rhs, L)
+    for k in torch.nonzero(info).flatten().tolist():  # not positive definite in float64: pseudo-inverse
+        values, vectors = torch.linalg.eigh(Gs[k])
+        keep = values > values.abs().max() * Gs.shape[1] * torch.finfo(torch.float64).eps
+        X[k] = (vectors[:, keep] / values[keep]) @ (vectors[:, keep].T @ rhs[k])
+    for k, (layer, fs, _, M) in enumerate(chunk):
+        A = X[k, :, : M.shape[0]].T.to(dtype).contiguous()
+        B = torch.cat([f.B for f in fs], dim=1).to(dtype)
+        ranks = [f.rank for f in fs]
+        # No block fast path: A'_i reads every input channel, so a BlockLoRA term is no longer confined.
+        yield layer, MergedLayer(A, B, None, fs[0].a_shape, fs[0].b_shape, ranks, None)
 
 
 def _combine_deltas(deltas, weights, method, density, majority_sign_method) -> torch.Tensor:

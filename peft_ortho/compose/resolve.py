@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 from .._io import PICKLE_SUFFIXES, refuse_pickle
 from ..errors import AdapterFileError
+from ..statistics import is_statistics_file
 
-ADAPTER_FILES = ["adapter_config.json", "*.safetensors"]
+ADAPTER_FILES = ["adapter_config.json", "*.safetensors"]  # weights, and adapter_statistics.safetensors when present
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -36,11 +37,32 @@ class Source:
 
 
 def split_revision(name: str) -> tuple[str, str | None]:
-    """``"alice/rex@v1.2"`` → ``("alice/rex", "v1.2")``."""
+    """``"alice/rex@v1.2"`` → ``("alice/rex", "v1.2")``; ``"alice/rex@"`` (an empty revision) is an error."""
     if "@" in name:
-        repo, _, revision = name.rpartition("@")
-        return repo, revision or None
+        repo, _, revision = name.partition("@")
+        if not revision:
+            raise AdapterFileError(
+                "nothing follows '@': give a revision (branch, tag or commit) or drop the '@'", adapter=name
+            )
+        return repo, revision
     return name, None
+
+
+# git's rules for ref names (``git check-ref-format``), plus the Hub's ``refs/pr/N``: what a branch or tag can be.
+_BAD_REF = re.compile(r"(^|/)\.|\.\.|//|@\{|[\x00-\x20\x7f~^:?*\[\\]|\.lock(/|$)|[/.]$|^/|^@$")
+
+
+def check_revision(revision: str, *, adapter: str | None = None) -> str:
+    """Refuse a revision that is not a git ref name or commit (``..``, ``/x``, control characters, ``@{``...).
+
+    The Hub cache looks a branch or tag up as the file ``refs/<revision>``: a revision such as ``../../x`` would read
+    a file outside the repository's cache folder.
+    """
+    if not isinstance(revision, str) or not revision or len(revision) > 255 or _BAD_REF.search(revision):
+        raise AdapterFileError(
+            f"revision {revision!r} is not a valid branch, tag or commit name (git ref-name rules)", adapter=adapter
+        )
+    return revision
 
 
 def resolve(name: str, *, token: str | bool | None = None, cache_dir: str | None = None) -> Source:
@@ -49,7 +71,7 @@ def resolve(name: str, *, token: str | bool | None = None, cache_dir: str | None
         folder = os.path.abspath(name)
         if os.path.isfile(os.path.join(folder, "adapter_config.json")):
             return Source(name=name, kind="folder", path=folder)
-        weights = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+        weights = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors") and not is_statistics_file(f))
         if len(weights) == 1:  # a diffusers LoRA folder (pytorch_lora_weights.safetensors)
             return Source(name=name, kind="file", path=os.path.join(folder, weights[0]))
         for f in os.listdir(folder):
@@ -62,6 +84,8 @@ def resolve(name: str, *, token: str | bool | None = None, cache_dir: str | None
         refuse_pickle(name, adapter=name)
         if not name.endswith(".safetensors"):
             raise AdapterFileError("a single-file LoRA must be a .safetensors file", adapter=name)
+        if is_statistics_file(name):
+            raise AdapterFileError("is a statistics file, not an adapter: name the LoRA file beside it", adapter=name)
         return Source(name=name, kind="file", path=os.path.abspath(name))
     repo_id, revision = split_revision(name)
     looks_like_path = name.startswith((".", "/", "~")) or repo_id.count("/") != 1
@@ -71,12 +95,27 @@ def resolve(name: str, *, token: str | bool | None = None, cache_dir: str | None
         raise AdapterFileError(
             "not a local folder, a .safetensors file, or a Hub repo id ('owner/name[@revision]')", adapter=name
         )
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise AdapterFileError(f"not a valid Hub repo id ({e})", adapter=name) from e
+    if revision is not None:
+        check_revision(revision, adapter=name)
     return _resolve_hub(name, repo_id, revision, token=token, cache_dir=cache_dir)
 
 
 def _resolve_hub(name: str, repo_id: str, revision: str | None, *, token, cache_dir) -> Source:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+    from huggingface_hub.file_download import REGEX_COMMIT_HASH
 
     try:
         folder = snapshot_download(
@@ -92,12 +131,23 @@ def _resolve_hub(name: str, repo_id: str, revision: str | None, *, token, cache_
             f"(offline mode or no network): {e}",
             adapter=name,
         ) from e
-    except (RepositoryNotFoundError, HfHubHTTPError) as e:
+    except (RepositoryNotFoundError, HfHubHTTPError, HFValidationError, ValueError, OSError) as e:
         raise AdapterFileError(f"cannot fetch {repo_id}@{revision or 'main'} from the Hub: {e}", adapter=name) from e
-    # snapshot folders are named by the commit they hold.
+    # snapshot folders are named by the commit they hold, inside <cache>/models--owner--name/snapshots/.
     commit = os.path.basename(os.path.normpath(folder))
+    snapshots = os.path.dirname(os.path.normpath(folder))
+    if (
+        not REGEX_COMMIT_HASH.fullmatch(commit)
+        or os.path.basename(snapshots) != "snapshots"
+        or os.path.basename(os.path.dirname(snapshots)) != "models--" + repo_id.replace("/", "--")
+    ):
+        raise AdapterFileError(
+            f"{repo_id}@{revision or 'main'} resolved to {folder}, which is not a snapshot of that repo in the Hub "
+            "cache (a corrupt cache entry?)",
+            adapter=name,
+        )
     has_config = os.path.isfile(os.path.join(folder, "adapter_config.json"))
-    weights = [f for f in os.listdir(folder) if f.endswith(".safetensors")]
+    weights = [f for f in os.listdir(folder) if f.endswith(".safetensors") and not is_statistics_file(f)]
     if not weights:
         raise AdapterFileError(
             f"{repo_id}@{revision or 'main'} has no .safetensors weights (pickled .bin weights are never read)",

@@ -2,16 +2,33 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 import warnings
 
+import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
 from ...errors import BlockError
-from .._layers import check_supported_layer
+from .._layers import check_supported_layer, refuse_mixed_batches
 from .layer import BlockLoraLayer, layer_widths
 from .layout import block_span, concept_block, layout_entry, spans_overlap
+
+
+def _layer_of(key: str) -> str:
+    """``base_model.model.<layer>.lora_A.weight`` → ``<layer>``."""
+    return key.removeprefix("base_model.model.").split(".lora_")[0]
+
+
+def _factors_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the ``lora_A``/``lora_B`` tensors (layer, factor, dtype, shape and bytes) of a state dict."""
+    digest = hashlib.sha256()
+    for key in sorted(k for k in state_dict if ".lora_A." in k or ".lora_B." in k):
+        tensor = state_dict[key].detach().cpu().contiguous()
+        digest.update(f"{key.removeprefix('base_model.model.')}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def resolve_block(config) -> int:
@@ -22,6 +39,7 @@ def resolve_block(config) -> int:
         block = config.resolved_block
         if block is None:
             block = random.SystemRandom().randrange(config.num_blocks)
+            config.__dict__["_block_drawn_here"] = True  # see BlockLoraModel._remap_adapter_state_dict_for_load
     else:
         block = int(config.block_index)
     if config.resolved_block is not None and config.resolved_block != block:
@@ -114,6 +132,9 @@ class BlockLoraModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        return refuse_mixed_batches("BlockLoRA", kwargs)
+
     def _warn_overlaps(self, config, adapter_name: str, layer_name: str, span: tuple[int, int]) -> None:
         """Two adapters of one model in overlapping blocks are legitimate (e.g. comparing two trainings) but will not
         merge: say so once per adapter pair."""
@@ -135,6 +156,38 @@ class BlockLoraModel(BaseTuner):
                     UserWarning,
                     stacklevel=5,
                 )
+
+    # ------------------------------------------------------------------------------------------- provenance on load
+    #
+    # A BlockLoRA state dict does not record its block: the factors of every block have the same shapes. Loaded into
+    # an adapter whose block was given (block_index=int, concept_id) or read from a saved config (resolved_block), the
+    # block is the one the tensors were trained in. But an adapter created from block_index="random" drew a fresh block
+    # in this process, and a state dict trained elsewhere would land, silently, in the wrong block. Such an adapter
+    # accepts only state dicts it saved itself (recognised by their SHA-256), and refuses the others.
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        out = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        if config.__dict__.get("_block_drawn_here"):
+            keyed = {cls._remove_adapter_name_from_key(k, adapter_name): v for k, v in out.items()}
+            config.__dict__.setdefault("_saved_digests", set()).add(_factors_digest(keyed))
+        return out
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        if config.__dict__.get("_block_drawn_here") and _factors_digest(state_dict) not in config.__dict__.get(
+            "_saved_digests", ()
+        ):
+            layers = sorted(_layer_of(k) for k in state_dict if ".lora_A." in k)
+            raise BlockError(
+                f"this adapter drew block {config.resolved_block} at random when it was created, and a state dict "
+                "does not record which block it was trained in, so it cannot be loaded here safely. Load it with its "
+                "saved config (PeftModel.from_pretrained, or load_adapter under a new adapter name), or create the "
+                "adapter with block_index set to the block it was trained in",
+                adapter=adapter_name,
+                layer=layers[0] if layers else None,
+            )
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
     def _check_new_adapter_config(self, config) -> None:
         super()._check_new_adapter_config(config)

@@ -107,20 +107,32 @@ def skew_from_vector(vec: torch.Tensor, d: int) -> torch.Tensor:
     return a - a.T
 
 
+def _solve_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a linear solve runs in: LAPACK has no half-precision LU, and half would lose orthogonality anyway."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def cayley(vec: torch.Tensor, d: int) -> torch.Tensor:
-    """``R = (I + A)⁻¹ (I − A)`` for the skew ``A`` of ``vec``: orthogonal for every ``vec``; ``vec = 0`` gives ``I``."""
-    a = skew_from_vector(vec, d)
-    eye = torch.eye(d, dtype=vec.dtype, device=vec.device)
-    return torch.linalg.solve(eye + a, eye - a)
+    """``R = (I + A)⁻¹ (I − A)`` for the skew ``A`` of ``vec``: orthogonal for every ``vec``; ``vec = 0`` gives ``I``.
+
+    Solved in float32 for a half-precision ``vec`` and rounded back to its dtype (differentiable throughout).
+    """
+    a = skew_from_vector(vec.to(_solve_dtype(vec.dtype)), d)
+    eye = torch.eye(d, dtype=a.dtype, device=vec.device)
+    return torch.linalg.solve(eye + a, eye - a).to(vec.dtype)
 
 
 def inverse_cayley(r: torch.Tensor) -> torch.Tensor:
-    """The vector ``v`` with ``cayley(v) = r`` for an orthogonal ``r`` without eigenvalue −1 (``A = (I + R)⁻¹(I − R)``)."""
+    """The vector ``v`` with ``cayley(v) = r`` for an orthogonal ``r`` without eigenvalue −1 (``A = (I + R)⁻¹(I − R)``).
+
+    Solved in float32 for a half-precision ``r``; returned in ``r``'s dtype.
+    """
     d = r.shape[0]
-    eye = torch.eye(d, dtype=r.dtype, device=r.device)
-    a = torch.linalg.solve(eye + r, eye - r)
+    r_solve = r.to(_solve_dtype(r.dtype))
+    eye = torch.eye(d, dtype=r_solve.dtype, device=r.device)
+    a = torch.linalg.solve(eye + r_solve, eye - r_solve)
     rows, cols = torch.triu_indices(d, d, 1, device=r.device)
-    return ((a - a.T) / 2)[rows, cols]
+    return ((a - a.T) / 2)[rows, cols].to(r.dtype)
 
 
 class KroneckerRotation(nn.Module):
@@ -263,6 +275,10 @@ class SodaLayer(BaseTunerLayer):
         self._soda_original_weight: Optional[torch.Tensor] = None  # W0 while adapters are merged (bit-exact unmerge)
         self._soda_forward_count: dict[str, int] = {}
         self.kwargs = kwargs
+        base = self.get_base_layer()
+        # peft's convention for adapter layers: channels for convolutions, features for linear layers.
+        self.in_features = base.in_channels if isinstance(base, nn.Conv2d) else base.in_features
+        self.out_features = base.out_channels if isinstance(base, nn.Conv2d) else base.out_features
 
     # -- shapes -------------------------------------------------------------------------------------------------------
 
@@ -308,8 +324,9 @@ class SodaLayer(BaseTunerLayer):
                 adapter_name,
                 layer_name,
             )
-        # init_weights=False (tests): random values, deterministic per layer name.
-        generator = None if config.init_weights else torch.Generator().manual_seed(zlib.crc32(layer_name.encode()))
+        # init_weights=False (tests): random values, deterministic per adapter and layer name (two adapters differ).
+        seed = zlib.crc32(f"{adapter_name}\0{layer_name}".encode())
+        generator = None if config.init_weights else torch.Generator().manual_seed(seed)
         spectrum = torch.zeros(k)
         if not config.init_weights:
             spectrum = 0.1 * sigma.detach().float().cpu().abs().mean() * torch.randn(k, generator=generator)

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner
+from peft.tuners.tuners_utils import (
+    BaseTuner,
+    _filter_state_dict_by_key_prefixes,
+    _get_tuner_state_dict_key_prefixes,
+)
 from torch import nn
 
-from ...errors import BasisMismatchError, IncompatibleAdaptersError
+from ...errors import AdapterFileError, BasisMismatchError, IncompatibleAdaptersError
+from .._layers import refuse_mixed_batches
 from .layer import SodaLayer, cayley, create_soda_module, inverse_cayley
 
 _HALF = (torch.float16, torch.bfloat16)
+# Rotation keys as earlier development versions wrote them, with the adapter name: ``….soda_rotation.<name>.skew.<j>``.
+_LEGACY_ROTATION_KEY = re.compile(r"(\.soda_rotation)\.[^.]+(?:\.[^.]+)*?\.((?:skew|stiefel)\.\d+)$")
 
 
 class SodaModel(BaseTuner):
@@ -65,7 +73,45 @@ class SodaModel(BaseTuner):
     # ----------------------------------------------------------------------------------------------------- loading
 
     @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        """``<layer>.soda_rotation.<adapter>.skew.<j>`` → ``<layer>.soda_rotation.skew.<j>`` (and ``stiefel``).
+
+        The rotation is a module holding a parameter list, so its adapter name sits third from the end, where peft's
+        default (last or second to last) does not look; a key that kept it would load only under that same name.
+        """
+        head, marker, tail = key.rpartition(f".soda_rotation.{adapter_name}.")
+        if marker:
+            return f"{head}.soda_rotation.{tail}"
+        return super()._remove_adapter_name_from_key(key, adapter_name)
+
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        return refuse_mixed_batches("SODA", kwargs)
+
+    @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """Accept files written before rotation keys dropped the adapter name, refuse incomplete or foreign SODA
+        tensors, and check the base spectrum (below)."""
+        state_dict = {_LEGACY_ROTATION_KEY.sub(r"\1.\2", k): v for k, v in state_dict.items()}
+        remapped = cls._check_spectrum(model, config, adapter_name, state_dict)
+        prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
+        current = model.state_dict()
+        expected = _filter_state_dict_by_key_prefixes(current, prefixes)
+        missing = sorted(k for k in expected if k not in remapped)
+        unexpected = sorted(k for k in remapped if ".soda_" in k and k not in current)
+        for keys, what in ((missing, "lacks the tensor"), (unexpected, "holds a tensor the model has no place for:")):
+            if keys:
+                layer = keys[0].removeprefix("base_model.model.").split(".soda_")[0]
+                raise AdapterFileError(
+                    f"the SODA state dict {what} {keys[0]!r}"
+                    + (f" (and {len(keys) - 1} more)" if len(keys) > 1 else "")
+                    + "; it was saved for other layers or settings, or is incomplete",
+                    adapter=adapter_name,
+                    layer=layer,
+                )
+        return remapped
+
+    @classmethod
+    def _check_spectrum(cls, model, config, adapter_name, state_dict):
         """Check that the base spectrum stored with the adapter matches the one just recomputed from the base weights.
 
         The decomposition is not saved; it is recomputed when the adapter is created. If the base model is not the one
