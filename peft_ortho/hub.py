@@ -384,6 +384,7 @@ def save_pretrained(
     component: str | None = None,
     base_model: str | None = None,
     extra_tags: Iterable[str] = (),
+    instance_prompt: str | None = None,
     statistics=None,
     **kwargs,
 ) -> str:
@@ -395,10 +396,11 @@ def save_pretrained(
     an LLM adapter gets no diffusers file, and naming a component for one is refused). ``statistics``
     (``InputStatistics``, ``AdapterStatistics`` or the path of a statistics file) is written as
     ``adapter_statistics.safetensors``; a source folder's own statistics file is kept (validated). Either way the
-    card lists it, and layers the adapter does not have are refused. Written into a temporary folder and moved into
-    place: an interrupted save leaves ``out_dir`` as it was.
+    card lists it, and layers the adapter does not have are refused. ``instance_prompt``: the trigger words, in the
+    card's metadata and body. Written into a temporary folder and moved into place: an interrupted save leaves
+    ``out_dir`` as it was.
     """
-    card_kwargs = {"base_model": base_model, "extra_tags": tuple(extra_tags)}
+    card_kwargs = {"base_model": base_model, "extra_tags": tuple(extra_tags), "instance_prompt": instance_prompt}
     inputs = [os.fspath(model)] if isinstance(model, (str, os.PathLike)) else []
     with atomic_dir(out_dir, overwrite=overwrite, inputs=inputs) as tmp:
         _stage(
@@ -426,6 +428,7 @@ def push_to_hub(
     api=None,
     base_model: str | None = None,
     extra_tags: Iterable[str] = (),
+    instance_prompt: str | None = None,
     statistics=None,
     **kwargs,
 ):
@@ -444,7 +447,12 @@ def push_to_hub(
         api = HfApi(token=token)
     elif isinstance(api, type):
         api = api(token=token)
-    card_kwargs = {"base_model": base_model, "extra_tags": tuple(extra_tags), "repo_id": repo_id}
+    card_kwargs = {
+        "base_model": base_model,
+        "extra_tags": tuple(extra_tags),
+        "repo_id": repo_id,
+        "instance_prompt": instance_prompt,
+    }
     with tempfile.TemporaryDirectory(prefix="peft_ortho_push_") as tmp:
         _stage(
             model,

@@ -555,7 +555,13 @@ def test_hub_save_pretrained_of_a_flux_adapter_ships_transformer_keys(tmp_path):
     from peft_ortho.hub import save_pretrained
 
     flux = get_peft_model(testing.tiny_flux_transformer(), _tuner_config("ortho"))
-    out = save_pretrained(flux, tmp_path / "hub", include_diffusers=True, base_model="black-forest-labs/FLUX.1-dev")
+    out = save_pretrained(
+        flux,
+        tmp_path / "hub",
+        include_diffusers=True,
+        base_model="black-forest-labs/FLUX.1-dev",
+        instance_prompt="a photo of sks dog",
+    )
     with safe_open(os.path.join(out, "pytorch_lora_weights.safetensors"), "pt") as f:
         assert {k.split(".", 1)[0] for k in f.keys()} == {"transformer"}
     from huggingface_hub import ModelCard
@@ -563,6 +569,7 @@ def test_hub_save_pretrained_of_a_flux_adapter_ships_transformer_keys(tmp_path):
     card = ModelCard.load(os.path.join(out, "README.md"))
     assert card.data.pipeline_tag == "text-to-image" and card.data.base_model == "black-forest-labs/FLUX.1-dev"
     assert "base_model:adapter:black-forest-labs/FLUX.1-dev" in card.data.tags
+    assert card.data.instance_prompt == "a photo of sks dog"
 
 
 def test_save_diffusers_writes_a_hub_card_without_local_paths(tmp_path):
