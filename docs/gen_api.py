@@ -18,10 +18,12 @@ import sys
 MODULES = (
     "peft_ortho",
     "peft_ortho.compose",
+    "peft_ortho.compose.sequential",
     "peft_ortho.bases",
     "peft_ortho.erasure",
     "peft_ortho.continual",
     "peft_ortho.optim",
+    "peft_ortho.statistics",
     "peft_ortho.errors",
     "peft_ortho.testing",
 )
@@ -113,11 +115,15 @@ def render() -> str:
                 continue
             if inspect.isclass(obj) and dataclasses.is_dataclass(obj):
                 fields, inherited = _own_fields(obj)
-                lines += [f"### `{module_name}.{name}(...)`", "", "*config class (dataclass)*", "", _doc(obj), ""]
+                is_config = any(c.__name__ == "PeftConfig" for c in obj.__mro__)
+                label = "*config class (dataclass)*" if is_config else "*dataclass*"
+                lines += [f"### `{module_name}.{name}(...)`", "", label, "", _doc(obj), ""]
                 extra = f" (plus every field of peft's `{inherited[0]}`)" if inherited else ""
                 lines += [f"Fields{extra}:", "", *map(_field_line, fields), ""]
-                continue
-            lines += [f"### `{module_name}.{name}{_signature(obj)}`", "", f"*{kind}*", "", _doc(obj), ""]
+                if is_config:
+                    continue
+            else:
+                lines += [f"### `{module_name}.{name}{_signature(obj)}`", "", f"*{kind}*", "", _doc(obj), ""]
             if inspect.isclass(obj):
                 for meth_name, member in _public_methods(obj):
                     if isinstance(member, property):

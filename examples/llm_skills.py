@@ -1,8 +1,8 @@
-"""Two "skills" for a small causal LM, each trained independently as an adapter, then composed with
-``peft_ortho.compose`` and fused into the base. Offline and tokenizer-free: a GPT-2 built from a config, integer
-tokens, synthetic tasks; about half a minute on a CPU.
+"""Two "skills" for a small causal LM, each trained independently as an adapter, then merged with
+``peft_ortho.compose`` four ways and fused into the base. Offline and tokenizer-free: a GPT-2 built from a config,
+integer tokens, synthetic tasks; a few minutes on a CPU (most of it the end-to-end refinement of the last merge).
 
-    python examples/llm_skills.py [--steps 200] [--rank 8] [--out DIR]
+    python examples/llm_skills.py [--steps 200] [--rank 8] [--methods lora ortho] [--erasure_weight 1] [--out DIR]
 
 Tokens: digits ``0..K-1`` and task tokens ``COPY``, ``REV``, ``SUCC``, plus ``SEP``. A sequence is
 ``[task, x_1..x_L, SEP, y_1..y_L]`` and the model must produce ``y`` greedily:
@@ -11,19 +11,22 @@ Tokens: digits ``0..K-1`` and task tokens ``COPY``, ``REV``, ``SUCC``, plus ``SE
 - ``REV`` (skill 1): ``y = reversed(x)`` — re-routes attention;
 - ``SUCC`` (skill 2): ``y_i = (x_i + 1) mod K`` — re-maps tokens.
 
-Each skill is learnt by its own adapter from the same base, by "people" who never see the other skill: an
-``OrthoLoraConfig`` adapter on basis slot 0 (REV) or 1 (SUCC) — disjoint slots of the shared basis — and, for
-comparison, a plain ``LoraConfig`` adapter. Each pair is merged with ``compose`` (exact: ``W + ΔW_rev + ΔW_succ``) and
-fused into a copy of the base. Printed: the greedy per-token accuracy (chance: ``1/K``) of each skill alone and after
-the merge, and of COPY (what the base could do).
+Each skill is learnt by its own adapter from the same base, by "people" who never see the other skill: a plain
+``LoraConfig`` adapter and, for comparison, an ``OrthoLoraConfig`` adapter on basis slot 0 (REV) or 1 (SUCC).
+Training uses output erasure on foreign inputs (``--erasure_weight``: the base model's behaviour on ``COPY`` and on
+task tokens no one trains, adapters disabled as teacher) and records each adapted layer's input statistics with
+``peft_ortho.InputStatistics`` (task batches as ``"concept"``, erasure batches as ``"prior"``), saved beside the
+adapter. Each pair is then merged with ``compose``:
 
-What to expect (see docs/llm.md for measured numbers): every adapter solves its own skill, and with both methods
-the merged model loses most of both skills. Orthogonal slots stop one adapter from *reading* the directions the other
-one trained, but each adapter still acts on the other skill's inputs (METHODS.md §5); ``--erasure_weight`` adds
-output erasure on foreign inputs (the base model's behaviour on other task tokens, adapters disabled as teacher),
-the documented remedy, which here preserves COPY but does not make the two skills compose either.
-``benchmarks/llm_composition.py`` and ``benchmarks/llm_probes.py`` study where the crosstalk comes from and which
-training recipes reduce it (docs/llm.md).
+- ``exact sum`` (``method="linear"``): ``W + ΔW_rev + ΔW_succ``;
+- ``per-layer closed form`` (``method="regmean"``): from the recorded statistics;
+- ``sequential`` (``method="sequential"``): layer by layer through the partly merged model, on calibration
+  sequences of each skill and ordinary ones (``calibrate=base``, ``inputs=``, ``prior_inputs=``);
+- ``sequential + refinement``: the same, then ``--refine_steps`` of end-to-end output matching.
+
+Printed: the greedy per-token accuracy (chance: ``1/K``) of each skill alone and after each merge, and of COPY
+(what the base could do). Measured numbers and what they mean: docs/llm.md. ``benchmarks/llm_composition.py`` and
+``benchmarks/llm_probes.py`` study why summed skill adapters interfere.
 """
 
 from __future__ import annotations
@@ -119,15 +122,32 @@ def build_base(width: int, steps: int, lr: float, seed: int = 0):
     return model
 
 
-def train(model, task: int, steps: int, lr: float, seed: int, batch_size: int = 64, erasure_weight: float = 0.0):
+def train(
+    model,
+    task: int,
+    steps: int,
+    lr: float,
+    seed: int,
+    batch_size: int = 64,
+    erasure_weight: float = 0.0,
+    stats=None,
+):
     """AdamW on ``lm_loss`` for ``task``; returns the last loss.
 
     ``erasure_weight > 0`` adds output erasure on foreign inputs: each step a batch with a task token drawn from
     the other task tokens, on which ``KL(base ‖ adapted)`` of the next-token distributions (all positions) is
     minimised; the base is the same model with its adapters disabled (``peft_ortho.erasure.adapters_disabled``).
+
+    ``stats``: a ``peft_ortho.InputStatistics`` of ``model``; the task batches are recorded as ``"concept"`` and the
+    erasure batches (the adapted model's forward) as ``"prior"``.
     """
+    import contextlib
+
     import torch
     import torch.nn.functional as F
+
+    def recording(kind):
+        return stats.record(kind) if stats is not None else contextlib.nullcontext()
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -136,7 +156,8 @@ def train(model, task: int, steps: int, lr: float, seed: int, batch_size: int = 
     foreign = torch.tensor([t for t in TASK_TOKENS if t not in (task, REV, SUCC)])
     model.train()
     for _ in range(steps):
-        loss = lm_loss(model, make_batch(task, batch_size, g))
+        with recording("concept"):
+            loss = lm_loss(model, make_batch(task, batch_size, g))
         if erasure_weight:
             from peft_ortho.erasure import adapters_disabled
 
@@ -144,7 +165,8 @@ def train(model, task: int, steps: int, lr: float, seed: int, batch_size: int = 
             inputs = make_batch(tokens, batch_size, g)[:, :-1]
             with adapters_disabled(model), torch.no_grad():
                 teacher = model(input_ids=inputs).logits.log_softmax(-1)
-            student = model(input_ids=inputs).logits.log_softmax(-1)
+            with recording("prior"):
+                student = model(input_ids=inputs).logits.log_softmax(-1)
             kl = F.kl_div(student.flatten(0, 1), teacher.flatten(0, 1), log_target=True, reduction="batchmean")
             loss = loss + erasure_weight * kl
         loss.backward()
@@ -166,50 +188,93 @@ def skill_config(method: str, slot: int, rank: int):
     return LoraConfig(**common)
 
 
-def run(args: argparse.Namespace, out_dir: str, log=print) -> dict:
-    """Train the base, the four skill adapters, compose each pair; return every accuracy.
+MERGES = {  # row label → compose arguments
+    "exact sum": {"method": "linear"},
+    "per-layer closed form": {"method": "regmean"},
+    "sequential": {"method": "sequential"},
+    "sequential + refinement": {"method": "sequential"},
+}
 
-    Returns ``{"base": {task: acc}, "ortho": {...}, "lora": {...}, "folders": {...}}`` where each method's entry holds
-    ``"alone"`` (``{task: acc}`` of each skill's own adapter), ``"merged"`` (``{task: acc}`` for REV, SUCC, COPY) and
-    ``"exact"`` (``compose``'s exactness flag).
+
+def calibration(n: int, seed: int) -> tuple[dict, list]:
+    """The merge's calibration batches: ``n`` sequences of each skill (the prompts a user of that skill sends, with
+    the answers the skill gives) and ``n`` ordinary ones (``COPY`` and the untrained task tokens)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    skills = {task: [{"input_ids": make_batch(task, n, g)[:, :-1]}] for task in (REV, SUCC)}
+    pool = torch.tensor([t for t in TASK_TOKENS if t not in (REV, SUCC)])
+    ordinary = [{"input_ids": make_batch(pool[torch.randint(0, len(pool), (n, 1), generator=g)], n, g)[:, :-1]}]
+    return skills, ordinary
+
+
+def run(args: argparse.Namespace, out_dir: str, log=print) -> dict:
+    """Train the base, two skill adapters per method (recording their input statistics), merge each pair four ways.
+
+    Returns ``{"base": {task: acc}, "<method>": {...}, "folders": {...}}`` where each method's entry holds ``"alone"``
+    (``{task: acc}`` of each skill's own adapter), ``"merged"`` (``{merge row: {task: acc}}`` for REV, SUCC, COPY,
+    one row per ``MERGES`` entry) and ``"exact"`` (``{merge row: compose's exactness flag}``).
     """
     import torch
     from peft import get_peft_model
 
-    from peft_ortho import compose
+    from peft_ortho import InputStatistics, compose
 
     start = time.perf_counter()
     base = build_base(args.width, args.base_steps, 3e-3, seed=args.seed)
     results = {"base": {NAMES[t]: accuracy(base, t) for t in (COPY, REV, SUCC)}, "folders": {}}
     log(f"base (pretrained on COPY, {time.perf_counter() - start:.1f} s): {_fmt(results['base'])}")
-    for method in ("ortho", "lora"):
+    skills, ordinary = calibration(args.calibration, seed=args.seed + 99)
+    for method in args.methods:
         folders, alone = [], {}
         for slot, task in enumerate((REV, SUCC)):
             torch.manual_seed(args.seed + 1 + slot)  # the plain LoRA's random lora_A
             model = get_peft_model(copy.deepcopy(base), skill_config(method, slot, args.rank))
+            stats = InputStatistics(model)  # what the per-layer closed form merges with
             loss = train(
-                model, task, args.steps, args.lr, seed=args.seed + 10 + slot, erasure_weight=args.erasure_weight
+                model,
+                task,
+                args.steps,
+                args.lr,
+                seed=args.seed + 10 + slot,
+                erasure_weight=args.erasure_weight,
+                stats=stats,
             )
             alone[NAMES[task]] = accuracy(model, task)
             folder = os.path.join(out_dir, f"{method}-{NAMES[task].lower()}")
             model.save_pretrained(folder)
+            stats.save_pretrained(folder)  # adapter_statistics.safetensors beside the adapter
             folders.append(folder)
             log(f"{method} {NAMES[task]}: final loss {loss:.4f}, accuracy alone {alone[NAMES[task]]:.3f}")
-        merged = compose(folders, progress=False)
-        fused = merged.fuse(copy.deepcopy(base))
-        results[method] = {
-            "alone": alone,
-            "merged": {NAMES[t]: accuracy(fused, t) for t in (REV, SUCC, COPY)},
-            "exact": merged.exact,
-        }
+        inputs = {folder: skills[task] for folder, task in zip(folders, (REV, SUCC))}
+        results[method] = {"alone": alone, "merged": {}, "exact": {}}
+        for row, options in MERGES.items():
+            tic = time.perf_counter()
+            if options["method"] == "sequential":
+                refine = args.refine_steps if row.endswith("refinement") else 0
+                options = {
+                    **options,
+                    "calibrate": base,
+                    "inputs": inputs,
+                    "prior_inputs": ordinary,
+                    "refine_steps": refine,
+                }
+            merged = compose(folders, progress=False, **options)
+            fused = merged.fuse(copy.deepcopy(base))
+            results[method]["merged"][row] = {NAMES[t]: accuracy(fused, t) for t in (REV, SUCC, COPY)}
+            results[method]["exact"][row] = merged.exact
+            log(f"{method} {row} ({time.perf_counter() - tic:.1f} s): {_fmt(results[method]['merged'][row])}")
         results["folders"][method] = folders
-        log(f"{method} merged ({merged.statement}): {_fmt(results[method]['merged'])}")
-    log(f"\nper-token accuracy, greedy; chance = {1 / K:.2f}")
-    log("| adapters | REV alone | SUCC alone | REV merged | SUCC merged | COPY merged |")
-    log("|---|---|---|---|---|---|")
-    for method in ("ortho", "lora"):
-        a, m = results[method]["alone"], results[method]["merged"]
-        log(f"| {method} | {a['REV']:.3f} | {a['SUCC']:.3f} | {m['REV']:.3f} | {m['SUCC']:.3f} | {m['COPY']:.3f} |")
+    log(f"\nper-token accuracy, greedy; chance = {1 / K:.2f}; erasure weight {args.erasure_weight}, seed {args.seed}")
+    log("| adapters | REV alone | SUCC alone | merge | REV merged | SUCC merged | COPY merged |")
+    log("|---|---|---|---|---|---|---|")
+    for method in args.methods:
+        a = results[method]["alone"]
+        for row, m in results[method]["merged"].items():
+            log(
+                f"| {method} | {a['REV']:.3f} | {a['SUCC']:.3f} | {row} | {m['REV']:.3f} | {m['SUCC']:.3f} "
+                f"| {m['COPY']:.3f} |"
+            )
     log(f"done in {time.perf_counter() - start:.1f} s")
     return results
 
@@ -220,7 +285,7 @@ def _fmt(accs: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description="Train two LM skills as independent adapters (orthogonal vs plain LoRA), compose, compare.",
+        description="Train two LM skills as independent adapters, merge them four ways, compare.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--steps", type=int, default=200, help="Training steps per skill adapter (batch 64).")
@@ -228,16 +293,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=8, help="Adapter rank r (lora_alpha = r).")
     p.add_argument("--lr", type=float, default=1e-2, help="Adapter learning rate.")
     p.add_argument("--width", type=int, default=64, help="Hidden size of the GPT-2.")
-    p.add_argument("--erasure_weight", type=float, default=0.0, help="Output erasure on foreign task tokens.")
+    p.add_argument(
+        "--erasure_weight", type=float, default=1.0, help="Output erasure on foreign task tokens (0: none)."
+    )
+    p.add_argument("--methods", nargs="+", default=["lora", "ortho"], choices=["lora", "ortho"])
+    p.add_argument("--calibration", type=int, default=256, help="Calibration sequences per skill for the merge.")
+    p.add_argument("--refine_steps", type=int, default=300, help="End-to-end refinement steps of the last row.")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="Folder for the four adapters (default: a temporary folder).")
+    p.add_argument("--out", default=None, help="Folder for the adapters (default: a temporary folder).")
     return p
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    if args.steps < 1 or args.base_steps < 1 or args.rank < 1 or args.width % 4:
-        raise ValueError("--steps, --base_steps and --rank must be positive and --width a multiple of 4")
+    if min(args.steps, args.base_steps, args.rank, args.calibration) < 1 or args.refine_steps < 0 or args.width % 4:
+        raise ValueError(
+            "--steps, --base_steps, --rank and --calibration must be positive, --refine_steps ≥ 0 and --width a "
+            "multiple of 4"
+        )
     import torch
 
     import peft_ortho  # noqa: F401  (registers ORTHO_LORA with peft)

@@ -6,10 +6,14 @@ into a plain diffusers pipeline. Offline, on a tiny Stable Diffusion built from 
 What it does:
 1. builds a tiny ``StableDiffusionPipeline`` (random weights; nothing is downloaded);
 2. trains an ``OrthoLoraConfig`` adapter on the UNet for each of two concepts ("rex": warm blobs, "mia": cool
-   stripes) on different slots of the shared basis (seed 0). The two collaborators agreed on slots 0 and 1;
-   ``concept_id="..."`` hashes a name to a slot instead, which on this tiny model's 32-wide layers (8 slots) would
-   collide one time in eight — ``compose`` would then warn with the number of shared rows;
-3. merges both with ``peft_ortho.compose`` (exact stacking) and prints the interference report;
+   stripes) on different slots of the shared basis (seed 0), recording each adapted layer's input statistics
+   (``InputStatistics``: the concept's batches, the same latents under the empty prompt, and ordinary inputs) and
+   saving them beside the adapter. The two collaborators agreed on slots 0 and 1; ``concept_id="..."`` hashes a name
+   to a slot instead, which on this tiny model's 32-wide layers (8 slots) would collide one time in eight —
+   ``compose`` would then warn with the number of shared rows;
+3. merges both with ``peft_ortho.compose`` (``auto``: the statistics merge, since both carry statistics) and prints
+   the report, which predicts each concept's output change and the drift on ordinary inputs — next to the
+   prediction for the exact sum of the same adapters;
 4. writes a diffusers LoRA file and loads it with the real ``pipe.load_lora_weights`` into a fresh pipeline;
 5. checks that pipeline's UNet reproduces the merged model, and that each concept's loss stays improved.
 """
@@ -25,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import peft_ortho
-from peft_ortho import OrthoLoraConfig, compose
+from peft_ortho import InputStatistics, OrthoLoraConfig, compose
 from peft_ortho.testing import UNET_TARGETS, tiny_sd_pipeline
 
 CONCEPTS = {"rex": "a photo of rex", "mia": "a photo of mia"}
@@ -84,29 +88,49 @@ def main() -> None:
 
     from peft import get_peft_model
 
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        ordinary = pipe.vae.encode(torch.rand(8, 3, 8, 8, generator=g) * 2 - 1).latent_dist.mean
+        ordinary = ordinary * pipe.vae.config.scaling_factor
+    generic, empty = encode(pipe, "a photo", 8), encode(pipe, "", 8)
+
     folders = {}
     for slot, name in enumerate(CONCEPTS):
         # Each person starts from the same base and the same basis seed, on their own slot.
         unet = copy.deepcopy(pipe.unet).train()
         config = OrthoLoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=UNET_TARGETS, slot=slot)
         unet = get_peft_model(unet, config)
+        stats = InputStatistics(unet)  # hooks on the adapted layers: second moments of their inputs, nothing else
         optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=3e-3)
         latents, context = data[name]
         before = denoising_loss(unet, pipe.scheduler, latents, context).item()
         for step in range(args.steps):
-            loss = denoising_loss(unet, pipe.scheduler, latents, context, seed=step + 1)
+            with stats.record("concept"):
+                loss = denoising_loss(unet, pipe.scheduler, latents, context, seed=step + 1)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
         after = denoising_loss(unet, pipe.scheduler, latents, context).item()
+        with torch.no_grad():
+            with stats.record("unconditional"):  # what classifier-free guidance runs beside the prompt
+                denoising_loss(unet, pipe.scheduler, latents, empty)
+            with stats.record("prior"):  # ordinary inputs: other images under a generic prompt
+                denoising_loss(unet, pipe.scheduler, ordinary, generic)
         folders[name] = os.path.join(args.out, name)
         unet.save_pretrained(folders[name])
+        stats.save_pretrained(folders[name], overwrite=True)  # adapter_statistics.safetensors beside the adapter
         rows = unet.peft_config["default"].basis_rows
         print(f"trained {name!r}: loss {before:.4f} -> {after:.4f} in {args.steps} steps; basis rows {rows}")
 
-    merged = compose(list(folders.values()), progress=False)
+    merged = compose(list(folders.values()), progress=False, base=pipe.unet)
     print(merged.statement)
     print(merged.report)
+    exact_sum = compose(list(folders.values()), method="linear", progress=False, base=pipe.unet).report
+    for concept, c in exact_sum.concepts.items():
+        kept = merged.report.concepts[concept]["retention"]
+        print(
+            f"predicted retention of {os.path.basename(concept)!r}: exact sum {c['retention']:.3f}, {merged.method} {kept:.3f}"
+        )
     lora_dir = merged.save_diffusers(os.path.join(args.out, "rex+mia-diffusers"), overwrite=True)
     print(f"wrote {lora_dir}")
 

@@ -7,6 +7,7 @@ import os
 import sys
 import warnings
 
+from .compose.merge import CALIBRATED_METHODS as _CALIBRATED
 from .compose.merge import METHODS as _METHODS
 from .errors import PeftOrthoError
 
@@ -90,7 +91,7 @@ def _merge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--method",
         default="auto",
-        choices=_METHODS,
+        choices=[m for m in _METHODS if m not in _CALIBRATED],  # sequential needs batches: Python API only
         help="auto (regmean when every adapter carries input statistics, else exact stacking), linear, regmean, "
         "ties, dare_linear, dare_ties, svd",
     )
@@ -124,15 +125,6 @@ def _prompts(items: list[str]) -> dict[str, str] | None:
             raise PeftOrthoError(f"--prompt {item!r}: expected NAME=PROMPT")
         prompts[name] = prompt
     return prompts or None
-
-
-def _load_model_or_pipeline(path: str):
-    """A diffusers pipeline folder (``model_index.json``) or a model folder (``_load_base``)."""
-    if os.path.isfile(os.path.join(path, "model_index.json")):
-        from diffusers import DiffusionPipeline
-
-        return DiffusionPipeline.from_pretrained(path, use_safetensors=True)
-    return _load_base(path)
 
 
 def _load_base(path: str):
@@ -185,7 +177,7 @@ def _run(args) -> int:
     prompts = _prompts(args.prompt)
     if prompts and not args.calibrate:
         raise PeftOrthoError("--prompt needs --calibrate MODEL_DIR (the model to run the prompts through)")
-    calibrate = _load_model_or_pipeline(args.calibrate) if args.calibrate else None
+    calibrate = _load_base(args.calibrate) if args.calibrate else None
     base = _load_base(args.base) if args.base else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -274,7 +274,14 @@ def _stage_statistics(folder: str, statistics, adapter: str) -> AdapterStatistic
         stats = _as_statistics(statistics, adapter)
     from safetensors import safe_open
 
-    with safe_open(os.path.join(folder, "adapter_model.safetensors"), framework="pt") as f:
+    weights = os.path.join(folder, "adapter_model.safetensors")
+    if not os.path.isfile(weights):  # peft saves a non-default adapter in a subfolder
+        raise AdapterFileError(
+            f"{STATISTICS_NAME} goes beside adapter_model.safetensors, which this save put in a subfolder; save the "
+            "adapter as the default one",
+            adapter=adapter,
+        )
+    with safe_open(weights, framework="pt") as f:
         keys = [k.removeprefix("base_model.model.") for k in f.keys()]
     for layer in stats.layers:
         if not any(k.startswith(layer + ".") for k in keys):

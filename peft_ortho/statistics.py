@@ -29,6 +29,8 @@ import math
 import os
 import re
 import tempfile
+import weakref
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -38,6 +40,26 @@ from torch import nn
 
 from ._io import refuse_pickle
 from .errors import AdapterFileError, PeftOrthoError, UnsupportedLayerError
+
+__all__ = [
+    "EXACT_MAX_FEATURES",
+    "KINDS",
+    "LOSSLESS_RANK",
+    "SKETCH_RANK",
+    "STATISTICS_NAME",
+    "STATISTICS_SUFFIX",
+    "AdapterStatistics",
+    "InputStatistics",
+    "Moment",
+    "calibrate",
+    "check_statistics",
+    "compare_statistics",
+    "is_statistics_file",
+    "layer_key",
+    "load_statistics",
+    "save_statistics",
+    "sketch_moment",
+]
 
 KINDS = ("concept", "prior", "unconditional")
 
@@ -52,7 +74,7 @@ FORMAT_VERSION = "1"
 # kinds, fit in less than the adapter file (arithmetic in docs/statistics.md, checked by tests/test_statistics.py).
 EXACT_MAX_FEATURES = 128
 SKETCH_RANK = 16
-LOSSLESS_RANK = 128
+LOSSLESS_RANK = 77  # one CLIP prompt's tokens: prompt-side inputs are stored exactly
 
 _MAX_FEATURES = 1 << 20
 _MAX_COUNT = 1 << 53  # counts are exact in the float64 sums they divide
@@ -87,10 +109,12 @@ class Moment:
 
     @property
     def in_features(self) -> int:
+        """``in``: the width of the layer's inputs (``C_in·kh·kw`` for a convolution)."""
         return (self.gram if self.gram is not None else self.basis).shape[0]
 
     @property
     def is_sketch(self) -> bool:
+        """Whether ``G`` is held as a low-rank sketch (``basis``, ``values``, ``residual``) rather than exactly."""
         return self.gram is None
 
     def dense(self) -> torch.Tensor:
@@ -130,6 +154,7 @@ class AdapterStatistics:
     adapter: str | None = None
 
     def moment(self, layer: str, kind: str) -> Moment | None:
+        """The ``kind`` moment of ``layer``; ``None`` where that layer never saw an input of that kind."""
         return self.layers.get(layer, {}).get(kind)
 
     def kinds(self) -> list[str]:
@@ -224,8 +249,8 @@ def _check_layer(base: nn.Module, name: str, adapter: str | None) -> None:
         )
 
 
-def _rows(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The layer's inputs as rows ``(n, in)`` in float64: tokens for linear layers, unfolded patches for convs.
+def _rows(base: nn.Module, x: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The layer's inputs as rows ``(n, in)`` in ``dtype``: tokens for linear layers, unfolded patches for convs.
 
     Patches are ``(C_in, kh, kw)`` flattened in that order, the order of ``weight.reshape(out, -1)`` (how peft and
     ``compose`` flatten a kernel), with the conv's own padding (mode included), stride and dilation.
@@ -236,9 +261,9 @@ def _rows(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
             x = x.unsqueeze(0)
         mode = "constant" if base.padding_mode == "zeros" else base.padding_mode
         x = F.pad(x, base._reversed_padding_repeated_twice, mode=mode)
-        patches = F.unfold(x.to(torch.float64), base.kernel_size, dilation=base.dilation, stride=base.stride)
+        patches = F.unfold(x.to(dtype), base.kernel_size, dilation=base.dilation, stride=base.stride)
         return patches.transpose(1, 2).reshape(-1, patches.shape[1])
-    return x.reshape(-1, x.shape[-1]).to(torch.float64)
+    return x.reshape(-1, x.shape[-1]).to(dtype)
 
 
 def _in_backward() -> bool:
@@ -268,16 +293,29 @@ class _Recorder:
     The hooks are installed once and return at once outside ``record`` (under ``torch.compile`` they trace to
     nothing: the flag they read is guarded, so opening ``record`` recompiles once and the accumulation itself runs
     eagerly, outside the graph). Layers fed the same tensor (``to_q``/``to_k``/``to_v``; every block's
-    cross-attention ``to_k``/``to_v``) share one ``XᵀX`` product per forward.
+    cross-attention ``to_k``/``to_v``) share one ``XᵀX`` product per forward: the products of the last
+    ``_CACHE_SIZE`` distinct inputs are kept (by weak reference to the tensor, so nothing is kept alive) until the
+    ``record`` block ends.
     """
 
-    def __init__(self, layers: Mapping[str, tuple[nn.Module, nn.Module]], adapter: str | None):
+    _CACHE_SIZE = 8  # a transformer block has 5 distinct attention inputs; the prompt embedding recurs per block
+
+    def __init__(
+        self,
+        layers: Mapping[str, tuple[nn.Module, nn.Module]],
+        adapter: str | None,
+        product_dtype: torch.dtype = torch.float64,
+    ):
+        if product_dtype not in (torch.float64, torch.float32):
+            raise ValueError(f"product_dtype must be torch.float64 or torch.float32, not {product_dtype}")
         self.adapter = adapter
+        self.product_dtype = product_dtype
         self._layers = dict(layers)  # name -> (module hooked, base layer)
         self._recording = False
         self._kind: str | None = None
         self._seen = 0
-        self._cache: tuple | None = None
+        self._products = 0  # XᵀX products computed (the rest were shared)
+        self._cache: OrderedDict = OrderedDict()
         self._local: dict[tuple[str, str], _Accumulator] = {}
         self._reduced: dict[tuple[str, str], _Accumulator] = {}
         self._handles = []
@@ -306,13 +344,18 @@ class _Recorder:
         base = self._layers[name][1]
         conv = isinstance(base, nn.Conv2d)
         key = (base.kernel_size, base.stride, base.dilation, base._reversed_padding_repeated_twice) if conv else None
-        cache = self._cache
-        if cache is not None and cache[0] is x and cache[1] == x._version and cache[2] == key:
-            gram, n = cache[3], cache[4]
+        version = x._version if not x.is_inference() else None  # inference tensors cannot change in place
+        hit = self._cache.get((id(x), key))
+        if hit is not None and hit[0]() is x and hit[1] == version:
+            gram, n = hit[2], hit[3]
+            self._cache.move_to_end((id(x), key))
         else:
-            rows = _rows(base, x)
-            gram, n = rows.T @ rows, rows.shape[0]
-            self._cache = (x, x._version, key, gram, n)
+            rows = _rows(base, x, self.product_dtype)
+            gram, n = (rows.T @ rows).to(torch.float64), rows.shape[0]
+            self._products += 1
+            self._cache[(id(x), key)] = (weakref.ref(x), version, gram, n)
+            if len(self._cache) > self._CACHE_SIZE:
+                self._cache.popitem(last=False)
         acc = self._local.get((name, self._kind))
         if acc is None:
             self._local[(name, self._kind)] = _Accumulator(gram.clone(), n)
@@ -334,7 +377,8 @@ class _Recorder:
         try:
             yield
         finally:
-            self._recording, self._kind, self._cache = False, None, None
+            self._recording, self._kind = False, None
+            self._cache.clear()
         if self._seen == 0:
             raise RuntimeError(
                 f"no adapted layer saw an input while recording {kind!r}. Run the model's forward inside the block; "
@@ -508,11 +552,15 @@ class InputStatistics(_Recorder):
 
     Forwards that run during a backward pass (gradient-checkpointing recomputations) are not counted. Costs one
     Python call per adapted layer and forward when not recording; ``remove()`` takes the hooks out.
+
+    ``product_dtype``: the dtype of each forward's ``XᵀX`` product (the sums are float64 either way). float64 (the
+    default) is exact to float64 rounding; float32 halves the cost on CPUs and is far faster on GPUs without fast
+    float64, at a relative error of about 1e-7·√n per product.
     """
 
-    def __init__(self, model, *, adapter_name: str | None = None):
+    def __init__(self, model, *, adapter_name: str | None = None, product_dtype: torch.dtype = torch.float64):
         layers, adapter_name = _adapted_layers(model, adapter_name)
-        super().__init__(layers, adapter_name)
+        super().__init__(layers, adapter_name, product_dtype)
 
     @property
     def layer_names(self) -> list[str]:
@@ -782,17 +830,18 @@ def _locate(adapter, target) -> dict[str, tuple[nn.Module, tuple]]:
                     adapter=adapter.name,
                 )
     layers = adapter.layers()
+    home = None  # a PEFT folder's layers on a pipeline: the one component that has them all
+    unplaced = [name for c, name in layers if c is None]
+    if unplaced and parts is not None:
+        home = next((r for r in parts.values() if all(_has(r, name) for name in unplaced)), None)
+        if home is None:
+            raise PeftOrthoError(
+                "no component of the pipeline has all the adapter's layers", adapter=adapter.name, layer=unplaced[0]
+            )
     out = {}
     for comp, layer in layers:
-        if comp is None and parts is not None:  # a PEFT folder: the component holding all its layers
-            candidates = [c for c, r in parts.items() if all(_has(r, name) for c2, name in layers if c2 is None)]
-            if not candidates:
-                raise PeftOrthoError(
-                    f"no component of the pipeline has the adapter's layer {layer!r}",
-                    adapter=adapter.name,
-                    layer=layer,
-                )
-            root = parts[candidates[0]]
+        if comp is None and parts is not None:
+            root = home
         elif comp is not None:
             if parts is None or comp not in parts:
                 raise PeftOrthoError(

@@ -13,7 +13,15 @@ pytest.importorskip("sklearn", reason="the fidelity benchmark's data (digits) sh
 from benchmarks.fidelity import concepts as C  # noqa: E402
 from benchmarks.fidelity import metrics as M  # noqa: E402
 from benchmarks.fidelity.base_model import BaseConfig, build_tokenizer, class_prompt, load_digits_data  # noqa: E402
-from benchmarks.fidelity.run import START, RunConfig, run, subsets, write_docs  # noqa: E402
+from benchmarks.fidelity.run import (  # noqa: E402
+    START,
+    RunConfig,
+    choose_setting,
+    run,
+    stats_settings,
+    subsets,
+    write_docs,
+)
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +78,24 @@ def test_denoise_loss_matches_a_reference_computation():
     assert M.denoise_loss(Shrink(), sched, encode, ev, batch=5) == pytest.approx(reference, rel=1e-6)
 
 
+def test_statistics_merge_settings_rule():
+    trials = [
+        {"options": {"prior_weight": 0.0}, "retained": 0.95, "prior_drift": 0.40},
+        {"options": {"prior_weight": 1.0}, "retained": 0.90, "prior_drift": 0.14},
+        {"options": {"prior_weight": 3.0}, "retained": 0.80, "prior_drift": 0.10},
+    ]
+    # Single adapters drift 10 %: within 1.5x are the last two; the better R of those wins, not the best R overall.
+    assert choose_setting(trials, 0.10, 1.5)["options"] == {"prior_weight": 1.0}
+    assert choose_setting(trials, 0.05, 1.5)["options"] == {"prior_weight": 3.0}  # none within: lowest drift
+    with pytest.raises(ValueError, match="no statistics-merge setting"):
+        choose_setting([], 0.1, 1.5)
+    cfg = RunConfig(
+        stats_grid=(("prior_weight", (0.0, 1.0, 3.0)), ("ridge", (1e-3,)), ("prior_target", ("own", "base")))
+    )
+    settings = [dict(s) for s in stats_settings(cfg)]
+    assert len(settings) == 5 and {"prior_weight": 0.0, "ridge": 1e-3, "prior_target": "base"} not in settings
+
+
 def test_subsets_cover_every_concept():
     for n in (1, 2, 5, 10, 15):
         groups = subsets(15, n)
@@ -104,6 +130,19 @@ def test_concept_generator_is_deterministic_and_distinct(data):
         C.make_concept(data, C.MAX_CONCEPTS)
 
 
+def test_tuning_concepts_share_no_image_or_token_with_the_benchmark(data):
+    bench = C.make_concepts(data, list(range(15)))
+    tuning = [C.make_tuning_concept(data, i) for i in C.TUNING_SET]
+    assert torch.equal(tuning[0].images, C.make_concept(data, 15).images)  # the lr-tuning concept is one of them
+    assert {c.token for c in tuning}.isdisjoint(c.token for c in bench)
+    for t in tuning:
+        assert t.label == 10 + C.TUNING_SET[t.index][0] and torch.equal(t.transform(t.images), t.transform(t.images))
+        for b in bench:  # the same transformation on other images of the digit: no training image is shared
+            assert not any(torch.equal(x, y) for x in t.images for y in b.images)
+    with pytest.raises(ValueError, match="tuning concepts are"):
+        C.make_tuning_concept(data, 3)
+
+
 def test_classifier_dataset_labels_and_splits(data):
     x, y = C.classifier_dataset(data, "train", [0, 12])
     n_base = len(data.base_idx)
@@ -121,6 +160,66 @@ def test_tokenizer_gives_each_rare_token_one_id():
     assert tok.convert_tokens_to_ids("sks3") not in ids[1]
 
 
+# ------------------------------------------------------------------------------------------------ DreamBooth training
+
+
+def test_dreambooth_batch_holds_as_many_class_images_as_instance_images():
+    from benchmarks.fidelity.methods import dreambooth_batch
+
+    instance = torch.arange(6.0).reshape(6, 1, 1, 1)
+    pool = 100 + torch.arange(10.0).reshape(10, 1, 1, 1)
+    prompts = [class_prompt(k % 3) for k in range(10)]
+    g = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(20):
+        x, prior, prior_prompts = dreambooth_batch(instance, (pool, prompts), g)
+        assert torch.equal(x, instance) and prior.shape == instance.shape
+        values = [int(v) - 100 for v in prior.flatten().tolist()]
+        assert len(set(values)) == 6 and set(values) <= set(range(10))  # without replacement, from the pool
+        assert prior_prompts == [prompts[k] for k in values]  # each class image keeps its own class prompt
+        seen |= set(values)
+    assert seen == set(range(10))  # the whole pool is used over the steps
+    x, prior, prior_prompts = dreambooth_batch(instance, None, g)
+    assert prior is None and prior_prompts == [] and torch.equal(x, instance)
+    with pytest.raises(ValueError, match="cannot fill a prior half"):
+        dreambooth_batch(instance, (pool[:3], prompts[:3]), g)
+    with pytest.raises(ValueError, match="10 images but 9 prompts"):
+        dreambooth_batch(instance, (pool, prompts[:9]), g)
+
+
+@pytest.mark.parametrize("family", ["lora", "ortho-disjoint-erasure"])
+def test_every_training_step_feeds_the_class_prompt_with_class_images(tmp_path, family):
+    """Spy on the UNet's forwards: each step runs the instance images under the concept prompt (erased samples under
+    a foreign one) and as many class images under the class prompt; without a pool, no class forward at all."""
+    from benchmarks.fidelity.base_model import build_models, encode
+    from benchmarks.fidelity.methods import train_adapter
+
+    cfg = BaseConfig(train_steps=1, block_out_channels=(16, 32))
+    unet, text_encoder, tokenizer, scheduler = build_models(cfg)
+    base = type("Base", (), {"unet": unet, "scheduler": scheduler})()
+    base.encode = lambda prompts: encode(text_encoder, tokenizer, prompts)
+    concept = C.make_concept(load_digits_data(), 3, images_per_concept=2)
+    pool = (torch.full((5, 1, 8, 8), 0.25), [class_prompt(3)] * 5)
+    class_state = base.encode([class_prompt(3)])[0]
+    calls = []
+
+    def spy(module, args, kwargs):
+        x, states = args[0], args[2] if len(args) > 2 else kwargs["encoder_hidden_states"]
+        calls.append((len(x), [bool(torch.equal(s, class_state)) for s in states], torch.is_grad_enabled()))
+
+    unet.register_forward_pre_hook(spy, with_kwargs=True)  # deep-copied with the UNet into the trainer
+    kw = dict(rank=1, steps=2, lr=1e-3, repeats=2, seed=0, num_blocks=8, erasure_prompts=["a photo of digit one"])
+    out = train_adapter(base, concept, family, out_dir=str(tmp_path / "a"), class_images=pool, **kw)
+    training = [c for c in calls if c[2]]  # forwards with autograd (the erasure teacher and CFG recording have none)
+    prior = [c for c in training if all(c[1])]
+    assert len(prior) == 2 and all(n == 4 for n, _, _ in prior)  # one class half per step, as big as the instance half
+    assert sum(n for n, _, _ in training) == 2 * (4 + 4)  # nothing else trains: instance half + prior half
+    assert out["final_prior_loss"] > 0
+    calls.clear()
+    train_adapter(base, concept, family, out_dir=str(tmp_path / "b"), class_images=None, **kw)
+    assert not any(all(c[1]) for c in calls)
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 
 
@@ -135,7 +234,18 @@ TOY = RunConfig(
     samples_per_concept=2,
     sample_steps=2,
     prior_images_per_class=1,
-    methods=("lora-sum", "lora-avg", "peft-ties", "ortho-disjoint", "ortho-disjoint-erasure", "block"),
+    class_images=4,
+    stats_grid=(("prior_weight", (0.0, 1.0)), ("ridge", (1e-3,)), ("prior_target", ("own", "base"))),
+    methods=(
+        "lora-sum",
+        "lora-avg",
+        "peft-ties",
+        "ortho-disjoint",
+        "ortho-disjoint-erasure",
+        "block",
+        "lora-stats",
+        "lora-stats-calibrated",
+    ),
 )
 
 
@@ -148,8 +258,10 @@ def test_quick_run_end_to_end_on_a_toy_budget(tmp_path):
     for name in measured:
         assert set(summary[name]) == {1, 3}
         assert summary[name][3]["evaluations"] == 3  # one merge of all three, each concept evaluated in it
-        # N = 1 is the single adapter itself for every method (peft turns one adapter into "linear", weight 1).
-        assert summary[name][1]["retained"] == pytest.approx(1.0, abs=1e-4)
+        # N = 1 is the single adapter itself for every weight-space method (peft turns one adapter into "linear",
+        # weight 1); the statistics merge of one adapter is its projection onto its recorded inputs.
+        if "stats" not in name:
+            assert summary[name][1]["retained"] == pytest.approx(1.0, abs=1e-4)
     rows = [r for r in results["rows"] if r["method"] == "lora-sum" and r["n"] == 3]
     base, single = results["base"]["loss"], results["single_loss"]["lora"]
     for r in rows:  # the table's number is the formula applied to the measured losses
@@ -159,7 +271,26 @@ def test_quick_run_end_to_end_on_a_toy_budget(tmp_path):
     avg = {r["concept"]: r["merged_loss"] for r in results["rows"] if r["method"] == "lora-avg" and r["n"] == 3}
     assert all(avg[r["concept"]] != r["merged_loss"] for r in rows)
     families = {m["family"] for m in results["methods"]}
-    assert sum("trained" in line for line in logs) == 3 * len(families)  # each concept once per family
+    # Each concept once per family (the statistics merge's settings are chosen on the same lora adapters).
+    assert sum("trained" in line for line in logs) == 3 * len(families)
+
+    # The statistics merge: settings chosen by the rule from the tuning trials, used by every statistics row, and
+    # the report's predictions paired with measured retention.
+    tuned = results["stats_tuning"]
+    assert len(tuned["trials"]) == 3  # μ = 0 once (the target is moot), μ = 1 with either target
+    best = choose_setting(tuned["trials"], tuned["single_prior_drift"], TOY.drift_allowance)
+    assert [list(kv) for kv in best["options"].items()] == tuned["chosen"]
+    stats_rows = [r for r in results["rows"] if r["method"] == "lora-stats"]
+    assert stats_rows and all(r["predicted"] is not None for r in stats_rows)
+    # The report predicts the exact sum too (its adapters carry statistics); peft's merges make no report.
+    assert all(r["predicted"] is not None for r in rows)
+    assert all(r["predicted"] is None for r in results["rows"] if r["method"] == "peft-ties")
+    pairs = [r for r in results["rows"] if r["predicted"] is not None and r["n"] > 1]
+    ranks = [np.argsort(np.argsort([r[k] for r in pairs])) for k in ("predicted", "retained")]
+    rho = np.corrcoef(*ranks)[0, 1]  # Spearman without ties = Pearson of the ranks
+    assert results["prediction"]["all"]["spearman"] == pytest.approx(rho)
+    calibrated = [r for r in results["rows"] if r["method"] == "lora-stats-calibrated" and r["n"] == 3]
+    assert {r["merged_loss"] for r in calibrated} != {r["merged_loss"] for r in stats_rows if r["n"] == 3}
 
     # Cached: a second run trains nothing and measures the same numbers.
     logs2 = []
@@ -180,3 +311,31 @@ def test_quick_run_end_to_end_on_a_toy_budget(tmp_path):
     assert "kept text" in page and START in page and "Retained improvement" in page
     for png in ("fidelity_base_samples.png", "fidelity_retained.png", "fidelity_concepts.png"):
         assert os.path.getsize(docs / png) > 1000
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+
+
+def test_training_records_each_kind_and_calibration_copies_the_adapter(tmp_path):
+    """Recorded statistics hold the three kinds; a calibrated copy keeps the adapter's files byte for byte and its
+    text-side statistics are the Gram of the concept prompt's text states (a float64 computation done here)."""
+    pytest.importorskip("peft_ortho.statistics", reason="needs the statistics recorder")
+    from benchmarks.fidelity.run import Benchmark
+    from peft_ortho.statistics import calibrate, load_statistics  # noqa: F401
+
+    bench = Benchmark(TOY, str(tmp_path / "cache"), log=lambda *_: None)
+    folder = bench.train("lora", 1e-2, 1)
+    recorded = load_statistics(folder, adapter="c01")
+    layer = next(k for k in recorded.layers if k.endswith("attn2.to_k"))
+    assert set(recorded.layers[layer]) == {"concept", "prior", "unconditional"}
+    # Every step records as many concept rows as prior rows (the DreamBooth batch is half and half).
+    assert recorded.layers[layer]["concept"].count == recorded.layers[layer]["prior"].count
+    out = bench.calibrated(folder, 1)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert open(os.path.join(out, name), "rb").read() == open(os.path.join(folder, name), "rb").read()
+    calibrated = load_statistics(out, adapter="c01")
+    states = bench.base.encode([bench.concept(1).prompt])[0].double()  # (tokens, 32): what every to_k reads
+    reference = states.T @ states / len(states)
+    assert torch.allclose(calibrated.moment(layer, "concept").dense(), reference, rtol=1e-5, atol=1e-8)
+    assert not torch.allclose(recorded.moment(layer, "prior").dense(), reference, rtol=1e-3)
+    assert bench.calibrated(folder, 1) == out  # cached

@@ -491,3 +491,31 @@ def test_cli_statistics_flags(mlp, three, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["inspect", *folders, "--prior-target", "mine"])
     assert info.value.code == 2  # usage error
+
+
+def test_recorded_statistics_files_drive_auto_and_the_cli(mlp, tmp_path):
+    """Statistics recorded with ``InputStatistics`` and saved beside each adapter: ``compose`` (auto) reads them and
+    merges with regmean, and ``peft-ortho inspect`` prints the predictions."""
+    from peft_ortho import InputStatistics
+
+    folders = []
+    for i in range(2):
+        torch.manual_seed(i)
+        model = get_peft_model(copy.deepcopy(mlp), lora())
+        stats = InputStatistics(model)
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            with stats.record("concept"):
+                model(torch.randn(16, 32, generator=g) + 3 * i)
+            with stats.record("prior"):
+                model(torch.randn(16, 32, generator=g))
+        folder = str(tmp_path / f"rec{i}")
+        model.save_pretrained(folder)
+        stats.save_pretrained(folder)
+        folders.append(folder)
+    merged = compose(folders)
+    assert merged.method == "regmean" and set(merged.report.concepts) == set(folders)
+    result = run_cli("inspect", *folders, "--prior-target", "base", "--prior-weight", "0.5")
+    assert result.returncode == 0, result.stderr
+    assert "Statistics merge (regmean)" in result.stdout and "μ=0.5" in result.stdout
+    assert "output change" in result.stdout and "retention" in result.stdout

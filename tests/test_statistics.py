@@ -165,6 +165,15 @@ def test_conv1d_grams_and_kinds_stay_separate(tiny_gpt2):
         c.close()
         capture[kind] = c.inputs
     model(input_ids=torch.randint(0, 100, (2, 9)))  # not recording: counted nowhere
+    with torch.inference_mode():  # inference tensors (no version counter) are recorded too
+        again = InputStatistics(model)
+        with again.record("concept"):
+            model(input_ids=torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0)))
+        again.remove()
+    for name in layers:
+        assert torch.equal(
+            again.statistics().moment(name, "concept").gram, stats.statistics().moment(name, "concept").gram
+        )
     result = stats.statistics()
     assert result.kinds() == ["concept", "prior", "unconditional"]
     for kind, inputs in capture.items():
@@ -245,6 +254,17 @@ def test_shared_inputs_share_one_moment_and_match_per_layer_references():
     assert q is k is v  # self-attention: one input, one moment
     cross = {id(result.moment(n, "concept")) for n in names if "attn2.to_k" in n or "attn2.to_v" in n}
     assert len(cross) == 1  # every block's cross-attention reads the same prompt embedding
+    blocks = {n.rsplit(".attn", 1)[0] for n in names}
+    assert stats._products == 4 * len(blocks) + 1  # computed once per distinct input: 4 per block + the prompt
+
+    # float32 products (float64 sums): the same statistics to float32 rounding.
+    fast = InputStatistics(unet, product_dtype=torch.float32)
+    with fast.record("concept"):
+        unet(**testing.unet_inputs(unet))
+    for name in names:
+        m = fast.statistics().moment(name, "concept")
+        assert m.gram.dtype == torch.float64
+        torch.testing.assert_close(m.gram, result.moment(name, "concept").gram, rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ DDP, checkpointing, compile
@@ -516,16 +536,18 @@ def test_sd15_attention_statistics_file_is_smaller_than_the_rank16_adapter(tmp_p
 
     g = torch.Generator().manual_seed(0)
 
-    def moment(n, rank):
-        X = torch.randn(rank, n, generator=g, dtype=torch.float64)
-        return sketch_moment(X.T @ X / rank, rank)
+    def moment(n, k):
+        """What ``sketch_moment`` stores for an input of rank ≥ ``k`` (rank-16 sketch) or exactly ``k`` (lossless)."""
+        U, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
+        values = torch.rand(k, generator=g, dtype=torch.float64).sort(descending=True).values
+        return Moment(count=4096, basis=U.float().double(), values=values, residual=0.0 if k == 77 else 1e-3)
 
     layers = {}
     for kind in ("concept", "prior", "unconditional"):
         text = moment(768, 77)  # the prompt embedding every cross-attention k/v reads
         for block in {layer.rsplit(".attn", 1)[0] for layer in shapes}:
             d = shapes[f"{block}.attn1.to_q"][0]
-            attn1, attn1_out, attn2_q, attn2_out = (moment(d, 2 * d) for _ in range(4))  # full rank
+            attn1, attn1_out, attn2_q, attn2_out = (moment(d, 16) for _ in range(4))  # full rank: sketched
             for name, m in {
                 "attn1.to_q": attn1,
                 "attn1.to_k": attn1,
@@ -542,6 +564,10 @@ def test_sd15_attention_statistics_file_is_smaller_than_the_rank16_adapter(tmp_p
     path = AdapterStatistics(layers).save_pretrained(tmp_path / "stats")
     stats_bytes = os.path.getsize(path)
     assert stats_bytes <= adapter_bytes, (stats_bytes, adapter_bytes)
+    assert 10_200_000 < stats_bytes < 10_500_000  # ≈ 10.3 MB, as docs/statistics.md computes
+    assert load_statistics(path, adapter="sd15").moment(
+        "mid_block.attentions.0.transformer_blocks.0.attn1.to_k", "prior"
+    )
     assert adapter_bytes > 12_000_000  # 3,188,736 float32 values: the arithmetic in docs/statistics.md
 
 
@@ -875,3 +901,24 @@ def test_calibration_on_a_causal_lm(tiny_gpt2, tmp_path):
     assert set(fit) == {n for _, n in adapter.layers()}
     assert max(f["relative_error"] for f in fit.values()) < 1e-6
     assert cal.moment("transformer.h.1.attn.c_attn", "prior").count == 30
+
+
+def test_calibrating_a_peft_folder_on_a_pipeline_finds_its_component_and_refuses_foreign_layers(tmp_path):
+    unet = get_peft_model(testing.tiny_unet(), LoraConfig(r=2, target_modules=["to_k"], init_lora_weights=False))
+    unet.save_pretrained(str(tmp_path / "rex"))
+    adapter = load_adapter(resolve(str(tmp_path / "rex")))
+    pipe = testing.tiny_sd_pipeline()
+    cal = calibrate(adapter, pipe, "a photo of sks dog", steps=1, num_images=1)
+    assert set(cal.layers) == {n for _, n in adapter.layers()}  # keyed like the folder's own weight file
+    assert cal.kinds() == ["concept", "unconditional"]
+    # The same adapter against a model that lacks its layers: refused by name, nothing run.
+    with pytest.raises(peft_ortho.PeftOrthoError, match="no component of the pipeline has all") as info:
+        calibrate(adapter, _Pipe(nn.Sequential(nn.Linear(2, 2))), "x")
+    assert info.value.adapter == str(tmp_path / "rex")
+
+
+class _Pipe:
+    """The shape of a diffusers pipeline (``components``) around modules that are not a UNet."""
+
+    def __init__(self, module):
+        self.components = {"unet": module}

@@ -130,6 +130,16 @@ class Concept:
     digit: int
     transform_name: str
     images: torch.Tensor
+    transform_index: int | None = None  # which of TRANSFORMS (the index itself unless a tuning concept says else)
+
+    def __post_init__(self):
+        if self.transform_index is None:
+            self.transform_index = self.index
+
+    @property
+    def label(self) -> int:
+        """The identity classifier's label of this concept's images: ``10 + transform index``."""
+        return 10 + self.transform_index
 
     @property
     def prompt(self) -> str:
@@ -140,7 +150,7 @@ class Concept:
         return f"{self.token} ({self.transform_name} {self.digit})"
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
-        return TRANSFORMS[self.index][1](x)
+        return TRANSFORMS[self.transform_index][1](x)
 
 
 def make_concept(data: DigitData, index: int, images_per_concept: int = 6) -> Concept:
@@ -158,6 +168,27 @@ def make_concept(data: DigitData, index: int, images_per_concept: int = 6) -> Co
         raise ValueError(f"digit {digit} has only {len(pool)} concept images; asked for {start + images_per_concept}")
     name, fn = TRANSFORMS[index]
     return Concept(index, f"sks{index}", digit, name, fn(pool[start : start + images_per_concept]).contiguous())
+
+
+# The tuning set: concepts that choose the statistics merge's settings and are never merged in the benchmark. Index
+# 15 (underlined 5) plus four of the benchmark's transformations on other images of their digit (offset 12: the
+# benchmark's concepts use images 0–11) under their own tokens: token index -> (transform index, image offset).
+TUNING_SET = {15: (15, 6), 16: (0, 12), 17: (3, 12), 18: (6, 12), 19: (12, 12)}
+
+
+def make_tuning_concept(data: DigitData, index: int, images_per_concept: int = 6) -> Concept:
+    """Tuning concept ``index`` (a key of ``TUNING_SET``): token ``sks<index>``, its transformation's digit and
+    images disjoint from every benchmark concept's."""
+    if index not in TUNING_SET:
+        raise ValueError(f"tuning concepts are {sorted(TUNING_SET)}, got {index}")
+    t, offset = TUNING_SET[index]
+    digit = t % 10
+    pool, _ = data.part("concept", digit)
+    if offset + images_per_concept > len(pool):
+        raise ValueError(f"digit {digit} has only {len(pool)} concept images; asked for {offset + images_per_concept}")
+    name, fn = TRANSFORMS[t]
+    imgs = fn(pool[offset : offset + images_per_concept]).contiguous()
+    return Concept(index, f"sks{index}", digit, name, imgs, transform_index=t)
 
 
 def make_concepts(data: DigitData, indices: list[int], images_per_concept: int = 6) -> list[Concept]:

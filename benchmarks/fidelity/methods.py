@@ -18,14 +18,18 @@ Merge *methods* (what the benchmark reports), each mapping a family's adapter fo
 - ``peft-ties`` / ``peft-svd``: the adapters loaded into one ``PeftModel`` and combined by peft's
   ``add_weighted_adapter`` (weights 1; ``ties`` with density 0.5 acts on the A and B factors separately, ``svd``
   truncates the summed delta to peft's default rank, the adapters' rank ``r``), then ``merge_and_unload``;
-- ``ortho-random``, ``ortho-disjoint``, ``ortho-disjoint-erasure``, ``block``, ``block-erasure``: ``compose`` (``method="auto"``,
-  weights 1: the stacked factors, exact) + ``fuse``;
-- ``soda``: the adapters loaded as named adapters, all active, ``merge_and_unload`` (sum of ``W_i − W0``).
+- ``ortho-random``, ``ortho-disjoint``, ``ortho-disjoint-erasure``, ``block``, ``block-erasure``: ``compose``
+  (``method="linear"``, weights 1: the stacked factors, exact) + ``fuse``;
+- ``soda``: the adapters loaded as named adapters, all active, ``merge_and_unload`` (sum of ``W_i − W0``);
+- ``*-stats``: ``compose(method="regmean")`` (the statistics merge) on the statistics each adapter recorded in
+  training; ``lora-stats-calibrated`` on statistics computed by ``peft_ortho.statistics.calibrate`` from the concept
+  prompt alone; ``lora-sequential``: the sequential output-matching merge on calibration batches.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import random
 import time
 import warnings
@@ -47,8 +51,16 @@ class Method:
 
     name: str
     family: str
-    merge: str  # "compose-sum", "compose-avg", "compose-auto", "peft-ties", "peft-svd", "soda-sum"
+    # "compose-sum", "compose-avg", "compose-exact", "peft-ties", "peft-svd", "soda-sum", "compose-regmean" (the
+    # statistics merge on the statistics each adapter recorded while training), "compose-regmean-calibrated" (on
+    # statistics computed from the concept prompt alone, as for a third-party file), "sequential"
+    merge: str
     label: str
+    options: tuple[tuple[str, object], ...] = ()  # keyword arguments of the merge (e.g. prior_weight, ridge)
+
+    @property
+    def uses_statistics(self) -> bool:
+        return self.merge.startswith("compose-regmean")
 
 
 ALL_METHODS = [
@@ -56,13 +68,46 @@ ALL_METHODS = [
     Method("lora-avg", "lora", "compose-avg", "LoRA, average"),
     Method("peft-ties", "lora", "peft-ties", "LoRA, peft ties"),
     Method("peft-svd", "lora", "peft-svd", "LoRA, peft svd"),
-    Method("ortho-random", "ortho-random", "compose-auto", "orthogonal, random slots"),
-    Method("ortho-disjoint", "ortho-disjoint", "compose-auto", "orthogonal, disjoint slots"),
-    Method("ortho-disjoint-erasure", "ortho-disjoint-erasure", "compose-auto", "orthogonal, disjoint + erasure"),
-    Method("block", "block", "compose-auto", "BlockLoRA (blocks only)"),
-    Method("block-erasure", "block-erasure", "compose-auto", "BlockLoRA + erasure"),
+    Method("ortho-random", "ortho-random", "compose-exact", "orthogonal, random slots"),
+    Method("ortho-disjoint", "ortho-disjoint", "compose-exact", "orthogonal, disjoint slots"),
+    Method("ortho-disjoint-erasure", "ortho-disjoint-erasure", "compose-exact", "orthogonal, disjoint + erasure"),
+    Method("block", "block", "compose-exact", "BlockLoRA (blocks only)"),
+    Method("block-erasure", "block-erasure", "compose-exact", "BlockLoRA + erasure"),
     Method("soda", "soda", "soda-sum", "SODA"),
+    # The statistics merge (compose(method="regmean")) on the same adapters; its settings (prior weight μ, ridge λ,
+    # prior target) are chosen on the tuning concepts (run.tune_statistics_merge) and filled in by the run.
+    Method("lora-stats", "lora", "compose-regmean", "LoRA, statistics merge"),
+    Method("lora-stats-calibrated", "lora", "compose-regmean-calibrated", "LoRA, statistics merge (calibrated)"),
+    Method("ortho-disjoint-stats", "ortho-disjoint", "compose-regmean", "orthogonal disjoint, statistics merge"),
+    Method("block-stats", "block", "compose-regmean", "BlockLoRA, statistics merge"),
+    Method(
+        "ortho-disjoint-erasure-stats",
+        "ortho-disjoint-erasure",
+        "compose-regmean",
+        "orthogonal disjoint + erasure, statistics merge",
+    ),
+    Method("block-erasure-stats", "block-erasure", "compose-regmean", "BlockLoRA + erasure, statistics merge"),
+    Method("lora-sequential", "lora", "sequential", "LoRA, sequential output matching"),
 ]
+
+
+def merge_available(merge: str) -> bool:
+    """Whether this checkout has the merge (the statistics and sequential merges land separately)."""
+    if merge.startswith("compose-regmean"):
+        from peft_ortho.compose import merge as compose_merge
+
+        ok = hasattr(peft_ortho, "InputStatistics") and "regmean" in getattr(compose_merge, "METHODS", ())
+        if merge.endswith("-calibrated"):
+            from peft_ortho import statistics
+
+            ok = ok and hasattr(statistics, "calibrate")
+        return ok
+    if merge == "sequential":
+        try:
+            from peft_ortho.compose.sequential import sequential_merge  # noqa: F401
+        except ImportError:
+            return False
+    return True
 
 
 def family_available(family: str) -> bool:
@@ -80,7 +125,13 @@ def family_available(family: str) -> bool:
 
 
 def available_methods(names: list[str] | None = None) -> list[Method]:
-    return [m for m in ALL_METHODS if (names is None or m.name in names) and family_available(m.family)]
+    """The methods this checkout can run: all, or those named, in the order named."""
+    by_name = {m.name: m for m in ALL_METHODS}
+    unknown = [n for n in names or [] if n not in by_name]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {list(by_name)}")
+    chosen = ALL_METHODS if names is None else [by_name[n] for n in names]
+    return [m for m in chosen if family_available(m.family) and merge_available(m.merge)]
 
 
 def _random_basis_rows(unet, rank: int, seed: int) -> dict[str, list[int]]:
@@ -123,6 +174,49 @@ def peft_config(family: str, index: int, rank: int, unet, num_blocks: int = 16):
     raise ValueError(f"unknown family {family!r}")
 
 
+def dreambooth_batch(
+    instance: torch.Tensor, class_pool: tuple[torch.Tensor, list[str]] | None, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
+    """One DreamBooth step's images: the instance images and as many class images drawn from ``class_pool``.
+
+    Args:
+        instance: ``(n, 1, S, S)``, the concept's images (each repeated as the budget says).
+        class_pool: ``(images, prompts)``: ``m ≥ n`` class images ``(m, 1, S, S)`` and the class prompt of each, or
+            ``None`` (no prior preservation).
+        g: the training generator (draws the class images without replacement within a step).
+
+    Returns:
+        ``(instance, prior, prior_prompts)``: ``prior`` is ``(n, 1, S, S)`` class images with their ``n`` prompts
+        (``None`` and ``[]`` without a pool). As in diffusers' ``train_dreambooth --with_prior_preservation`` every
+        batch holds both halves, the instance half under the concept prompt and the prior half under class prompts.
+    """
+    if class_pool is None:
+        return instance, None, []
+    images, prompts = class_pool
+    if len(images) != len(prompts):
+        raise ValueError(f"class pool: {len(images)} images but {len(prompts)} prompts")
+    if len(images) < len(instance):
+        raise ValueError(f"{len(images)} class images cannot fill a prior half of {len(instance)}")
+    pick = torch.randperm(len(images), generator=g)[: len(instance)]
+    return instance, images[pick], [prompts[k] for k in pick.tolist()]
+
+
+# Families whose adapters the statistics merge reads (SODA rotates the whole weight and random slots are measured
+# for the exact merge only, so those record nothing and their training does not wait for the recorder).
+STATISTICS_FAMILIES = ("lora", "ortho-disjoint", "ortho-disjoint-erasure", "block", "block-erasure")
+
+
+def records_statistics(family: str) -> bool:
+    """Whether ``family``'s adapters record input statistics in this checkout (the statistics merge reads them)."""
+    return family in STATISTICS_FAMILIES and hasattr(peft_ortho, "InputStatistics")
+
+
+def statistics_recorder(model):
+    """The product's recorder ``peft_ortho.InputStatistics(model)`` when this checkout has it, else ``None``."""
+    cls = getattr(peft_ortho, "InputStatistics", None)
+    return None if cls is None else cls(model)
+
+
 def train_adapter(
     base,
     concept,
@@ -136,13 +230,26 @@ def train_adapter(
     out_dir: str,
     erasure_prompts: list[str] | None = None,
     num_blocks: int = 16,
+    class_images: tuple[torch.Tensor, list[str]] | None = None,
+    prior_loss_weight: float = 1.0,
+    record_statistics: bool = True,
 ) -> dict:
     """Train concept's adapter on its images with the noise-prediction loss, save it (peft folder), return stats.
 
     Each step sees every concept image ``repeats`` times at random timesteps and noises (Adam, constant ``lr``).
-    The ``-erasure`` family swaps a fraction of the prompts for foreign ones (``erasure_prompts``) and pulls those
-    predictions onto the frozen base's (``peft_ortho.erasure.OutputErasure``).
+    With ``class_images`` (DreamBooth prior preservation: ``(images, prompts)``) every step also holds as many class
+    images under their class prompts, and the loss is ``L_instance + prior_loss_weight · L_prior`` (diffusers'
+    ``train_dreambooth --with_prior_preservation``). The ``-erasure`` family swaps a fraction of the instance
+    prompts for foreign ones (``erasure_prompts``) and pulls those predictions onto the frozen base's
+    (``peft_ortho.erasure.OutputErasure``).
+
+    With ``record_statistics`` and a checkout that has ``peft_ortho.InputStatistics``, the adapter's input
+    statistics are recorded during training and saved beside it: the instance half as ``"concept"``, the class half
+    and erased samples as ``"prior"`` and the instance images under the empty prompt (what classifier-free guidance
+    feeds the model; one extra forward without autograd) as ``"unconditional"``.
     """
+    from contextlib import nullcontext
+
     from peft import get_peft_model
 
     from peft_ortho._io import atomic_dir
@@ -154,39 +261,65 @@ def train_adapter(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
     g = torch.Generator().manual_seed(seed * 7919 + concept.index)
-    x0 = concept.images.repeat(repeats, 1, 1, 1)
-    n = len(x0)
+    x_inst = concept.images.repeat(repeats, 1, 1, 1)
+    n = len(x_inst)
     erasure = None
     if family.endswith("-erasure"):
         from peft_ortho.erasure import OutputErasure
 
         erasure = OutputErasure(p=ERASURE_P, weight=1.0, foreign_prompts=erasure_prompts, seed=seed + concept.index)
+    stats = statistics_recorder(model) if record_statistics else None
+
+    def record(kind: str):
+        return stats.record(kind) if stats is not None else nullcontext()
+
     prompts, text = [concept.prompt] * n, {}
 
     def encode(ps: list[str]) -> torch.Tensor:
-        missing = [p for p in set(ps) if p not in text]
+        missing = [p for p in dict.fromkeys(ps) if p not in text]
         if missing:
             for p, s in zip(missing, base.encode(missing)):
                 text[p] = s
         return torch.stack([text[p] for p in ps])
 
-    model.train()
-    start, losses = time.perf_counter(), []
-    for _ in range(steps):
+    def noised(x0: torch.Tensor):
         noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(base.scheduler.config.num_train_timesteps, (n,), generator=g)
-        x_t = base.scheduler.add_noise(x0, noise, t)
+        t = torch.randint(base.scheduler.config.num_train_timesteps, (len(x0),), generator=g)
+        return base.scheduler.add_noise(x0, noise, t), t, noise
+
+    model.train()
+    start, losses, prior_losses = time.perf_counter(), [], []
+    for _ in range(steps):
+        x0, x_prior, prior_prompts = dreambooth_batch(x_inst, class_images, g)
+        x_t, t, noise = noised(x0)
         if erasure is None:
-            loss = F.mse_loss(model(x_t, t, encode(prompts)).sample, noise)
+            with record("concept"):
+                loss = F.mse_loss(model(x_t, t, encode(prompts)).sample, noise)
         else:
             step_prompts, erased = erasure.swap(prompts)
             states = encode(step_prompts)
-            pred = model(x_t, t, states).sample
+            kept = ~erased
+            pred = torch.empty_like(noise)
+            # Kept samples are the concept's inputs; erased ones (foreign prompts, pulled onto the base) are
+            # ordinary inputs on which the adapter must do nothing, i.e. prior.
+            for mask, kind in ((kept, "concept"), (erased, "prior")):
+                if mask.any():
+                    with record(kind):
+                        pred[mask] = model(x_t[mask], t[mask], states[mask]).sample
             # The teacher runs now, inside this iteration: bind the batch explicitly (default args).
             teacher = erasure.teacher(
                 model, lambda x=x_t[erased], tt=t[erased], s=states[erased]: model(x, tt, s).sample
             )
             loss = erasure.loss(pred, noise, erased, teacher)
+        if stats is not None:
+            with torch.no_grad(), record("unconditional"):
+                model(x_t, t, encode([""] * n))
+        if x_prior is not None:
+            xp_t, tp, noise_p = noised(x_prior)
+            with record("prior"):
+                prior = F.mse_loss(model(xp_t, tp, encode(prior_prompts)).sample, noise_p)
+            loss = loss + prior_loss_weight * prior
+            prior_losses.append(prior.item())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -194,7 +327,13 @@ def train_adapter(
     seconds = time.perf_counter() - start
     with atomic_dir(out_dir, overwrite=True) as tmp:
         model.save_pretrained(tmp)
-    return {"train_seconds": seconds, "final_loss": sum(losses[-20:]) / len(losses[-20:])}
+        if stats is not None:
+            stats.save_pretrained(tmp)
+    out = {"train_seconds": seconds, "final_loss": sum(losses[-20:]) / len(losses[-20:])}
+    if prior_losses:
+        out["final_prior_loss"] = sum(prior_losses[-20:]) / len(prior_losses[-20:])
+    out["statistics"] = stats is not None
+    return out
 
 
 def _quiet(fn: Callable):
@@ -203,19 +342,48 @@ def _quiet(fn: Callable):
         return fn()
 
 
-def merge_into(base_unet, method: Method, folders: list[str]) -> tuple[torch.nn.Module, float]:
+def merge_into(
+    base_unet, method: Method, folders: list[str], *, calibration=None, info: dict | None = None
+) -> tuple[torch.nn.Module, float]:
     """A copy of ``base_unet`` with the adapters in ``folders`` merged into its weights, and the merge time in
     seconds (from the folders on disk to fused weights: reading, checking, combining and fusing; the copy of the
-    base UNet is not timed)."""
+    base UNet is not timed).
+
+    ``calibration`` (``"sequential"`` only): ``(inputs, prior)``, per folder a list of UNet batches
+    ``(x_t, t, text states)`` and a list of ordinary batches. ``info``: filled with the merge's report
+    (``"report"``) when the merge makes one.
+    """
     unet = copy.deepcopy(base_unet)
     n = len(folders)
+    options = dict(method.options)
     start = time.perf_counter()
     if method.merge.startswith("compose-"):
         from peft_ortho import compose
 
         weights = [1.0 / n] * n if method.merge == "compose-avg" else [1.0] * n
-        kind = "auto" if method.merge == "compose-auto" else "linear"
-        merged = _quiet(lambda: compose(folders, weights=weights, method=kind, progress=False))
+        # The exact rows ask for "linear" (stacked factors) by name: "auto" would pick the statistics merge for
+        # adapters that carry statistics, and every adapter of a statistics family records them.
+        kind = "regmean" if method.uses_statistics else "linear"
+        merged = _quiet(lambda: compose(folders, weights=weights, method=kind, progress=False, **options))
+        merged.fuse(unet)
+        if info is not None:
+            info["merged"] = merged
+    elif method.merge == "sequential":
+        from peft_ortho import compose
+
+        inputs, prior = calibration
+        names = [os.path.basename(os.path.normpath(f)) for f in folders]
+        merged = _quiet(
+            lambda: compose(
+                folders,
+                method="sequential",
+                calibrate=base_unet,
+                inputs=dict(zip(names, inputs)),
+                prior_inputs=prior,
+                progress=False,
+                **options,
+            )
+        )
         merged.fuse(unet)
     else:
         from peft import PeftModel

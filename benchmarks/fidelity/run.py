@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from .base_model import DIGIT_WORDS, BaseConfig, class_prompt, load_or_build, sample
-from .concepts import MAX_CONCEPTS, make_concept, make_concepts
-from .methods import ALL_METHODS, ERASURE_P, available_methods, merge_into, train_adapter
+from .concepts import MAX_CONCEPTS, TUNING_SET, make_concepts, make_tuning_concept
+from .methods import ALL_METHODS, ERASURE_P, available_methods, merge_into, records_statistics, train_adapter
 from .metrics import (
     IdentityClassifier,
     denoise_loss,
@@ -69,16 +69,49 @@ class RunConfig:
     rank: int = 2
     num_blocks: int = 16  # BlockLoRA output blocks per layer (r = 2 rows each on the 32-wide layers)
     steps: int = 120
-    repeats: int = 2  # batch = images_per_concept × repeats
+    # Instance half of a batch = images_per_concept × repeats, and as many class images. 1: 6 + 6 samples per step,
+    # the compute per step of the earlier instrument (12 instance samples, no prior preservation), which the shared
+    # machine's budget allowed for every adapter.
+    repeats: int = 1
     # Families whose lr is tuned on the tuning concept (a sweep costs len(lr_grid) trainings); the others use
-    # DEFAULT_LRS. The CPU budget of a shared 2-core machine allowed two sweeps.
-    sweep: tuple[str, ...] = ("lora", "ortho-disjoint-erasure")
+    # DEFAULT_LRS. Prior preservation made each training ~3x dearer, and the shared 2-core machine's budget no longer
+    # allowed a sweep: DEFAULT_LRS hold the winners of the earlier sweeps (lora, ortho-disjoint-erasure).
+    sweep: tuple[str, ...] = ()
     lr_grid: tuple[float, ...] = (3e-3, 1e-2, 3e-2)
     eval_timesteps: int = 8
     samples_per_concept: int = 8
     sample_steps: int = 10
     guidance: float = 2.0
     prior_images_per_class: int = 4
+    # DreamBooth prior preservation: every training batch also holds as many class images under their class prompt,
+    # weighted prior_loss_weight (diffusers' default 1). The class images are the base model's own samples of the
+    # class prompts (class_images per digit), as diffusers' train_dreambooth generates them; held-out digits measure
+    # the prior drift and stay unseen. prior_classes "all": the ten class prompts "a photo of digit <d>" (the
+    # concept's class noun is "digit"); "own": only the concept's digit (measured: the other nine prompts then drift
+    # by up to +370 % for a single adapter, see docs/benchmarks.md).
+    prior_preservation: bool = True
+    class_images: int = 24
+    prior_classes: str = "all"
+    prior_loss_weight: float = 1.0
+    # The statistics merge's settings are chosen on the tuning concepts (never merged in the benchmark) at N =
+    # len(TUNING_SET) = 5, over this grid, by a rule that does not look at N (tune_statistics_merge), then used at
+    # every N. prior_weight μ: weight of each adapter's prior inputs; ridge λ relative to tr(G)/in; prior_target
+    # "own" (each adapter keeps its own behaviour on its prior batches) or "base" (the base's behaviour).
+    stats_grid: tuple[tuple[str, tuple], ...] = (
+        ("prior_weight", (0.0, 0.3, 1.0, 3.0, 10.0)),
+        ("ridge", (1e-3,)),
+        ("prior_target", ("own", "base")),
+    )
+    tuning_identity: bool = False  # the rule reads R and drift; sampling every setting's images costs ~3x more
+    # Which concepts choose the settings: "tuning" (TUNING_SET, never merged in the benchmark: five more adapters to
+    # train) or "benchmark" (the benchmark's own concepts, in ceil(C/5) merges of five: no extra training, but the
+    # settings are then chosen on the concepts they are measured on, at N = 5 only).
+    stats_tuning: str = "benchmark"
+    drift_allowance: float = 1.5  # the rule: highest R whose prior drift ≤ allowance × the single adapters' own
+    calibration_steps: int = 4  # denoising steps of calibrate() for adapters without statistics
+    # The sequential merge runs the model layer by layer per merge (minutes on this machine at N = 15): measured at
+    # these N only.
+    sequential_ns: tuple[int, ...] = (1, 5, 15)
     methods: tuple[str, ...] | None = None
     seed: int = 0
 
@@ -93,17 +126,25 @@ class RunConfig:
                 self.repeats,
                 self.images_per_concept,
                 self.seed,
-                "v1",
+                self.prior_preservation,
+                self.class_images,
+                self.prior_classes,
+                self.prior_loss_weight,
+                records_statistics(family),
+                "v2",
             ],
             sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
-    def eval_key(self, family: str, lr: float) -> str:
+    def eval_key(self, family: str, lr: float, options=()) -> str:
         """Names a method's cached evaluation: everything that changes its numbers (not the method list)."""
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("methods", "sweep", "lr_grid")}
+        skip = ("methods", "sweep", "lr_grid", "stats_grid", "drift_allowance", "stats_tuning")
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip and k != "tuning_identity"}
         blob = json.dumps(
-            [fields, self.base.key(), self.train_key(family, lr), "eval-v1"], sort_keys=True, default=str
+            [fields, self.base.key(), self.train_key(family, lr), list(options), "eval-v2"],
+            sort_keys=True,
+            default=str,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
@@ -139,11 +180,12 @@ class Benchmark:
         self.base = load_or_build(cfg.base, cache_dir, log)
         self.dir = self.base.folder
         self.concepts = make_concepts(self.base.data, list(range(cfg.concepts)), cfg.images_per_concept)
-        self.tuning = make_concept(self.base.data, TUNING_CONCEPT, cfg.images_per_concept)
+        self.tuning_set = {i: make_tuning_concept(self.base.data, i, cfg.images_per_concept) for i in TUNING_SET}
+        self.tuning = self.tuning_set[TUNING_CONCEPT]
         grid = timestep_grid(cfg.eval_timesteps, cfg.base.num_train_timesteps)
         self.eval_sets = {
             c.index: make_eval_set(c.images, [c.prompt], 0, grid, seed=100 + c.index)
-            for c in [*self.concepts, self.tuning]
+            for c in [*self.concepts, *self.tuning_set.values()]
         }
         prior_x, prior_y = [], []
         for d in range(10):
@@ -159,6 +201,43 @@ class Benchmark:
         self.classifier = _CLASSIFIERS[key]
         self.uncond = self.base.encode([""])
         self._states: dict[str, torch.Tensor] = {}
+        self._class_pools: dict[int, torch.Tensor] = {}
+        self._singles: dict[str, dict] = {}
+        self._single_images: dict[str, torch.Tensor] = {}
+
+    def prior_pool(self, digit: int) -> tuple[torch.Tensor, list[str]] | None:
+        """The class images and prompts concept training preserves: the concept's own class (``prior_classes =
+        "own"``, DreamBooth's recipe) or every digit class (``"all"``)."""
+        digits = [digit] if self.cfg.prior_classes == "own" else list(range(10))
+        return torch.cat([self.class_pool(d) for d in digits]), [
+            class_prompt(d) for d in digits for _ in range(self.cfg.class_images)
+        ]
+
+    def class_pool(self, digit: int) -> torch.Tensor:
+        """DreamBooth's class images of ``digit``: ``class_images`` samples ``(k, 1, S, S)`` of the base model for
+        the class prompt (cached beside the base). The base's own samples, as diffusers' ``train_dreambooth``
+        generates them, and not held-out digits: those measure the prior drift and must stay unseen."""
+        if digit not in self._class_pools:
+            from safetensors.torch import load_file, save_file
+
+            k = self.cfg.class_images
+            path = os.path.join(self.dir, "class_images", f"digit{digit}-k{k}-s{self.cfg.sample_steps}.safetensors")
+            if not os.path.isfile(path):
+                imgs = sample(
+                    self.base.unet,
+                    self.base.scheduler.config,
+                    self.states([class_prompt(digit)] * k),
+                    self.uncond,
+                    steps=self.cfg.sample_steps,
+                    guidance=self.cfg.guidance,
+                    seed=30_000 + digit,
+                    image_size=self.cfg.base.image_size,
+                )
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                save_file({"images": imgs.contiguous()}, path + ".tmp")
+                os.replace(path + ".tmp", path)
+            self._class_pools[digit] = load_file(path)["images"]
+        return self._class_pools[digit]
 
     # ------------------------------------------------------------------------------------------ evaluation
     def states(self, prompts: list[str]) -> torch.Tensor:
@@ -195,11 +274,11 @@ class Benchmark:
     def identity(self, unet, indices: list[int]) -> tuple[list[float], torch.Tensor]:
         concepts = [self.concept(i) for i in indices]
         imgs = self.samples(unet, [c.prompt for c in concepts], [10_000 + c.index for c in concepts])
-        accs = [identity_accuracy(self.classifier.predict(x), 10 + c.index) for x, c in zip(imgs, concepts)]
+        accs = [identity_accuracy(self.classifier.predict(x), c.label) for x, c in zip(imgs, concepts)]
         return accs, imgs
 
     def concept(self, index: int):
-        return self.tuning if index == TUNING_CONCEPT else self.concepts[index]
+        return self.tuning_set[index] if index in self.tuning_set else self.concepts[index]
 
     # ------------------------------------------------------------------------------------------ training
     def adapter_dir(self, family: str, lr: float, index: int) -> str:
@@ -227,6 +306,9 @@ class Benchmark:
                 out_dir=folder,
                 erasure_prompts=foreign,
                 num_blocks=self.cfg.num_blocks,
+                class_images=self.prior_pool(c.digit) if self.cfg.prior_preservation else None,
+                prior_loss_weight=self.cfg.prior_loss_weight,
+                record_statistics=records_statistics(family),
             )
             with open(os.path.join(folder, "train.json"), "w") as f:
                 json.dump({"lr": lr, **stats}, f)
@@ -239,7 +321,7 @@ class Benchmark:
             return DEFAULT_LRS[family], {}
         from .methods import Method
 
-        probe = Method("probe", family, "soda-sum" if family == "soda" else "compose-auto", "")
+        probe = Method("probe", family, "soda-sum" if family == "soda" else "compose-exact", "")
         losses = {}
         for lr in self.cfg.lr_grid:
             unet, _ = merge_into(self.base.unet, probe, [self.train(family, lr, TUNING_CONCEPT)])
@@ -249,6 +331,98 @@ class Benchmark:
             f"  lr sweep {family}: " + ", ".join(f"{lr:g}: {v:.4f}" for lr, v in losses.items()) + f" -> {best:g}"
         )
         return best, losses
+
+    def singles(self, family: str, folders: dict[int, str], base_prior: float) -> dict[int, dict]:
+        """Each adapter alone (exact, weight 1): loss on its concept, prior drift, identity of its samples."""
+        from .methods import Method
+
+        exact = Method("single", family, "soda-sum" if family == "soda" else "compose-sum", "")
+        out = {}
+        for i, folder in folders.items():
+            if folder in self._singles:  # measured before in this run (the settings' tuning measures them too)
+                out[i] = self._singles[folder]
+                continue
+            unet, seconds = merge_into(self.base.unet, exact, [folder])
+            (acc,), imgs = self.identity(unet, [i])
+            out[i] = {
+                "loss": self.loss(unet, i),
+                "prior_drift": prior_drift(base_prior, self.prior_loss(unet)),
+                "identity": acc,
+                "merge_seconds": seconds,
+            }
+            self._singles[folder] = out[i]
+            self._single_images[folder] = imgs[0, 0]
+        return out
+
+    def calibrated(self, folder: str, index: int) -> str:
+        """A copy of the adapter in ``folder`` whose statistics are computed by ``peft_ortho.statistics.calibrate``
+        from the concept's prompt alone (what a user with a third-party file has), not recorded in training."""
+        from peft_ortho.compose.load import load_adapter
+        from peft_ortho.compose.resolve import resolve
+        from peft_ortho.statistics import calibrate
+
+        out = folder + "-calibrated"
+        if not os.path.isfile(os.path.join(out, "calibration.json")):
+            import shutil
+
+            from peft_ortho._io import atomic_dir
+            from peft_ortho.statistics import compare_statistics, load_statistics
+
+            start = time.perf_counter()
+            stats = calibrate(
+                load_adapter(resolve(folder)), self.pipeline, self.concept(index).prompt,
+                steps=self.cfg.calibration_steps, guidance_scale=self.cfg.guidance, seed=self.cfg.seed,
+            )  # fmt: skip
+            seconds = time.perf_counter() - start
+            # How close the calibrated statistics come to the ones recorded in training (on what the merge uses).
+            adapter = load_adapter(resolve(folder))
+            recorded = load_statistics(folder, adapter=adapter.name)
+            per_layer = compare_statistics(stats, recorded, adapter)
+            closeness = {k: float(np.mean([v[k] for v in per_layer.values()])) for k in ("relative_error", "overlap")}
+            with atomic_dir(out, overwrite=True) as tmp:
+                for name in ("adapter_config.json", "adapter_model.safetensors"):
+                    shutil.copy(os.path.join(folder, name), os.path.join(tmp, name))
+                stats.save_pretrained(tmp)
+                with open(os.path.join(tmp, "calibration.json"), "w") as f:
+                    json.dump({"seconds": seconds, "prompt": self.concept(index).prompt, **closeness}, f)
+        return out
+
+    @property
+    def pipeline(self):
+        """The base as the parts of a diffusers pipeline ``calibrate`` runs (tokenizer, text encoder, UNet,
+        scheduler)."""
+        from types import SimpleNamespace
+
+        from diffusers import DDIMScheduler
+
+        b = self.base
+        parts = {
+            "tokenizer": b.tokenizer,
+            "text_encoder": b.text_encoder,
+            "unet": b.unet,
+            "scheduler": DDIMScheduler.from_config(b.scheduler.config),  # the benchmark's sampler
+        }
+        return SimpleNamespace(components=parts, **parts)
+
+    def calibration_batches(self, index: int, prior: bool = False) -> list[tuple]:
+        """UNet batches ``(x_t, t, text states)`` for the sequential merge: the concept's images at the evaluation
+        timesteps under its prompt and under the empty prompt (what guidance runs), or with ``prior`` the class
+        images of every digit under their class prompts."""
+        g = torch.Generator().manual_seed(50_000 + index)
+        if prior:
+            x0 = torch.cat([self.class_pool(d)[:2] for d in range(10)])
+            prompts = [class_prompt(d) for d in range(10) for _ in range(2)]
+            groups = [prompts]
+        else:
+            x0 = self.concept(index).images
+            groups = [[self.concept(index).prompt] * len(x0), [""] * len(x0)]
+        batches = []
+        for prompts in groups:
+            t = torch.tensor(timestep_grid(4, self.cfg.base.num_train_timesteps)).repeat_interleave(len(x0))
+            x = x0.repeat(4, 1, 1, 1)
+            x_t = self.base.scheduler.add_noise(x, torch.randn(x.shape, generator=g), t)
+            batches.append((x_t, t, self.states(prompts * 4)))
+        return batches
 
 
 def run(cfg: RunConfig, cache_dir: str = DEFAULT_CACHE, log=print) -> dict:
@@ -288,71 +462,242 @@ def run(cfg: RunConfig, cache_dir: str = DEFAULT_CACHE, log=print) -> dict:
         m.name for m in ALL_METHODS if m not in methods and (not cfg.methods or m.name in cfg.methods)
     ]
     families = list(dict.fromkeys(m.family for m in methods))
-    lrs, singles, folders = {}, {}, {}
+    lrs, singles, single, folders = {}, {}, {}, {}
+    rows, grid_samples = [], {}
+    n_max = max(x for x in cfg.ns if x <= cfg.concepts)
+    ctx = {"base_loss": base_loss, "base_prior": base_prior, "n_max": n_max}
+    if any(m.uses_statistics and not m.options for m in methods):
+        tuned = tune_statistics_merge(bench, base_prior)
+        results["stats_tuning"] = tuned
+        chosen = tuple(tuple(kv) for kv in tuned["chosen"])
+        methods = [dataclasses.replace(m, options=chosen) if m.uses_statistics and not m.options else m
+                   for m in methods]  # fmt: skip
+    # Family by family: train its adapters, measure them alone, then every merge of them (so a run cut short has
+    # complete rows for the families it reached).
     for family in families:
         lrs[family], sweep = bench.tune_lr(family)
         results.setdefault("lr_sweep", {})[family] = sweep
         folders[family] = {c.index: bench.train(family, lrs[family], c.index) for c in bench.concepts}
-        probe = next(m for m in methods if m.family == family)
-        exact = dataclasses.replace(probe, merge="soda-sum" if family == "soda" else "compose-sum")
-        singles[family] = {}
-        for c in bench.concepts:
-            unet, _ = merge_into(base_unet, exact, [folders[family][c.index]])
-            singles[family][c.index] = bench.loss(unet, c.index)
+        single[family] = bench.singles(family, folders[family], base_prior)
+        singles[family] = {i: v["loss"] for i, v in single[family].items()}
         train_s = [json.load(open(os.path.join(f, "train.json")))["train_seconds"] for f in folders[family].values()]
-        log(f"  {family}: lr {lrs[family]:g}, median train {statistics.median(train_s):.1f} s per concept")
-    results["lrs"], results["single_loss"] = lrs, singles
-
-    rows, grid_samples = [], {}
-    n_max = max(x for x in cfg.ns if x <= cfg.concepts)
-    for method in methods:
-        cached = os.path.join(
-            bench.dir, "results", f"{method.name}-{cfg.eval_key(method.family, lrs[method.family])}.json"
+        log(
+            f"  {family}: lr {lrs[family]:g}, median train {statistics.median(train_s):.1f} s per concept; single "
+            f"adapters: prior drift {100 * np.mean([v['prior_drift'] for v in single[family].values()]):+.1f} %, "
+            f"identity {np.mean([v['identity'] for v in single[family].values()]):.2f}"
         )
-        if os.path.isfile(cached):  # evaluated before with the same adapters and settings: reuse (merge times too)
-            with open(cached) as f:
-                saved = json.load(f)
-            rows += saved["rows"]
-            for key, imgs in saved["grid_samples"].items():
-                n = int(key)
-                grid_samples[(method.name, n)] = {int(i): torch.tensor(x) for i, x in imgs.items()}
-        else:
-            method_rows, method_grid = evaluate_method(bench, method, folders, base_loss, base_prior, singles, n_max)
+        for method in [m for m in methods if m.family == family]:
+            method_rows, method_grid = cached_evaluation(bench, method, lrs[family], folders, singles, ctx)
             rows += method_rows
             grid_samples.update({(method.name, n): g for n, g in method_grid.items()})
-            os.makedirs(os.path.dirname(cached), exist_ok=True)
-            with open(cached + ".tmp", "w") as f:
-                grids = {n: {i: x.tolist() for i, x in g.items()} for n, g in method_grid.items()}
-                json.dump({"rows": method_rows, "grid_samples": grids}, f)
-            os.replace(cached + ".tmp", cached)
-        summary = summarize(rows, method.name)
-        log(
-            f"  {method.name}: "
-            + ", ".join(
-                f"N={n} retained {s['retained']:.3f} id {s['identity']:.2f} drift {100 * s['prior_drift']:+.1f}%"
-                for n, s in summary.items()
+            summary = summarize(rows, method.name)
+            log(
+                f"  {method.name}: "
+                + ", ".join(
+                    f"N={n} retained {s['retained']:.3f} id {s['identity']:.2f} drift {100 * s['prior_drift']:+.1f}%"
+                    for n, s in summary.items()
+                )
             )
-        )
+    results["lrs"], results["single_loss"], results["single"] = lrs, singles, single
     results["rows"] = rows
     results["summary"] = {m.name: summarize(rows, m.name) for m in methods}
     results["methods"] = [dataclasses.asdict(m) for m in methods]
     results["grid_samples"] = grid_samples
+    results["prediction"] = prediction_agreement(rows)
+    cal = [
+        json.load(open(os.path.join(f + "-calibrated", "calibration.json")))
+        for per in folders.values()
+        for f in per.values()
+        if os.path.isfile(os.path.join(f + "-calibrated", "calibration.json"))
+    ]
+    if cal:  # how close calibrate() came to the statistics recorded in training (compare_statistics, "concept")
+        results["calibration"] = {
+            k: float(np.mean([c[k] for c in cal])) for k in ("relative_error", "overlap", "seconds")
+        }
+        results["calibration"]["adapters"] = len(cal)
     results["wall_seconds"] = time.perf_counter() - t_start
     return results
 
 
+def cached_evaluation(bench, method, lr, folders, singles, ctx) -> tuple[list[dict], dict]:
+    """``evaluate_method``'s rows and sample grid, from ``<base>/results/`` when evaluated before with the same
+    adapters and settings (merge times too)."""
+    cached = os.path.join(
+        bench.dir, "results", f"{method.name}-{bench.cfg.eval_key(method.family, lr, method.options)}.json"
+    )
+    if os.path.isfile(cached):
+        with open(cached) as f:
+            saved = json.load(f)
+        grid = {int(n): {int(i): torch.tensor(x) for i, x in g.items()} for n, g in saved["grid_samples"].items()}
+        return saved["rows"], grid
+    rows, grid = evaluate_method(bench, method, folders, ctx["base_loss"], ctx["base_prior"], singles, ctx["n_max"])
+    os.makedirs(os.path.dirname(cached), exist_ok=True)
+    with open(cached + ".tmp", "w") as f:
+        json.dump(
+            {"rows": rows, "grid_samples": {n: {i: x.tolist() for i, x in g.items()} for n, g in grid.items()}}, f
+        )
+    os.replace(cached + ".tmp", cached)
+    return rows, grid
+
+
+def stats_settings(cfg: RunConfig) -> list[tuple[tuple[str, object], ...]]:
+    """Every combination of ``cfg.stats_grid`` as merge options; μ = 0 makes the prior target moot (kept once)."""
+    import itertools
+
+    grid = dict(cfg.stats_grid)
+    first_target = grid.get("prior_target", (None,))[0]
+    out = []
+    for values in itertools.product(*grid.values()):
+        opts = dict(zip(grid, values))
+        if opts.get("prior_weight") == 0 and opts.get("prior_target") != first_target:
+            continue
+        out.append(tuple(opts.items()))
+    return out
+
+
+def choose_setting(trials: list[dict], single_drift: float, allowance: float) -> dict:
+    """The rule: of the settings whose prior drift is at most ``allowance`` × the single adapters' own (at N = 1),
+    the one with the highest retained improvement; if none is within, the one with the lowest drift. It looks at
+    one N only (the tuning set's), so the defaults it picks do not depend on the N they are used at."""
+    if not trials:
+        raise ValueError("no statistics-merge setting was measured")
+    within = [t for t in trials if t["prior_drift"] <= allowance * max(single_drift, 0.0)]
+    return max(within, key=lambda t: t["retained"]) if within else min(trials, key=lambda t: t["prior_drift"])
+
+
+def tune_statistics_merge(bench: Benchmark, base_prior: float, family: str = "lora") -> dict:
+    """Choose the statistics merge's settings on the tuning concepts (never merged in the benchmark): train their
+    ``family`` adapters (recording statistics), merge all of them (N = 5) with every setting of the grid, measure
+    retained improvement, identity and prior drift, and apply ``choose_setting``. Cached with the evaluations."""
+    from .methods import Method
+
+    cfg, log = bench.cfg, bench.log
+    lr = DEFAULT_LRS[family] if family not in cfg.sweep else bench.tune_lr(family)[0]
+    key = cfg.eval_key(family, lr, ("tuning", cfg.stats_tuning, tuple(map(tuple, stats_settings(cfg)))))
+    path = os.path.join(bench.dir, "results", f"stats-tuning-{key}.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    if cfg.stats_tuning == "tuning":
+        indices = sorted(TUNING_SET)
+        groups = [indices]
+    else:
+        indices = [c.index for c in bench.concepts]
+        groups = subsets(len(indices), min(5, len(indices)))
+    folders = {i: bench.train(family, lr, i) for i in indices}
+    single = bench.singles(family, folders, base_prior)
+    base_loss = {i: bench.loss(bench.base.unet, i) for i in indices}
+    single_drift = float(np.mean([v["prior_drift"] for v in single.values()]))
+    trials = []
+    for opts in stats_settings(cfg):
+        method = Method("tuning", family, "compose-regmean", "", opts)
+        retained, accs, drifts, seconds = [], [], [], []
+        for group in groups:
+            unet, s = merge_into(bench.base.unet, method, [folders[i] for i in group])
+            if cfg.tuning_identity:
+                accs += bench.identity(unet, group)[0]
+            retained += [retained_improvement(base_loss[i], bench.loss(unet, i), single[i]["loss"]) for i in group]
+            drifts.append(prior_drift(base_prior, bench.prior_loss(unet)))
+            seconds.append(s)
+        trial = {
+            "options": dict(opts),
+            "retained": float(np.nanmean(retained)),
+            "retained_min": float(np.nanmin(retained)),
+            "identity": float(np.mean(accs)) if accs else math.nan,
+            "prior_drift": float(np.mean(drifts)),
+            "merge_seconds": float(np.median(seconds)),
+        }
+        trials.append(trial)
+        log(
+            f"  tuning {dict(opts)}: retained {trial['retained']:.3f}, identity {trial['identity']:.2f}, drift "
+            f"{100 * trial['prior_drift']:+.1f} %"
+        )
+    best = choose_setting(trials, single_drift, cfg.drift_allowance)
+    out = {
+        "family": family,
+        "concepts": indices,
+        "tuning_set": cfg.stats_tuning,
+        "n": len(groups[0]),
+        "single_prior_drift": single_drift,
+        "single_identity": float(np.mean([v["identity"] for v in single.values()])),
+        "trials": trials,
+        "chosen": [list(kv) for kv in best["options"].items()],
+    }
+    log(f"  statistics merge settings chosen ({cfg.stats_tuning} concepts, N = {len(groups[0])}): {best['options']}")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(out, f)
+    os.replace(path + ".tmp", path)
+    return out
+
+
+def prediction_agreement(rows: list[dict]) -> dict:
+    """Spearman rank correlation between the merge report's predicted retention and the measured retained
+    improvement over every (concept, N > 1) evaluation: per method that predicts, over the statistics merges
+    together (``"statistics"``) and over every predicting method together (``"all"``)."""
+    from scipy.stats import spearmanr
+
+    out = {}
+    pairs = [r for r in rows if r.get("predicted") is not None and r["n"] > 1 and not math.isnan(r["retained"])]
+    groups = {name: [r for r in pairs if r["method"] == name] for name in dict.fromkeys(r["method"] for r in pairs)}
+    groups["statistics"] = [r for r in pairs if "-stats" in r["method"]]
+    groups["all"] = pairs
+    for name, rs in groups.items():
+        if len(rs) >= 3:
+            rho = spearmanr([r["predicted"] for r in rs], [r["retained"] for r in rs]).statistic
+            out[name] = {"spearman": float(rho), "pairs": len(rs)}
+    return out
+
+
+# Merges whose result for one adapter is that adapter exactly.
+WEIGHT_SPACE_MERGES = ("compose-sum", "compose-avg", "compose-exact", "peft-ties", "peft-svd", "soda-sum")
+
+
 def evaluate_method(bench, method, folders, base_loss, base_prior, singles, n_max) -> tuple[list[dict], dict]:
-    """Every merge of ``method`` (each N, each subset): rows of measurements and, at N = 1 and ``n_max``, one
-    sample per concept for the figure."""
+    """Every merge of ``method`` (each N, each subset): rows of measurements (with the merge report's predicted
+    retention where it gives one) and one sample per concept and N for the figures."""
     cfg, rows, grid = bench.cfg, [], {}
+    family = folders[method.family]
+    if method.merge == "compose-regmean-calibrated":
+        family = {i: bench.calibrated(f, i) for i, f in family.items()}
     for n in cfg.ns:
-        if n > cfg.concepts:
+        if n > cfg.concepts or (method.merge == "sequential" and n not in cfg.sequential_ns):
+            continue
+        if n == 1 and method.merge in WEIGHT_SPACE_MERGES:
+            # A weight-space merge of one adapter is that adapter (weight 1; peft turns one adapter into "linear"):
+            # its row is the single adapter's measurement, taken once per family.
+            for i in range(cfg.concepts):
+                one = bench._singles[family[i]]
+                rows.append(
+                    {
+                        "method": method.name,
+                        "n": 1,
+                        "subset": [i],
+                        "concept": i,
+                        "merged_loss": one["loss"],
+                        "retained": retained_improvement(base_loss[i], one["loss"], singles[method.family][i]),
+                        "identity": one["identity"],
+                        "prior_drift": one["prior_drift"],
+                        "merge_seconds": one["merge_seconds"],
+                        "predicted": None,
+                    }
+                )
+                grid.setdefault(1, {})[i] = bench._single_images[family[i]]
             continue
         for subset in subsets(cfg.concepts, n):
-            unet, seconds = merge_into(bench.base.unet, method, [folders[method.family][i] for i in subset])
+            calibration, info = None, {}
+            if method.merge == "sequential":
+                calibration = (
+                    [bench.calibration_batches(i) for i in subset],
+                    bench.calibration_batches(0, prior=True),
+                )
+            unet, seconds = merge_into(
+                bench.base.unet, method, [family[i] for i in subset], calibration=calibration, info=info
+            )
+            predicted = predicted_retention(info.get("merged"), n)
             drift = prior_drift(base_prior, bench.prior_loss(unet))
             accs, imgs = bench.identity(unet, subset)
-            for i, acc, img in zip(subset, accs, imgs):
+            for k, (i, acc, img) in enumerate(zip(subset, accs, imgs)):
                 merged = bench.loss(unet, i)
                 rows.append(
                     {
@@ -365,11 +710,23 @@ def evaluate_method(bench, method, folders, base_loss, base_prior, singles, n_ma
                         "identity": acc,
                         "prior_drift": drift,
                         "merge_seconds": seconds,
+                        "predicted": None if predicted is None else predicted[k],
                     }
                 )
-                if n in (1, n_max):
-                    grid.setdefault(n, {})[i] = img[0]
+                grid.setdefault(n, {})[i] = img[0]
     return rows, grid
+
+
+def predicted_retention(merged, n: int) -> list[float] | None:
+    """Per adapter of the merge (in its order), the retention the merge report predicts before generating
+    (``None`` when the merge makes no such prediction: no statistics)."""
+    concepts = getattr(getattr(merged, "report", None), "concepts", None) if merged is not None else None
+    if not concepts:
+        return None
+    names = [a.name for a in merged.adapters]
+    if len(names) != n or any(name not in concepts for name in names):
+        raise ValueError(f"the report predicts {sorted(concepts)} for a merge of {names}")
+    return [float(concepts[name]["retention"]) for name in names]
 
 
 def summarize(rows: list[dict], method: str) -> dict[int, dict]:
@@ -391,9 +748,10 @@ def summarize(rows: list[dict], method: str) -> dict[int, dict]:
 
 
 def write_docs(results: dict, bench_concepts, command: str, docs_dir: str) -> None:
-    """Figures into ``docs_dir`` and the fidelity section of ``docs_dir/benchmarks.md``."""
+    """Figures into ``docs_dir`` (``fidelity_*.png``, one sample grid per method under ``fidelity_samples/``) and
+    the fidelity section of ``docs_dir/benchmarks.md``."""
     from .. import _common
-    from .report import markdown, save_base_grid, save_concept_grid, save_plot
+    from .report import markdown, save_base_grid, save_concept_grid, save_method_grid, save_plot
 
     labels = {m["name"]: m["label"] for m in results["methods"]}
     save_base_grid(results["base_samples"], os.path.join(docs_dir, "fidelity_base_samples.png"))
@@ -402,6 +760,12 @@ def write_docs(results: dict, bench_concepts, command: str, docs_dir: str) -> No
     save_concept_grid(
         bench_concepts, results["grid_samples"], list(labels), n_max, os.path.join(docs_dir, "fidelity_concepts.png")
     )
+    os.makedirs(os.path.join(docs_dir, "fidelity_samples"), exist_ok=True)
+    for name in labels:
+        per_n = {n: g for (m, n), g in results["grid_samples"].items() if m == name}
+        if per_n:
+            path = os.path.join(docs_dir, "fidelity_samples", f"{name}.png")
+            save_method_grid(bench_concepts, per_n, labels[name], path)
     text = markdown(results, labels, command)
     _common.write_section(os.path.join(docs_dir, "benchmarks.md"), START, END, text)
 
@@ -410,10 +774,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="5 concepts, N = 1, 2, 5, smaller budget (< 5 min)")
     parser.add_argument("--methods", nargs="+", help="subset of methods (default: all available)")
+    parser.add_argument("--ns", nargs="+", type=int, help="the N to measure (default: the mode's)")
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE)
     parser.add_argument("--docs", action="store_true", help="write docs/ (default for the full run)")
     parser.add_argument("--no-docs", action="store_true", help="do not write docs/")
     parser.add_argument("--note", default="", help="a sentence appended to the docs section (e.g. what was left out)")
+    parser.add_argument("--note-file", help="a markdown file appended to the docs section (after --note)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a shared machine)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -423,12 +789,18 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = QUICK if args.quick else FULL
     if args.methods:
         cfg = dataclasses.replace(cfg, methods=tuple(args.methods))
+    if args.ns:
+        cfg = dataclasses.replace(cfg, ns=tuple(args.ns))
     results = run(cfg, args.cache_dir)
     print(f"wall time {results['wall_seconds']:.0f} s")
     if (args.docs or not args.quick) and not args.no_docs:
         command = "python -m benchmarks.fidelity.run" + (" --quick" if args.quick else "")
         command += (" --methods " + " ".join(args.methods)) if args.methods else ""
+        command += (" --ns " + " ".join(map(str, args.ns))) if args.ns else ""
         results["note"] = args.note
+        if args.note_file:
+            with open(args.note_file) as f:
+                results["note"] = (args.note + "\n\n" + f.read()).strip()
         results["machine"] = (
             f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, "
             f"Python {platform.python_version()}"

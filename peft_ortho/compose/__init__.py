@@ -95,14 +95,15 @@ class MergedAdapter:
         plain = len(self.adapters) - ortho - block
         if self.method in STATISTICS_METHODS:
             o = self._merge_options
+            own = o.get("prior_target", PRIOR_TARGET) == "own"
             target = (
-                "each adapter's own output on its ordinary (prior) inputs"
-                if o.get("prior_target", PRIOR_TARGET) == "own"
-                else "the base's output on ordinary (prior) inputs"
+                "over its whole training distribution (its prior inputs included)"
+                if own
+                else "and the base's output on the pooled ordinary (prior) inputs"
             )
             text = (
                 "Statistics merge (regmean): per layer, the least-squares update that keeps each adapter's output on "
-                f"its own recorded inputs and {target} (prior_weight μ={o.get('prior_weight', PRIOR_WEIGHT):g}, "
+                f"its own recorded inputs {target} (prior_weight μ={o.get('prior_weight', PRIOR_WEIGHT):g}, "
                 f"ridge λ={o.get('ridge', RIDGE):g}); it is not Σ w_i ΔW_i. Stored as a stacked LoRA of rank Σ r_i "
                 "(new down-projections, the adapters' own up-projections), so every export is exact for it; the "
                 "report predicts each concept's output change."
@@ -114,6 +115,13 @@ class MergedAdapter:
             if block:
                 text += " BlockLoRA terms now read every input channel: they are no longer confined to their blocks."
             return text
+        if self.method == "sequential":
+            return (
+                "Sequential merge: layer by layer in forward order, the least-squares ΔW that reproduces each single "
+                "adapter's layer outputs on its calibration batches through the partly merged model; it is not "
+                "Σ w_i ΔW_i. ΔW is dense per layer: fuse is exact, LoRA exports re-factor it with a truncated SVD "
+                "(relative error per layer in the card)."
+            )
         if not self.exact:
             return (
                 f"{self.method} combines the deltas non-linearly: the result is not Σ w_i ΔW_i; LoRA exports re-factor "
@@ -390,6 +398,9 @@ def compose(
     stream: bool = False,
     component: str | None = None,
     progress: bool = True,
+    inputs: dict | None = None,
+    prior_inputs: list | None = None,
+    refine_steps: int = 0,
     family: str | None = None,
 ) -> MergedAdapter:
     """Merge adapters given by name (Hub repo id ``owner/name[@revision]``, local folder, or ``.safetensors`` file).
@@ -414,7 +425,8 @@ def compose(
             file, e.g. recorded in this process; names must be adapters of this merge.
         calibrate: a pipeline or model to compute statistics with (``peft_ortho.statistics.calibrate``) for the
             adapters that carry none and have a prompt in ``prompts``; also the base for the report's drift.
-        prompts: ``{adapter name: trigger prompt}`` for ``calibrate``; names must be adapters of this merge.
+        prompts: ``{adapter name: trigger prompt (or list of prompts)}`` for ``calibrate``; names must be adapters of
+            this merge.
         base: a model or pipeline whose weights ``W`` the report's drift ``‖ΔW X_0‖ / ‖W X_0‖`` uses.
         stream: keep peak memory independent of the number of adapters (for ``fuse`` of very many), at the cost of
             a second read of the files.
@@ -425,6 +437,10 @@ def compose(
             (whose UNet config also fixes SDXL's block numbering), else inferred from the keys. A key that stays
             unmapped, and LoHa / LoKr / DoRA files, are refused by name; a diffusers file that records no scale
             warns (``UnknownScaleWarning``).
+        inputs: for ``method="sequential"``: ``{adapter name: [batch, ...]}``, each adapter's calibration batches
+            (tensors, dicts of keyword arguments or tuples for ``calibrate``, the base model); ``prior_inputs``:
+            ordinary batches on which the base's outputs are kept (weight ``prior_weight``; ``ridge`` is λ);
+            ``refine_steps``: end-to-end output-matching steps after the closed form (``compose.sequential``).
 
     Returns:
         A ``MergedAdapter``. Raises, naming the adapter and the layer, on anything it cannot merge correctly; warns
@@ -466,6 +482,23 @@ def compose(
                     f"statistics= needs AdapterStatistics, got {type(stats).__name__}", adapter=name
                 )
             by_name[name].statistics = stats
+    if method == "sequential":  # layer by layer through the partly merged model (compose.sequential)
+        if calibrate is None or not inputs or stream or prompts is not None:
+            raise ValueError("method='sequential' needs calibrate=<base model> and inputs={adapter: [batches]}")
+        from .sequential import sequential_merge
+
+        merged = MergedAdapter(adapters, weights, method, svd_rank=svd_rank)
+        merged.__dict__["layers"] = sequential_merge(
+            adapters,
+            weights,
+            calibrate,
+            inputs,
+            prior=prior_inputs,
+            mu=prior_weight,
+            lam=ridge,
+            refine_steps=refine_steps,
+        )
+        return merged
     calibrated = _calibrate(adapters, calibrate, prompts) if calibrate is not None else []
     resolved = _resolve_method(method, adapters)
     merged = MergedAdapter(
@@ -524,8 +557,15 @@ def _calibrate(adapters: list[Adapter], target, prompts: dict[str, str] | None) 
         raise ValueError("calibrate= needs prompts={adapter name: trigger prompt} for the adapters without statistics")
     _by_name(adapters, prompts, "prompts")
     for name, prompt in prompts.items():
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise IncompatibleAdaptersError("the calibration prompt must be a non-empty string", adapter=name)
+        texts = [prompt] if isinstance(prompt, str) else prompt
+        if (
+            not isinstance(texts, (list, tuple))
+            or not texts
+            or not all(isinstance(t, str) and t.strip() for t in texts)
+        ):
+            raise IncompatibleAdaptersError(
+                "the calibration prompt must be a non-empty string or list of strings", adapter=name
+            )
     todo = [a for a in adapters if a.statistics is None and a.name in prompts]
     if not todo:
         return []

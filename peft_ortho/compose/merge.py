@@ -31,7 +31,9 @@ from .check import check_adapter_finite, check_basis, check_shapes, prepare_basi
 from .load import Adapter
 
 EXACT_METHODS = ("auto", "linear", "cat")
-DELTA_METHODS = ("ties", "dare_linear", "dare_ties", "svd")
+DELTA_METHODS = ("ties", "dare_linear", "dare_ties", "svd", "sequential")
+# Solved from calibration forward passes of a base model (``compose.sequential``), not from the files alone.
+CALIBRATED_METHODS = ("sequential",)
 STATISTICS_METHODS = ("regmean",)
 METHODS = EXACT_METHODS + DELTA_METHODS + STATISTICS_METHODS
 PRIOR_TARGETS = ("own", "base")
@@ -114,6 +116,8 @@ def iter_merged_layers(
     """
     if method not in METHODS:
         raise ValueError(f"unknown merge method {method!r}; choose one of {METHODS}")
+    if method in CALIBRATED_METHODS and merge:
+        raise ValueError(f"method {method!r} needs calibration forward passes: see peft_ortho.compose.sequential")
     if check:
         for adapter in adapters:
             check_adapter_finite(adapter)
