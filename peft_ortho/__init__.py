@@ -18,7 +18,7 @@ from .errors import (
     UnsupportedFeatureError,
     UnsupportedLayerError,
 )
-from .export import save_diffusers
+from .export import save_diffusers, save_kohya
 from .hub import model_card, push_to_hub
 from .statistics import (
     KINDS,
@@ -71,6 +71,7 @@ __all__ = [
     "model_card",
     "push_to_hub",
     "save_diffusers",
+    "save_kohya",
     "compose",
     "continual",
     "erasure",

@@ -34,11 +34,15 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compose", help="merge adapters by name (Hub repo id[@rev], folder or .safetensors)")
     c.add_argument("names", nargs="+", metavar="NAME")
     c.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
-    c.add_argument("--format", choices=["peft", "diffusers", "fused"], default="peft")
+    c.add_argument("--format", choices=["peft", "diffusers", "kohya", "fused"], default="peft")
     c.add_argument("--weights", type=float, nargs="+", help="one weight per adapter (default 1.0 each)")
     _merge_arguments(c)
     c.add_argument("--svd-rank", type=_positive_int, help="rank of the LoRA export for delta-space methods")
-    c.add_argument("--component", default="unet", help="diffusers component PEFT adapters belong to")
+    c.add_argument(
+        "--component", help="diffusers component PEFT adapters belong to (default: inferred, e.g. unet / transformer)"
+    )
+    _format_arguments(c)
+    c.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="precision to write (default: the inputs')")
     c.add_argument(
         "--base",
         help="the base model folder (diffusers or transformers): --format fused fuses into it; the report's drift "
@@ -50,7 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("names", nargs="+", metavar="NAME")
     i.add_argument("--weights", type=float, nargs="+")
     _merge_arguments(i)
-    i.add_argument("--component", default="unet", help="diffusers component PEFT adapters belong to")
+    i.add_argument(
+        "--component", help="diffusers component PEFT adapters belong to (default: inferred, e.g. unet / transformer)"
+    )
+    _format_arguments(i)
     i.add_argument("--base", help="base model folder whose weights the report's drift ‖ΔW X0‖/‖W X0‖ uses")
     i.add_argument(
         "--plot",
@@ -62,11 +69,20 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="convert a PEFT adapter to another format")
     e.add_argument("adapter", metavar="ADAPTER")
-    e.add_argument("--format", choices=["diffusers"], required=True)
+    e.add_argument("--format", choices=["diffusers", "kohya"], required=True)
     e.add_argument("--out", required=True)
-    e.add_argument("--component", default="unet")
+    e.add_argument("--component", help="pipeline component (default: inferred from the adapter's layers)")
+    e.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="precision to write (default: the adapter's)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --out (never the input)")
     return p
+
+
+def _format_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--family",
+        choices=["sd", "sdxl", "flux", "sd3"],
+        help="model family of community single files (kohya, A1111, ComfyUI, BFL, xlabs); default: from the keys",
+    )
 
 
 def _merge_arguments(p: argparse.ArgumentParser) -> None:
@@ -112,8 +128,10 @@ def _prompts(items: list[str]) -> dict[str, str] | None:
 
 
 def _load_base(path: str):
-    """A base model folder saved with ``save_pretrained``: a diffusers pipeline (``model_index.json``) or model, or a
-    transformers model (``AutoModel``). Weights are read from safetensors files only (``use_safetensors=True``):
+    """A base model folder saved with ``save_pretrained``: a diffusers pipeline (``model_index.json``,
+    ``DiffusionPipeline``) or model (its ``_class_name``), or a transformers model with the class its
+    ``config.architectures`` names, so a causal LM keeps its LM head (else ``AutoModelForCausalLM`` / ``AutoModel``).
+    Weights are read from safetensors files only (``use_safetensors=True``):
     a folder holding only pickled ``.bin`` weights is refused by the loaders, never unpickled."""
     from ._io import read_json_object
 
@@ -135,18 +153,25 @@ def _load_base(path: str):
         if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
             raise PeftOrthoError(f"{path!r}: config.json names {name!r}, which is not a diffusers model class")
         return cls.from_pretrained(path, use_safetensors=True)
-    from transformers import AutoModel
+    import transformers
 
-    return AutoModel.from_pretrained(path, use_safetensors=True)
+    architectures = config.get("architectures") or []
+    name = architectures[0] if isinstance(architectures, list) and architectures else None
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        causal = any("CausalLM" in str(a) or "LMHead" in str(a) for a in architectures or ())
+        cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    return cls.from_pretrained(path, use_safetensors=True)
 
 
 def _run(args) -> int:
     from .compose import compose
 
     if args.command == "export":
-        from .export import save_diffusers
+        from .export import save_diffusers, save_kohya
 
-        path = save_diffusers(args.adapter, args.out, component=args.component, overwrite=args.overwrite)
+        save = save_kohya if args.format == "kohya" else save_diffusers
+        path = save(args.adapter, args.out, component=args.component, overwrite=args.overwrite, dtype=args.dtype)
         print(f"wrote {path}")
         return 0
     prompts = _prompts(args.prompt)
@@ -167,6 +192,7 @@ def _run(args) -> int:
             prompts=prompts,
             base=base,
             component=args.component,
+            family=args.family,
             progress=sys.stderr.isatty(),  # progress bars only for a person watching; logs get one-line errors
         )
     for w in caught:
@@ -185,9 +211,11 @@ def _run(args) -> int:
     inputs = merged.input_paths + ([args.base] if args.base else [])
     check_output(args.out, inputs)  # before the merge is written or fused
     if args.format == "peft":
-        path = merged.save_pretrained(args.out, overwrite=args.overwrite)
+        path = merged.save_pretrained(args.out, overwrite=args.overwrite, dtype=args.dtype)
     elif args.format == "diffusers":
-        path = merged.save_diffusers(args.out, component=args.component, overwrite=args.overwrite)
+        path = merged.save_diffusers(args.out, component=args.component, overwrite=args.overwrite, dtype=args.dtype)
+    elif args.format == "kohya":
+        path = merged.save_kohya(args.out, component=args.component, overwrite=args.overwrite, dtype=args.dtype)
     else:
         if not args.base:
             raise PeftOrthoError("--format fused needs --base FOLDER (the base model to fuse into)")

@@ -76,6 +76,7 @@ from torch import nn
 
 from ._io import atomic_dir, mmap_safetensors, refuse_pickle
 from .errors import BasisError, PeftOrthoError, UnsupportedLayerError
+from .lora_format import PLAIN_LORA_REFUSALS
 from .tuners.ortho_lora import OrthoLoraConfig
 
 STRATEGIES = ("naive", "merge_and_init", "merge_and_orthogonal_init", "magnitude", "orthogonal")
@@ -599,14 +600,8 @@ def _check_config(strategy: str, config: LoraConfig) -> None:
             "randomness for every new adapter, so the run could not be resumed bit-identically; give slot=<int> or "
             "concept_id='...'"
         )
-    refused = {
-        "use_dora": "DoRA rescales W, so the update is not W + s·B A",
-        "lora_bias": "a LoRA bias is not part of the product B A",
-        "modules_to_save": "full copies of modules are not low-rank updates the strategies can fuse",
-        "target_parameters": "parameter targeting is not supported; use target_modules",
-        "trainable_token_indices": "trainable tokens are not low-rank updates",
-        "layer_replication": "replicated layers share weights across positions",
-    }
+    # What a plain W + s·B A LoRA cannot express (lora_format's table), plus a bias, which the strategies cannot fuse.
+    refused = {**PLAIN_LORA_REFUSALS, "lora_bias": "a LoRA bias is not part of the product B A"}
     for key, why in refused.items():
         if getattr(config, key, None):
             raise ValueError(f"ContinualLearner: {key} is not supported ({why})")

@@ -27,7 +27,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -35,25 +34,24 @@ from safetensors.torch import save_file
 
 from ._io import atomic_dir, check_finite, check_output, mmap_safetensors, read_adapter_folder, refuse_pickle
 from .errors import AdapterFileError, UnsupportedAdapterError
+from .lora_format import (
+    BLOCK_PEFT_TYPES,
+    DIFFUSERS_WEIGHT_NAME,
+    LORA_ADAPTER_METADATA_KEY,
+    LORA_LIKE_PEFT_TYPES,
+    PEFT_PREFIX,
+    check_loadable,
+    config_dict,
+    infer_component,
+    jsonable,
+    metadata_json,
+    module_rank_alpha,
+    parse_lora_key,
+    plain_lora_refusal,
+)
 from .tuners.block_lora.layout import lora_config_dict, pad_state_dict
 
-DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 PEFT_ORTHO_METADATA_KEY = "peft_ortho_adapter_config"
-PEFT_PREFIX = "base_model.model."
-
-# peft types whose adapters are plain lora_A/lora_B pairs and export as they are.
-LORA_LIKE_PEFT_TYPES = ("LORA", "ORTHO_LORA")
-# ... and those that become one exactly once their block factor is zero-padded to the whole layer.
-BLOCK_PEFT_TYPES = ("BLOCK_LORA",)
-
-# init_lora_weights values that rewrite the *base* weights when the adapter is created: the saved lora_A/lora_B are
-# then a delta against a modified base, not against the published one, and would load wrong in diffusers.
-_BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "loftq")
-
-# Keys of peft adapter state dicts: ``<module>.lora_A.weight`` or, from a live model, ``<module>.lora_A.<name>.weight``.
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.(?P<param>weight|bias)$")
-
 
 # --------------------------------------------------------------------------------------------------------------------
 # state dicts and metadata
@@ -88,7 +86,7 @@ def to_diffusers_state_dict(
     _check_component(component)
     parsed = []
     for key, tensor in peft_state_dict.items():
-        m = _LORA_KEY.match(key.removeprefix(PEFT_PREFIX))
+        m = parse_lora_key(key.removeprefix(PEFT_PREFIX))
         if m is None:
             raise UnsupportedAdapterError(
                 f"tensor {key!r} is not a lora_A/lora_B weight; diffusers can only load LoRA factors (pass the output "
@@ -113,22 +111,6 @@ def to_diffusers_state_dict(
     return out
 
 
-def _config_dict(config) -> dict:
-    if config is None:
-        raise ValueError("a LoRA config (PeftConfig or its dict) is required")
-    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    # A dict without peft_type is taken as plain LoraConfig keyword arguments (diffusers' own metadata layout).
-    peft_type = d.get("peft_type") or "LORA"
-    d["peft_type"] = str(getattr(peft_type, "value", peft_type))
-    return d
-
-
-def _jsonable(value):
-    if isinstance(value, (set, frozenset, tuple)):
-        return sorted(value) if isinstance(value, (set, frozenset)) else list(value)
-    return value
-
-
 def diffusers_lora_metadata(config, *, adapter: str | None = None) -> dict:
     """The plain ``peft.LoraConfig`` keyword arguments diffusers needs to rebuild ``config``'s LoRA exactly.
 
@@ -143,7 +125,9 @@ def diffusers_lora_metadata(config, *, adapter: str | None = None) -> dict:
     """
     from peft import LoraConfig
 
-    d = _config_dict(config)
+    if config is None:
+        raise ValueError("a LoRA config (PeftConfig or its dict) is required")
+    d = config_dict(config)
     if d["peft_type"] in BLOCK_PEFT_TYPES:
         d = lora_config_dict(d)
     peft_type = d["peft_type"]
@@ -153,32 +137,18 @@ def diffusers_lora_metadata(config, *, adapter: str | None = None) -> dict:
             f"({', '.join(LORA_LIKE_PEFT_TYPES + BLOCK_PEFT_TYPES)}) are lora_A/lora_B pairs diffusers can load",
             adapter=adapter,
         )
-    refusals = {
-        "use_dora": "DoRA rescales the weights by a learned magnitude a plain LoRA cannot express",
-        "modules_to_save": "modules_to_save replaces whole modules; diffusers LoRA files hold only low-rank factors",
-        "trainable_token_indices": "trainable token embeddings are not LoRA factors",
-        "target_parameters": "LoRA on nn.Parameter targets is not loadable by diffusers",
-        "layer_replication": "layer replication changes the base model's structure",
-    }
-    for field, why in refusals.items():
-        if d.get(field):
-            raise UnsupportedAdapterError(
-                f"{field}={d[field]!r} cannot be exported to diffusers: {why}", adapter=adapter
-            )
-    init = d.get("init_lora_weights")
-    if isinstance(init, str) and init.lower().startswith(_BASE_MODIFYING_INITS):
-        raise UnsupportedAdapterError(
-            f"init_lora_weights={init!r} modified the base weights when the adapter was created, so its factors are "
-            "not a delta against the original base model; convert it first (peft's save_pretrained("
-            "path_initial_model_for_weight_conversion=...)) and export the converted adapter",
-            adapter=adapter,
-        )
+    refusal = plain_lora_refusal(d)
+    if refusal is not None:
+        raise UnsupportedAdapterError(f"cannot be exported as a plain LoRA: {refusal}", adapter=adapter)
     accepted = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
     # LoraConfig sets its own peft_type; task heads don't apply to a pipeline component; inference_mode (True in
     # saved configs, False in live ones) is left to diffusers' default so both export the same file.
     dropped = {"peft_type", "task_type", "auto_mapping", "inference_mode"}
-    meta = {k: _jsonable(v) for k, v in d.items() if k in accepted and k not in dropped}
+    meta = {k: jsonable(v) for k, v in d.items() if k in accepted and k not in dropped}
     meta["init_lora_weights"] = True
+    # diffusers 0.36 reads these two unconditionally (KeyError when absent).
+    meta.setdefault("rank_pattern", {})
+    meta.setdefault("alpha_pattern", {})
     for key in ("target_modules", "exclude_modules"):  # peft stores these as sets: order carries no meaning
         if isinstance(meta.get(key), list):
             meta[key] = sorted(meta[key])
@@ -193,21 +163,11 @@ def diffusers_lora_metadata(config, *, adapter: str | None = None) -> dict:
     return meta
 
 
-def _module_rank_alpha(meta: dict, module: str) -> tuple[int, float]:
-    """``(r, lora_alpha)`` that peft gives ``module`` under this config (same pattern matching as peft)."""
-    from peft.utils.other import get_pattern_key
-
-    rank_pattern, alpha_pattern = meta.get("rank_pattern") or {}, meta.get("alpha_pattern") or {}
-    r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), meta["r"])
-    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), meta["lora_alpha"])
-    return r, alpha
-
-
 def _group_modules(tensors: Mapping[str, torch.Tensor], component: str) -> dict[str, dict[str, str]]:
     """``{module: {"lora_A.weight": key, "lora_B.weight": key, ...}}`` for component-relative keys, else an error."""
     modules: dict[str, dict[str, str]] = {}
     for key in tensors:
-        m = _LORA_KEY.match(key)
+        m = parse_lora_key(key)
         if m is None or m["adapter"] is not None or key.startswith(PEFT_PREFIX):
             raise ValueError(
                 f"{component}: tensor key {key!r} is not '<module>.lora_A.weight' / '<module>.lora_B.weight' "
@@ -240,7 +200,7 @@ def _checked_component(component: str, tensors: Mapping[str, torch.Tensor], meta
                 adapter=adapter,
                 layer=layer,
             )
-        r, _ = _module_rank_alpha(meta, module)
+        r, _ = module_rank_alpha(meta, module)
         if r != a.shape[0]:
             raise AdapterFileError(
                 f"the config gives this layer rank {r} but its tensors have rank {a.shape[0]}",
@@ -262,7 +222,7 @@ def _bake_scale(tensors: dict[str, torch.Tensor], meta: dict, component: str) ->
     """Multiply each ``lora_B`` by its layer's scale and return metadata with scale 1 (``lora_alpha = r``)."""
     out = dict(tensors)
     for module, keys in _group_modules(tensors, component).items():
-        r, alpha = _module_rank_alpha(meta, module)
+        r, alpha = module_rank_alpha(meta, module)
         scale = alpha / math.sqrt(r) if meta.get("use_rslora") else alpha / r
         for k in ("lora_B.weight", "lora_B.bias"):
             if k in keys:
@@ -281,6 +241,9 @@ def write_diffusers_file(
     weight_name: str = DIFFUSERS_WEIGHT_NAME,
     adapter_configs: Mapping[str, dict] | None = None,
     adapter: str | Mapping[str, str] | None = None,
+    pipeline=None,
+    dtype: str | torch.dtype | None = None,
+    card: str | None = None,
     inputs: Iterable[str | os.PathLike] = (),
 ) -> str:
     """Write one diffusers LoRA file into ``out_dir`` (atomically) and return its path.
@@ -293,6 +256,13 @@ def write_diffusers_file(
     optional full configs per component, stored for provenance under ``peft_ortho_adapter_config``. Tensors must be
     finite. ``out_dir`` must be empty or absent unless ``overwrite``; it is replaced in one rename on success and
     left untouched on failure. ``adapter`` (one name, or one per component) names the adapter in errors.
+
+    ``pipeline``: the diffusers pipeline (class, instance, class name, or family ``"sd"``/``"sdxl"``/``"flux"``/
+    ``"sd3"``) the file is for; every component must be one its ``load_lora_weights`` reads
+    (``_lora_loadable_modules``), else the file is refused, naming the component. When None it is inferred from the
+    layer names where they tell (Flux's single blocks, SDXL's second text encoder); T5 text-encoder parts are always
+    refused. ``dtype``: ``"fp16"``, ``"bf16"``, ``"fp32"`` (or a torch dtype) to write; default the tensors' own.
+    Values a narrower dtype cannot hold are refused by layer. ``card``: text of a ``README.md`` written beside it.
     ``inputs``: paths the tensors were read from; ``out_dir`` may not be, contain or lie inside any of them.
     """
     check_output(out_dir, inputs)
@@ -303,31 +273,56 @@ def write_diffusers_file(
             f"metadata components {sorted(metadata_by_component)} do not match tensor components "
             f"{sorted(tensors_by_component)}"
         )
+    from diffusers.loaders.lora_base import _pack_dict_with_prefix
+
+    names = adapter if isinstance(adapter, Mapping) else {}
+    one_name = None if isinstance(adapter, Mapping) else adapter
+    check_loadable(
+        {c: [m.rsplit(".lora_", 1)[0] for m in t] for c, t in tensors_by_component.items()},
+        pipeline,
+        adapter=one_name or (", ".join(sorted(set(names.values()))) or None),
+    )
+    target_dtype = resolve_dtype(dtype)
     state_dict: dict[str, torch.Tensor] = {}
     flat_meta: dict = {}
     for component, tensors in tensors_by_component.items():
         _check_component(component)
-        name = adapter.get(component) if isinstance(adapter, Mapping) else adapter
+        name = names.get(component, one_name)
         if not tensors:
             raise ValueError(f"component {component!r} has no tensors")
         check_finite({f"{component}.{k}": v for k, v in tensors.items()}, adapter=name)
         meta = diffusers_lora_metadata(metadata_by_component[component], adapter=name)
         meta = _checked_component(component, tensors, meta, name)
-        # diffusers' _pack_dict_with_prefix: "<component>.<field>" keys in one flat object.
-        flat_meta.update({f"{component}.{k}": v for k, v in meta.items()})
-        state_dict.update({f"{component}.{k}": v.detach().to("cpu").contiguous() for k, v in tensors.items()})
-    file_metadata = {
-        "format": "pt",
-        LORA_ADAPTER_METADATA_KEY: json.dumps(flat_meta, indent=2, sort_keys=True),
-    }
+        flat_meta.update(_pack_dict_with_prefix(meta, component))  # diffusers' "<component>.<field>" layout
+        part = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        if target_dtype is not None:
+            part = {k: v.to(target_dtype).contiguous() for k, v in part.items()}
+            check_finite({f"{component}.{k}": v for k, v in part.items()}, adapter=name)  # overflow in fp16
+        state_dict.update(_pack_dict_with_prefix(part, component))
+    file_metadata = {"format": "pt", LORA_ADAPTER_METADATA_KEY: metadata_json(flat_meta)}
     if adapter_configs:
-        provenance = {c: {k: _jsonable(v) for k, v in _config_dict(cfg).items()} for c, cfg in adapter_configs.items()}
+        provenance = {c: config_dict(cfg) for c, cfg in adapter_configs.items()}
         file_metadata[PEFT_ORTHO_METADATA_KEY] = json.dumps(provenance, sort_keys=True, default=str)
     if os.path.basename(weight_name) != weight_name or not weight_name.endswith(".safetensors"):
         raise ValueError(f"weight_name must be a plain '*.safetensors' file name, got {weight_name!r}")
     with atomic_dir(out_dir, overwrite=overwrite, inputs=inputs) as tmp:
         save_file(state_dict, os.path.join(tmp, weight_name), metadata=file_metadata)
+        if card is not None:
+            with open(os.path.join(tmp, "README.md"), "w") as f:
+                f.write(card)
     return os.path.join(os.path.abspath(os.fspath(out_dir)), weight_name)
+
+
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``"fp16"`` / ``"bf16"`` / ``"fp32"`` (or a floating torch dtype) → the torch dtype; None stays None."""
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    if isinstance(dtype, str) and dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise ValueError(f"dtype must be one of {sorted(_DTYPES)} (or a floating torch dtype), got {dtype!r}")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -350,28 +345,7 @@ def _read_adapter_folder(folder: str, adapter_name: str) -> tuple[dict, dict[str
     return config, tensors, name
 
 
-def _base_of(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _check_component_matches_model(model, component: str, name: str) -> None:
-    """Refuse an export whose keys would not match the pipeline part the model is (diffusers would ignore them)."""
-    base = _base_of(model)
-    is_diffusers = any(c.__module__.startswith("diffusers.") for c in type(base).__mro__)
-    is_transformers = any(c.__module__.startswith("transformers.") for c in type(base).__mro__)
-    if is_transformers and not is_diffusers and component in ("unet", "transformer"):
-        raise ValueError(
-            f"adapter {name!r} is on a transformers model ({type(base).__name__}) but component={component!r}; "
-            "pass component='text_encoder' (or 'text_encoder_2', ...)"
-        )
-    if is_diffusers and component.startswith("text_encoder"):
-        raise ValueError(
-            f"adapter {name!r} is on a diffusers model ({type(base).__name__}) but component={component!r}; "
-            "pass component='unet' or 'transformer'"
-        )
-
-
-def _read_live_adapter(model, adapter_name: str, component: str) -> tuple[object, dict[str, torch.Tensor], str]:
+def _read_live_adapter(model, adapter_name: str) -> tuple[object, dict[str, torch.Tensor], str]:
     from peft import get_peft_model_state_dict
 
     configs = getattr(model, "peft_config", None)
@@ -385,63 +359,77 @@ def _read_live_adapter(model, adapter_name: str, component: str) -> tuple[object
         )
     config = configs[adapter_name]
     diffusers_lora_metadata(config, adapter=adapter_name)  # refuse unsupported types before touching tensors
-    _check_component_matches_model(model, component, adapter_name)
     return config, get_peft_model_state_dict(model, adapter_name=adapter_name), adapter_name
 
 
 def collect_diffusers_lora(
-    model_or_dir, component: str = "unet", *, adapter_name: str = "default"
-) -> tuple[dict[str, torch.Tensor], object, str]:
-    """One adapter's tensors in component-relative diffusers keys, its config, and its name for messages.
+    model_or_dir, component: str | None = None, *, adapter_name: str = "default"
+) -> tuple[dict[str, torch.Tensor], object, str, str]:
+    """One adapter's tensors in component-relative diffusers keys, its config, its name, and its component.
 
     ``model_or_dir``: a ``PeftModel``, a model with injected adapters (``get_peft_model``/``add_adapter``), or a
     saved adapter folder. Tensors are the adapter's own (bit-exact), keyed ``<module>.lora_A.weight``.
+    ``component``: the pipeline attribute; inferred from the model (or the folder's layer names) when None, and
+    checked against them when given (``lora_format.infer_component``).
     """
     if isinstance(model_or_dir, (str, os.PathLike)):
         config, peft_state_dict, name = _read_adapter_folder(os.fspath(model_or_dir), adapter_name)
         diffusers_lora_metadata(config, adapter=name)
+        modules = [k.removeprefix(PEFT_PREFIX).split(".lora_", 1)[0] for k in peft_state_dict]
+        component = infer_component(modules=modules, given=component, adapter=name)
     else:
-        config, peft_state_dict, name = _read_live_adapter(model_or_dir, adapter_name, component)
-    config_dict = _config_dict(config)
-    if config_dict["peft_type"] in BLOCK_PEFT_TYPES:  # stored as blocks; diffusers needs the whole layers' factors
-        peft_state_dict = pad_state_dict(config_dict, peft_state_dict, adapter=name)
+        config, peft_state_dict, name = _read_live_adapter(model_or_dir, adapter_name)
+        component = infer_component(model_or_dir, given=component, adapter=name)
+    as_dict = config_dict(config)
+    if as_dict["peft_type"] in BLOCK_PEFT_TYPES:  # stored as blocks; diffusers needs the whole layers' factors
+        peft_state_dict = pad_state_dict(as_dict, peft_state_dict, adapter=name)
     prefixed = to_diffusers_state_dict(peft_state_dict, component, adapter=name)
     check_finite(prefixed, adapter=name)
     tensors = {k.removeprefix(f"{component}."): v for k, v in prefixed.items()}
-    return tensors, config, name
+    return tensors, config, name, component
 
 
 def save_diffusers(
     model_or_dir,
     out_dir: str | os.PathLike,
-    component: str = "unet",
+    component: str | None = None,
     *,
     adapter_name: str = "default",
     overwrite: bool = False,
     weight_name: str = DIFFUSERS_WEIGHT_NAME,
     bake_scale: bool = False,
+    pipeline=None,
+    dtype: str | torch.dtype | None = None,
+    card: bool = True,
 ) -> str:
     """Write ``out_dir/pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights(out_dir)``; return its path.
 
     ``model_or_dir``: a ``PeftModel`` (e.g. ``get_peft_model(pipe.unet, OrthoLoraConfig(...))``), a model with
     injected adapters, a saved adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``; pickled
     weights are refused), or a mapping ``{component: model_or_dir}`` to put e.g. the UNet's and the text encoder's
-    adapters into one file (``component`` is then ignored). Works for ``OrthoLoraConfig`` and plain ``LoraConfig``
+    adapters into one file (``component`` is then ignored). ``component`` is inferred from the model when None (a
+    ``UNet2DConditionModel`` is the ``unet``, a ``FluxTransformer2DModel`` / ``SD3Transformer2DModel`` the
+    ``transformer``, a ``CLIPTextModel`` the ``text_encoder``) and checked against it when given; language-model
+    adapters are refused. Every component must be one ``pipeline`` (inferred from the layers when None) loads LoRAs
+    into, and T5 text-encoder parts are refused (see ``write_diffusers_file``). ``dtype``: ``"fp16"``, ``"bf16"``
+    or ``"fp32"`` to write (default: the adapter's own). ``card``: also write a ``README.md`` model card following
+    the Hub's diffusers-LoRA conventions. Works for ``OrthoLoraConfig`` and plain ``LoraConfig``
     adapters; other peft types, NaN/Inf weights and missing files raise peft-ortho errors naming the adapter (and
     layer). The tensors are written unchanged and the scale travels in the metadata, so the loaded pipeline computes
     exactly what the peft model does; ``bake_scale=True`` instead folds each layer's scale into ``lora_B`` for
     loaders that ignore the metadata (diffusers < 0.35, other tools), at the cost of one rounding per weight.
     Written atomically: an interrupted export leaves ``out_dir`` as it was.
     """
-    sources = dict(model_or_dir) if isinstance(model_or_dir, Mapping) else {component: model_or_dir}
+    sources = list(model_or_dir.items()) if isinstance(model_or_dir, Mapping) else [(component, model_or_dir)]
     if not sources:
         raise ValueError("nothing to export: the mapping of components is empty")
-    inputs = [os.fspath(s) for s in sources.values() if isinstance(s, (str, os.PathLike))]
+    inputs = [os.fspath(s) for _, s in sources if isinstance(s, (str, os.PathLike))]
     check_output(out_dir, inputs)  # before anything is read
     tensors_by_component, metadata_by_component, configs, names = {}, {}, {}, {}
-    for comp, source in sources.items():
-        _check_component(comp)
-        tensors, config, name = collect_diffusers_lora(source, comp, adapter_name=adapter_name)
+    for comp, source in sources:
+        tensors, config, name, comp = collect_diffusers_lora(source, comp, adapter_name=adapter_name)
+        if comp in tensors_by_component:
+            raise ValueError(f"two adapters are for component {comp!r}; pass a mapping {{component: adapter}}")
         meta = diffusers_lora_metadata(config, adapter=name)
         if bake_scale:
             tensors, meta = _bake_scale(tensors, meta, comp)
@@ -455,5 +443,113 @@ def save_diffusers(
         weight_name=weight_name,
         adapter_configs=configs,
         adapter=names,
+        pipeline=pipeline,
+        dtype=dtype,
+        card=_single_adapter_card(configs, names) if card else None,
         inputs=inputs,
+    )
+
+
+def _single_adapter_card(configs: Mapping, names: Mapping) -> str:
+    from .hub import model_card
+
+    (config, *_) = configs.values()
+    if len(configs) > 1:  # one card for the pipeline's parts: describe the denoiser's adapter
+        config = configs.get("unet", configs.get("transformer", config))
+    return str(model_card(config, diffusers_weight_name=DIFFUSERS_WEIGHT_NAME, diffusion=True))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# kohya (A1111 / ComfyUI / Civitai)
+# --------------------------------------------------------------------------------------------------------------------
+
+KOHYA_WEIGHT_NAME = "lora.safetensors"
+_KOHYA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+def write_kohya_file(
+    out_dir: str | os.PathLike,
+    tensors_by_component: Mapping[str, Mapping[str, torch.Tensor]],
+    *,
+    overwrite: bool = False,
+    weight_name: str = KOHYA_WEIGHT_NAME,
+    dtype: str | torch.dtype | None = None,
+    card: str | None = None,
+    inputs: Iterable[str | os.PathLike] = (),
+) -> str:
+    """Write scale-1 LoRA factors as one kohya-format file (``out_dir/lora.safetensors``) and return its path.
+
+    ``tensors_by_component``: ``{"unet": {"<module>.lora_A.weight": A, ...}, "text_encoder": {...}}`` whose scale
+    is 1 (``ΔW = B A``: merged factors, or ``bake_scale``'d ones). Keys are converted with diffusers'
+    ``convert_state_dict_to_kohya`` (``lora_unet_<module>.lora_down.weight`` / ``lora_up`` and ``.alpha = r``),
+    after two fix-ups the kohya readers need: CLIP layers get their ``text_model.`` level back, and a single text
+    encoder (SD1.x) is ``lora_te_`` as sd-scripts writes it (``lora_te1_``/``lora_te2_`` are SDXL's two).
+    Only SD1.x / SDXL parts (``unet``, ``text_encoder``, ``text_encoder_2``) have a kohya layout here; others are
+    refused. ``dtype``: ``"fp16"``, ``"bf16"``, ``"fp32"`` (default the tensors' own). ``inputs``: paths the
+    tensors were read from, which ``out_dir`` may not be, contain or lie inside.
+    """
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    check_output(out_dir, inputs)
+    target_dtype = resolve_dtype(dtype)
+    peft_keys: dict[str, torch.Tensor] = {}
+    for component, tensors in tensors_by_component.items():
+        if component not in _KOHYA_COMPONENTS:
+            raise UnsupportedAdapterError(
+                f"component {component!r} has no kohya SD/SDXL layout (kohya export covers {_KOHYA_COMPONENTS}); "
+                "export it with save_diffusers",
+                layer=component,
+            )
+        _group_modules(tensors, component)  # lora_A/lora_B keys only
+        for key, value in tensors.items():
+            if component.startswith("text_encoder") and not key.startswith("text_model."):
+                key = f"text_model.{key}"
+            value = value.detach().to("cpu")
+            peft_keys[f"{component}.{key}"] = (value.to(target_dtype) if target_dtype else value).contiguous()
+    check_finite(peft_keys)
+    kohya = convert_state_dict_to_kohya(peft_keys)
+    if "text_encoder_2" not in tensors_by_component:
+        kohya = {
+            k.replace("lora_te1_", "lora_te_", 1) if k.startswith("lora_te1_") else k: v for k, v in kohya.items()
+        }
+    value_dtype = next(iter(peft_keys.values())).dtype
+    kohya = {k: (v.to(value_dtype) if k.endswith(".alpha") else v).contiguous() for k, v in kohya.items()}
+    if os.path.basename(weight_name) != weight_name or not weight_name.endswith(".safetensors"):
+        raise ValueError(f"weight_name must be a plain '*.safetensors' file name, got {weight_name!r}")
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        save_file(
+            kohya, os.path.join(tmp, weight_name), metadata={"format": "pt", "ss_network_module": "networks.lora"}
+        )
+        if card is not None:
+            with open(os.path.join(tmp, "README.md"), "w") as f:
+                f.write(card)
+    return os.path.join(os.path.abspath(os.fspath(out_dir)), weight_name)
+
+
+def save_kohya(
+    model_or_dir,
+    out_dir: str | os.PathLike,
+    component: str | None = None,
+    *,
+    adapter_name: str = "default",
+    overwrite: bool = False,
+    weight_name: str = KOHYA_WEIGHT_NAME,
+    dtype: str | torch.dtype | None = None,
+) -> str:
+    """Write one adapter (or ``{component: adapter}``) as a kohya-format file for A1111 / ComfyUI / Civitai.
+
+    Same sources and component rules as ``save_diffusers`` (SD1.x / SDXL UNet and CLIP text encoders). Each layer's
+    scale is folded into ``lora_up`` (kohya's ``alpha`` is then ``r``), at the cost of one rounding per weight.
+    Returns the path of ``out_dir/lora.safetensors``.
+    """
+    sources = list(model_or_dir.items()) if isinstance(model_or_dir, Mapping) else [(component, model_or_dir)]
+    inputs = [os.fspath(s) for _, s in sources if isinstance(s, (str, os.PathLike))]
+    check_output(out_dir, inputs)  # before anything is read
+    tensors_by_component = {}
+    for comp, source in sources:
+        tensors, config, name, comp = collect_diffusers_lora(source, comp, adapter_name=adapter_name)
+        meta = _checked_component(comp, tensors, diffusers_lora_metadata(config, adapter=name), name)
+        tensors_by_component[comp], _ = _bake_scale(tensors, meta, comp)
+    return write_kohya_file(
+        out_dir, tensors_by_component, overwrite=overwrite, weight_name=weight_name, dtype=dtype, inputs=inputs
     )

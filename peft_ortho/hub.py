@@ -17,12 +17,14 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from ._io import atomic_dir, mmap_safetensors, read_adapter_folder
 from .errors import AdapterFileError
-from .export import (
+from .export import collect_diffusers_lora, write_diffusers_file
+from .lora_format import (
     BLOCK_PEFT_TYPES,
     DIFFUSERS_WEIGHT_NAME,
     LORA_LIKE_PEFT_TYPES,
-    collect_diffusers_lora,
-    write_diffusers_file,
+    PEFT_PREFIX,
+    component_kind,
+    config_dict,
 )
 from .statistics import STATISTICS_NAME, AdapterStatistics, load_statistics, save_statistics
 
@@ -37,16 +39,26 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def _config_dict(config) -> dict:
-    if config is None:
-        return {}
-    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    peft_type = d.get("peft_type")
-    d["peft_type"] = str(getattr(peft_type, "value", peft_type)) if peft_type is not None else None
-    return d
+    return config_dict(config, default_peft_type=None)
+
+
+def hub_base_model(base_model: str | None) -> str | None:
+    """``base_model`` if it is a Hub repo id; None for a local path (a card for the Hub never shows local paths)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not base_model or os.path.isabs(base_model) or base_model.startswith((".", "~")) or os.path.exists(base_model):
+        return None
+    try:
+        validate_repo_id(base_model)
+    except HFValidationError:
+        return None
+    return base_model
 
 
 def _cell(value) -> str:
     text = "" if value is None else str(value)
+    if os.path.isabs(text):  # a local file: its name says what it was; the path is nobody else's business
+        text = os.path.basename(os.path.normpath(text))
     return text.replace("|", "\\|").replace("\n", " ")
 
 
@@ -93,6 +105,10 @@ def model_card(
     summary: str | None = None,
     repo_id: str | None = None,
     diffusers_weight_name: str | None = None,
+    diffusion: bool | None = None,
+    instance_prompt: str | None = None,
+    widget: Sequence[Mapping] | None = None,
+    task_type: str | None = None,
     statistics: AdapterStatistics | None = None,
 ):
     """A ``huggingface_hub.ModelCard`` for a peft-ortho (or plain LoRA) adapter.
@@ -104,6 +120,14 @@ def model_card(
     the basis provenance (seed, algorithm, slot, rows, checksums), and optionally a ``summary`` paragraph and a
     ``sources`` table (one row per mapping, columns in first-seen order; used by ``compose`` for merged adapters).
     ``config``: a peft config, its dict, or ``None`` (a merged plain LoRA described by ``sources``).
+
+    The Hub's conventions are kept: like peft, the tag ``base_model:adapter:<base_model>`` (the Hub's adapter
+    relation) and a ``pipeline_tag`` — ``text-generation`` for causal-LM adapters (``task_type``, or the config's),
+    ``text-to-image`` for diffusion LoRAs (``diffusion``; True by default when a diffusers file is shipped), which
+    also get diffusers' training tags (``text-to-image``, ``diffusers-training``, ``template:sd-lora``), the
+    ``instance_prompt`` (trigger words) and an optional ``widget`` (``[{"text": prompt, "output": {"url":
+    "image.png"}}]``). A ``base_model`` that is a local path, not a Hub repo id, is left out of the metadata, and
+    local absolute paths in ``sources`` are shown by their last component only.
     ``statistics``: the adapter's input statistics, shipped as ``adapter_statistics.safetensors``: the card says what
     the file holds, its kinds, layers and input counts.
     """
@@ -111,7 +135,10 @@ def model_card(
 
     d = _config_dict(config)
     peft_type = d.get("peft_type") or "LORA"
-    base_model = base_model or d.get("base_model_name_or_path") or None
+    base_model = hub_base_model(base_model or d.get("base_model_name_or_path") or None)
+    task_type = task_type or d.get("task_type")
+    if diffusion is None:
+        diffusion = diffusers_weight_name is not None
     source_types = {str(s.get("peft_type")) for s in sources or () if s.get("peft_type")}
     tags = ["peft-ortho"]
     for t in [peft_type, *sorted(source_types)]:
@@ -121,6 +148,14 @@ def model_card(
         tags.append("lora")
     if diffusers_weight_name:
         tags.append("diffusers")
+    pipeline_tag = None
+    if diffusion:
+        pipeline_tag = "text-to-image"
+        tags += [t for t in ("text-to-image", "diffusers-training", "template:sd-lora") if t not in tags]
+    elif task_type == "CAUSAL_LM":
+        pipeline_tag = "text-generation"
+    if base_model:
+        tags.append(f"base_model:adapter:{base_model}")
     tags += [t for t in extra_tags if t not in tags]
 
     name = repo_id or "<repo_id>"
@@ -147,6 +182,8 @@ def model_card(
             f"`{d.get('block_axis')}` axis of every adapted layer (both factors trained, only the block stored). "
             "Adapters in different blocks change disjoint weights, so they sum exactly, without sign conflicts.",
         ]
+    if instance_prompt:
+        parts += ["", "## Trigger words", "", f"Use `{instance_prompt}` in the prompt to trigger the concept."]
     parts += ["", "## How to load", "", "```python"]
     if needs_plugin:
         parts.append("import peft_ortho  # registers the peft-ortho adapter types with peft: import it first")
@@ -179,7 +216,12 @@ def model_card(
     if sources:
         parts += ["", "## Sources", "", _table(sources)]
     parts += ["", "## Framework versions", "", *_versions()]
-    data = ModelCardData(library_name="peft", base_model=base_model, tags=tags)
+    extra = {}
+    if instance_prompt:
+        extra["instance_prompt"] = instance_prompt
+    if widget:
+        extra["widget"] = [dict(w) for w in widget]
+    data = ModelCardData(library_name="peft", base_model=base_model, tags=tags, pipeline_tag=pipeline_tag, **extra)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(parts) + "\n")
 
 
@@ -265,33 +307,12 @@ def _versions() -> list[str]:
     return lines
 
 
-def _diffusers_component(model, component: str) -> str | None:
-    """``component`` if diffusers can load ``model``'s adapter there, else ``None`` (e.g. an LLM adapter)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    modules = {c.__module__.split(".")[0] for c in type(base).__mro__}
-    if "diffusers" in modules:
-        return None if component.startswith("text_encoder") else component
-    if "transformers" in modules and component.startswith("text_encoder"):
-        return component
-    return None
-
-
-# Module names only diffusers' UNets and diffusion transformers have; how a saved folder is recognised as loadable.
-_DIFFUSERS_BLOCKS = ("down_blocks.", "up_blocks.", "mid_block.", "transformer_blocks.", "single_transformer_blocks.")
-
-
-def _looks_like_diffusers(modules: Iterable[str], component: str) -> bool:
-    if component.startswith("text_encoder"):
-        return True  # asked for explicitly: component defaults to "unet"
-    return any(m.startswith(_DIFFUSERS_BLOCKS) for m in modules)
-
-
 def _stage(
     model,
     folder: str,
     *,
     include_diffusers: bool,
-    component: str,
+    component: str | None,
     card_kwargs: dict,
     save_kwargs: dict,
     statistics=None,
@@ -308,7 +329,12 @@ def _stage(
         if statistics is None and os.path.isfile(os.path.join(src, STATISTICS_NAME)):
             shutil.copyfile(os.path.join(src, STATISTICS_NAME), os.path.join(folder, STATISTICS_NAME))
         adapter_name = "default"
-        diffusers_component = component if include_diffusers else None
+        from safetensors import safe_open
+
+        with safe_open(os.path.join(src, "adapter_model.safetensors"), framework="pt") as f:
+            modules = [k.removeprefix(PEFT_PREFIX).split(".lora_", 1)[0] for k in f.keys()]
+        kind = component_kind(modules=modules)
+        diffusers_component = include_diffusers and (component is not None or kind in ("unet", "transformer"))
     else:
         from peft import PeftModel
 
@@ -323,17 +349,18 @@ def _stage(
         selected = save_kwargs.get("selected_adapters")
         adapter_name = selected[0] if selected else getattr(model, "active_adapter", "default")
         config = model.peft_config[adapter_name]
-        diffusers_component = _diffusers_component(model, component) if include_diffusers else None
+        kind = component_kind(model)
+        diffusers_component = include_diffusers and (component is not None or kind in ("unet", "transformer"))
     stats = _stage_statistics(
         folder, statistics, adapter=str(model) if isinstance(model, (str, os.PathLike)) else adapter_name
     )
     peft_type = _config_dict(config).get("peft_type")
     weight_name = None
     tensors = None
+    # Only a denoiser (UNet / DiT) adapter gets a diffusers file unasked; a text encoder one when its component is
+    # named; an LLM adapter never (naming a component for one is refused by collect_diffusers_lora).
     if diffusers_component and peft_type in LORA_LIKE_PEFT_TYPES + BLOCK_PEFT_TYPES:
-        tensors, cfg, name = collect_diffusers_lora(model, diffusers_component, adapter_name=adapter_name)
-        if isinstance(model, (str, os.PathLike)) and not _looks_like_diffusers(tensors, diffusers_component):
-            tensors = None  # a folder of, e.g., an LLM adapter: no diffusers pipeline could load it
+        tensors, cfg, name, diffusers_component = collect_diffusers_lora(model, component, adapter_name=adapter_name)
     if tensors is not None:
         staging = tempfile.mkdtemp(dir=folder)
         try:
@@ -349,6 +376,8 @@ def _stage(
             shutil.rmtree(staging, ignore_errors=True)
         weight_name = DIFFUSERS_WEIGHT_NAME
     # Replaces the README.md peft's save_pretrained just wrote (its generic template).
+    if kind in ("unet", "transformer"):
+        card_kwargs = {"diffusion": True, **card_kwargs}
     card = model_card(config, diffusers_weight_name=weight_name, statistics=stats, **card_kwargs)
     card.save(os.path.join(folder, "README.md"))
 
@@ -359,23 +388,26 @@ def save_pretrained(
     *,
     overwrite: bool = False,
     include_diffusers: bool = False,
-    component: str = "unet",
+    component: str | None = None,
     base_model: str | None = None,
     extra_tags: Iterable[str] = (),
+    instance_prompt: str | None = None,
     statistics=None,
     **kwargs,
 ) -> str:
     """``model.save_pretrained(out_dir, **kwargs)`` with peft-ortho's model card as ``README.md``; returns the folder.
 
     ``model``: a ``PeftModel`` (``kwargs`` go to its ``save_pretrained``; safetensors only) or a saved adapter
-    folder. With ``include_diffusers`` and a diffusers-loadable LoRA (a UNet/transformer adapter, or a text encoder
-    one with ``component="text_encoder"``), ``pytorch_lora_weights.safetensors`` is written too. ``statistics``
+    folder. With ``include_diffusers`` and a diffusers-loadable LoRA, ``pytorch_lora_weights.safetensors`` is
+    written too, under ``component`` (inferred when None: ``unet`` for a UNet, ``transformer`` for Flux/SD3, ...;
+    an LLM adapter gets no diffusers file, and naming a component for one is refused). ``statistics``
     (``InputStatistics``, ``AdapterStatistics`` or the path of a statistics file) is written as
     ``adapter_statistics.safetensors``; a source folder's own statistics file is kept (validated). Either way the
-    card lists it, and layers the adapter does not have are refused. Written into a temporary folder and moved into
-    place: an interrupted save leaves ``out_dir`` as it was.
+    card lists it, and layers the adapter does not have are refused. ``instance_prompt``: the trigger words, in the
+    card's metadata and body. Written into a temporary folder and moved into place: an interrupted save leaves
+    ``out_dir`` as it was.
     """
-    card_kwargs = {"base_model": base_model, "extra_tags": tuple(extra_tags)}
+    card_kwargs = {"base_model": base_model, "extra_tags": tuple(extra_tags), "instance_prompt": instance_prompt}
     inputs = [os.fspath(model)] if isinstance(model, (str, os.PathLike)) else []
     with atomic_dir(out_dir, overwrite=overwrite, inputs=inputs) as tmp:
         _stage(
@@ -399,10 +431,11 @@ def push_to_hub(
     commit_message: str | None = None,
     revision: str | None = None,
     include_diffusers: bool = True,
-    component: str = "unet",
+    component: str | None = None,
     api=None,
     base_model: str | None = None,
     extra_tags: Iterable[str] = (),
+    instance_prompt: str | None = None,
     statistics=None,
     **kwargs,
 ):
@@ -421,7 +454,12 @@ def push_to_hub(
         api = HfApi(token=token)
     elif isinstance(api, type):
         api = api(token=token)
-    card_kwargs = {"base_model": base_model, "extra_tags": tuple(extra_tags), "repo_id": repo_id}
+    card_kwargs = {
+        "base_model": base_model,
+        "extra_tags": tuple(extra_tags),
+        "repo_id": repo_id,
+        "instance_prompt": instance_prompt,
+    }
     with tempfile.TemporaryDirectory(prefix="peft_ortho_push_") as tmp:
         _stage(
             model,

@@ -217,3 +217,124 @@ def tiny_sdxl_pipeline(seed: int = 0):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# Tiny members of the other model families, with the values of diffusers' own tests (tests/pipelines/...).
+DIT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def tiny_sdxl_unet(seed: int = 0):
+    """An SDXL-shaped ``UNet2DConditionModel`` (text-time embedding, linear projections, 2 layers per block)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64,
+        norm_num_groups=1,
+    ).eval()
+
+
+def tiny_flux_transformer(seed: int = 0):
+    """A ``FluxTransformer2DModel`` with one double and one single block (inner width 32)."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=[4, 4, 8],
+    ).eval()
+
+
+def tiny_sd3_transformer(seed: int = 0):
+    """An ``SD3Transformer2DModel`` with one joint block (inner width 32)."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=32,
+        pooled_projection_dim=64,
+        out_channels=4,
+    ).eval()
+
+
+def family_inputs(model, batch: int = 2, seed: int = 0) -> dict:
+    """Deterministic inputs for one call of a tiny SD / SDXL UNet or Flux / SD3 transformer."""
+    g = torch.Generator().manual_seed(seed)
+    cls = type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__
+    cfg = model.config
+    if cls == "FluxTransformer2DModel":
+        img, txt = 16, 5
+        return {
+            "hidden_states": torch.randn(batch, img, cfg.in_channels, generator=g),
+            "encoder_hidden_states": torch.randn(batch, txt, cfg.joint_attention_dim, generator=g),
+            "pooled_projections": torch.randn(batch, cfg.pooled_projection_dim, generator=g),
+            "timestep": torch.full((batch,), 0.5),
+            "img_ids": torch.randn(img, 3, generator=g),
+            "txt_ids": torch.zeros(txt, 3),
+        }
+    if cls == "SD3Transformer2DModel":
+        return {
+            "hidden_states": torch.randn(batch, cfg.in_channels, 4, 4, generator=g),
+            "encoder_hidden_states": torch.randn(batch, 5, cfg.joint_attention_dim, generator=g),
+            "pooled_projections": torch.randn(batch, cfg.pooled_projection_dim, generator=g),
+            "timestep": torch.full((batch,), 10),
+        }
+    inputs = unet_inputs(model, batch=batch, seed=seed)
+    if cfg.addition_embed_type == "text_time":
+        text = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        inputs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(batch, text, generator=g),
+            "time_ids": torch.randn(batch, 6, generator=g),
+        }
+    return inputs
+
+
+def family_output(model, inputs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).sample
+
+
+def empty_pipeline(family: str, **components):
+    """The family's diffusers pipeline holding only ``components`` (e.g. ``transformer=...``), for LoRA loading."""
+    import diffusers
+
+    cls = {
+        "sd": diffusers.StableDiffusionPipeline,
+        "sdxl": diffusers.StableDiffusionXLPipeline,
+        "flux": diffusers.FluxPipeline,
+        "sd3": diffusers.StableDiffusion3Pipeline,
+    }[family]
+    import inspect
+
+    names = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    kwargs = {n: components.get(n) for n in names if n not in ("requires_safety_checker", "image_encoder")}
+    if "requires_safety_checker" in names:
+        kwargs["requires_safety_checker"] = False
+    return cls(**kwargs)

@@ -55,3 +55,18 @@ def tiny_gpt2():
 
     torch.manual_seed(0)
     return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=32)).eval()
+
+
+FAMILY_BUILDERS = {
+    "sd": ("unet", testing.tiny_unet),
+    "sdxl": ("unet", testing.tiny_sdxl_unet),
+    "flux": ("transformer", testing.tiny_flux_transformer),
+    "sd3": ("transformer", testing.tiny_sd3_transformer),
+}
+
+
+@pytest.fixture(params=sorted(FAMILY_BUILDERS))
+def family(request):
+    """``(family, component, builder)`` for each diffusion family: SD1.5, SDXL, Flux, SD3 (tiny configs)."""
+    component, builder = FAMILY_BUILDERS[request.param]
+    return request.param, component, builder

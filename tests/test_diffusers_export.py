@@ -69,7 +69,7 @@ def _outputs(pipe, inputs, ids):
 def test_unet_and_text_encoder_load_exactly_in_a_fresh_pipeline(trained, tmp_path):
     path = save_diffusers({"unet": trained["unet"], "text_encoder": trained["te"]}, tmp_path / "out")
     assert path == str(tmp_path / "out" / "pytorch_lora_weights.safetensors")
-    assert os.listdir(tmp_path / "out") == ["pytorch_lora_weights.safetensors"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["README.md", "pytorch_lora_weights.safetensors"]
 
     with safe_open(path, "pt") as f:
         keys, metadata = list(f.keys()), f.metadata()
@@ -252,9 +252,9 @@ def test_unsupported_peft_type_is_refused(tmp_path):
     dora = get_peft_model(testing.tiny_unet(), LoraConfig(r=4, target_modules=["to_q"], use_dora=True))
     with pytest.raises(UnsupportedAdapterError, match="use_dora"):
         save_diffusers(dora, tmp_path / "out")
-    with pytest.raises(ValueError, match="component='text_encoder'"):
-        te = get_peft_model(testing.tiny_text_encoder(), LoraConfig(r=2, target_modules=["q_proj"]))
-        save_diffusers(te, tmp_path / "out")
+    te = get_peft_model(testing.tiny_text_encoder(), LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(UnsupportedAdapterError, match="component='unet'.*pass component='text_encoder'"):
+        save_diffusers(te, tmp_path / "out", component="unet")  # diffusers would ignore every unet.* key
     assert not (tmp_path / "out").exists()
 
 

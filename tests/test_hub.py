@@ -81,7 +81,17 @@ def test_model_card_metadata_and_body(ortho_unet):
     loaded = ModelCard(str(card))  # what the Hub parses back from README.md
     assert loaded.data.library_name == "peft"
     assert loaded.data.base_model == "org/tiny-sd"
-    assert loaded.data.tags == ["peft-ortho", "orthogonal-adaptation", "lora", "diffusers"]
+    assert loaded.data.tags == [
+        "peft-ortho",
+        "orthogonal-adaptation",
+        "lora",
+        "diffusers",
+        "text-to-image",
+        "diffusers-training",
+        "template:sd-lora",
+        "base_model:adapter:org/tiny-sd",  # the Hub's adapter relation, as peft writes it
+    ]
+    assert loaded.data.pipeline_tag == "text-to-image"
     text = loaded.text
     assert "import peft_ortho" in text and f"PeftModel.from_pretrained(base_model, '{REPO}')" in text
     assert text.index("import peft_ortho") < text.index("PeftModel.from_pretrained")
@@ -107,7 +117,7 @@ def test_model_card_for_a_merged_adapter_lists_its_sources():
         None, base_model="org/tiny-sd", sources=sources, summary="Merged rex and style.", extra_tags=["x"]
     )
     assert card.data.library_name == "peft" and card.data.base_model == "org/tiny-sd"
-    assert card.data.tags == ["peft-ortho", "orthogonal-adaptation", "lora", "x"]
+    assert card.data.tags == ["peft-ortho", "orthogonal-adaptation", "lora", "base_model:adapter:org/tiny-sd", "x"]
     assert "Merged rex and style." in card.text
     assert "| name | revision | commit | weight | peft_type |" in card.text
     assert f"| alice/rex-ortho | v1.2 | {'a' * 40} | 0.6 | ORTHO_LORA |" in card.text
@@ -161,8 +171,9 @@ def test_push_to_hub_uploads_adapter_card_and_diffusers_file(ortho_unet, tmp_pat
     assert set(api.uploaded) == ADAPTER_FILES | {DIFFUSERS_FILE}
     assert json.loads(api.uploaded["adapter_config.json"])["peft_type"] == "ORTHO_LORA"
     card = ModelCard(api.uploaded["README.md"].decode())
-    assert card.data.library_name == "peft"
-    assert card.data.tags == ["peft-ortho", "orthogonal-adaptation", "lora", "diffusers"]
+    assert card.data.library_name == "peft" and card.data.pipeline_tag == "text-to-image"
+    assert card.data.tags[:4] == ["peft-ortho", "orthogonal-adaptation", "lora", "diffusers"]
+    assert "diffusers-training" in card.data.tags and "template:sd-lora" in card.data.tags
     assert f"PeftModel.from_pretrained(base_model, '{REPO}')" in card.text and "basis_seed" in card.text
 
     # Pull it back: a real cache layout, revision "v1.2", HF_HUB_OFFLINE=1.

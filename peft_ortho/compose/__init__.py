@@ -14,7 +14,7 @@ from .._io import check_output
 from ..errors import IncompatibleAdaptersError, PeftOrthoError
 from ..statistics import AdapterStatistics
 from .check import CollisionWarning, check_configs, check_weights, warn_collisions
-from .load import Adapter, load_adapter
+from .load import Adapter, UnknownScaleWarning, load_adapter
 from .merge import (
     DELTA_METHODS,
     EXACT_METHODS,
@@ -30,7 +30,7 @@ from .merge import (
 from .report import Report, base_energies
 from .resolve import Source, resolve, resolve_all
 
-__all__ = ["CollisionWarning", "MergedAdapter", "Report", "Source", "compose", "resolve"]
+__all__ = ["CollisionWarning", "MergedAdapter", "Report", "Source", "UnknownScaleWarning", "compose", "resolve"]
 
 
 class MergedAdapter:
@@ -181,11 +181,13 @@ class MergedAdapter:
 
     def _fuse_targets(self, model, component: str | None = None) -> dict:
         """``{component: {layer: (weight, transposed)}}`` in ``model`` (module or pipeline), every shape checked."""
+        from ..lora_format import infer_component
         from .export import fuse_targets
 
-        def module_for(comp):
+        def module_for(comp, names):
             if hasattr(model, "components") and not isinstance(model, nn.Module):  # a diffusers pipeline
-                name = comp or component or "unet"
+                # PEFT folders (comp None) go to `component`, inferred from their layer names when None.
+                name = comp or infer_component(modules=names, given=component)
                 part = getattr(model, name, None)
                 if not isinstance(part, nn.Module):
                     raise IncompatibleAdaptersError(
@@ -201,7 +203,7 @@ class MergedAdapter:
         for adapter in self.adapters:
             for comp, name in adapter.layers():
                 shapes.setdefault(comp, {})[name] = adapter.delta_shape((comp, name))
-        return {comp: fuse_targets(module_for(comp), s) for comp, s in shapes.items()}
+        return {comp: fuse_targets(module_for(comp, list(s)), s) for comp, s in shapes.items()}
 
     def set_base(self, model, *, component: str | None = None) -> None:
         """Measure ``‖W X_0‖`` on ``model``'s weights for the report's drift (cheap: products with the statistics).
@@ -221,7 +223,7 @@ class MergedAdapter:
             out.setdefault(component, {})[name] = layer
         return out
 
-    def card(self) -> str:
+    def card(self, *, diffusion: bool | None = None) -> str:
         from ..hub import model_card
 
         rows = [
@@ -248,10 +250,44 @@ class MergedAdapter:
                 + "\n".join(f"- `{k}`: {v:.3g}" for k, v in sorted(errors.items()))
             )
         summary += f"\n\n```\n{self.report}\n```"
-        return str(model_card(None, base_model=self.base_model, sources=rows, summary=summary))
+        if diffusion is None:
+            diffusion = any(c in ("unet", "transformer") for c in self.by_component())
+        return str(
+            model_card(
+                None,
+                base_model=self.base_model,
+                sources=rows,
+                summary=summary,
+                diffusion=diffusion,
+                task_type=self.task_type,
+            )
+        )
 
-    def save_pretrained(self, out_dir: str, *, overwrite: bool = False) -> str:
-        """A PEFT LoRA adapter (plain ``LoraConfig``; loads with ``PeftModel.from_pretrained``) + model card."""
+    @property
+    def task_type(self) -> str | None:
+        """The sources' peft ``task_type`` (``CAUSAL_LM``...) when they agree, so the merge loads the same way."""
+        types = {a.config.get("task_type") for a in self.adapters} - {None}
+        if len(types) > 1:
+            raise IncompatibleAdaptersError(
+                f"the adapters have different task_type values {sorted(map(str, types))}: they adapt different "
+                "model heads and cannot be merged into one adapter"
+            )
+        return types.pop() if types else None
+
+    @property
+    def dtype(self):
+        """The sources' stored dtype when they agree (float32 otherwise): the default precision of exports."""
+        import torch
+
+        dtypes = {t.dtype for a in self.adapters for t in a.tensors.values() if t.is_floating_point()}
+        return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+    def save_pretrained(self, out_dir: str, *, overwrite: bool = False, dtype=None) -> str:
+        """A PEFT LoRA adapter (plain ``LoraConfig``; loads with ``PeftModel.from_pretrained``) + model card.
+
+        The config keeps the sources' ``task_type``, so ``AutoPeftModelForCausalLM`` loads an LLM merge.
+        ``dtype``: ``"fp16"``, ``"bf16"`` or ``"fp32"`` (default: the sources' dtype).
+        """
         from .export import save_peft
 
         fan_in_fan_out = any(a.config.get("fan_in_fan_out") for a in self.adapters)  # GPT-2 style Conv1D targets
@@ -264,23 +300,63 @@ class MergedAdapter:
             self.card(),
             overwrite,
             fan_in_fan_out,
+            task_type=self.task_type,
+            dtype=dtype or self.dtype,
             inputs=self.input_paths,
         )
 
-    def save_diffusers(self, out_dir: str, *, component: str = "unet", overwrite: bool = False) -> str:
-        """``pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights`` (PEFT-adapter layers go to ``component``)."""
+    def save_diffusers(
+        self, out_dir: str, *, component: str | None = None, overwrite: bool = False, pipeline=None, dtype=None
+    ) -> str:
+        """``pytorch_lora_weights.safetensors`` (+ model card) for ``pipe.load_lora_weights``; returns its path.
+
+        PEFT-adapter layers go to ``component``, inferred from their names when None (``unet`` for UNet layers,
+        ``transformer`` for Flux/SD3 ones). Components ``pipeline`` (a pipeline class, instance, name or family;
+        inferred when None) would not load, and T5 text-encoder parts, are refused. ``dtype``: ``"fp16"``,
+        ``"bf16"`` or ``"fp32"`` (default: the sources' dtype).
+        """
         from .export import save_diffusers_file
 
         check_output(out_dir, self.input_paths)
         return save_diffusers_file(
-            out_dir, self.by_component(), component, self.svd_rank, overwrite, inputs=self.input_paths
+            out_dir,
+            self.by_component(),
+            component,
+            self.svd_rank,
+            overwrite,
+            pipeline=pipeline,
+            dtype=dtype or self.dtype,
+            card=self.card(diffusion=True),
+            inputs=self.input_paths,
+        )
+
+    def save_kohya(self, out_dir: str, *, overwrite: bool = False, dtype=None, component: str | None = None) -> str:
+        """One kohya-format ``.safetensors`` (A1111 / ComfyUI / Civitai) for SD1.x / SDXL; returns its path.
+
+        Written with ``diffusers.utils.convert_state_dict_to_kohya`` (``lora_unet_…``, ``lora_te_…`` /
+        ``lora_te1_``/``lora_te2_`` keys, ``lora_down``/``lora_up`` and an ``alpha`` per layer that carries the
+        scale). ``dtype``: ``"fp16"``, ``"bf16"``, ``"fp32"`` (default: the sources' dtype).
+        """
+        from .export import save_kohya_file
+
+        check_output(out_dir, self.input_paths)
+        return save_kohya_file(
+            out_dir,
+            self.by_component(),
+            component,
+            self.svd_rank,
+            overwrite,
+            dtype=dtype or self.dtype,
+            card=self.card(diffusion=True),
+            inputs=self.input_paths,
         )
 
     def fuse(self, model: nn.Module, *, component: str | None = None) -> nn.Module:
         """Fold the merged update into ``model``'s weights in place (one GEMM per layer) and return it.
 
         ``model`` may be a diffusers pipeline: each component of the merge is fused into the pipeline's attribute of
-        that name. For PEFT-adapter sources, ``component`` picks the pipeline attribute (default ``"unet"``).
+        that name (``unet``, ``transformer``, ``text_encoder``...). For PEFT-adapter sources, ``component`` picks the
+        pipeline attribute, inferred from the layer names when None (``transformer`` for Flux/SD3 layers).
         """
         from .export import check_fusable, fuse_layer
 
@@ -320,11 +396,12 @@ def compose(
     base=None,
     allow_different_base: bool = False,
     stream: bool = False,
-    component: str = "unet",
+    component: str | None = None,
     progress: bool = True,
     inputs: dict | None = None,
     prior_inputs: list | None = None,
     refine_steps: int = 0,
+    family: str | None = None,
 ) -> MergedAdapter:
     """Merge adapters given by name (Hub repo id ``owner/name[@revision]``, local folder, or ``.safetensors`` file).
 
@@ -353,7 +430,13 @@ def compose(
         base: a model or pipeline whose weights ``W`` the report's drift ``‖ΔW X_0‖ / ‖W X_0‖`` uses.
         stream: keep peak memory independent of the number of adapters (for ``fuse`` of very many), at the cost of
             a second read of the files.
-        component: the diffusers component PEFT adapter folders belong to when merged with diffusers files.
+        component: the diffusers component PEFT adapter folders belong to when merged with diffusers files
+            (inferred from their layer names when None: ``unet``, ``transformer``, ``text_encoder``).
+        family: ``"sd"``, ``"sdxl"``, ``"flux"`` or ``"sd3"``: the diffusers converter for community single files
+            (kohya, A1111, ComfyUI, BFL and XLabs Flux). Default: the family of ``base`` when it is a pipeline
+            (whose UNet config also fixes SDXL's block numbering), else inferred from the keys. A key that stays
+            unmapped, and LoHa / LoKr / DoRA files, are refused by name; a diffusers file that records no scale
+            warns (``UnknownScaleWarning``).
         inputs: for ``method="sequential"``: ``{adapter name: [batch, ...]}``, each adapter's calibration batches
             (tensors, dicts of keyword arguments or tuples for ``calibrate``, the base model); ``prior_inputs``:
             ordinary batches on which the base's outputs are kept (weight ``prior_weight``; ``ridge`` is λ);
@@ -372,11 +455,23 @@ def compose(
     RegMeanOptions(prior_weight, ridge, prior_target)  # refuse bad values before reading anything
     if prompts is not None and calibrate is None:
         raise ValueError("prompts= needs calibrate=<pipeline or model> to run them through")
+    family, unet_config = _family_of_base(base, family)
     sources = resolve_all(list(names), token=token, cache_dir=cache_dir, progress=progress)
-    adapters = [load_adapter(s) for s in sources]
-    if any(c is not None for a in adapters for c, _ in a.layers()):
+    adapters = [load_adapter(s, family=family, unet_config=unet_config) for s in sources]
+    from ..lora_format import component_kind, infer_component
+
+    folder_kinds = {
+        component_kind(modules=[n for c, n in a.layers() if c is None])
+        for a in adapters
+        if any(c is None for c, _ in a.layers())
+    }
+    # Name the folders' component when they meet diffusers files, or when they adapt different parts (a UNet and a
+    # text-encoder adapter): one unnamed group would put the text encoder's layers under the UNet.
+    if any(c is not None for a in adapters for c, _ in a.layers()) or len(folder_kinds) > 1:
         for adapter in adapters:
-            adapter.assign_component(component)
+            if any(c is None for c, _ in adapter.layers()):
+                names_ = [n for c, n in adapter.layers() if c is None]
+                adapter.assign_component(infer_component(modules=names_, given=component, adapter=adapter.name))
     weights = check_weights(adapters, weights)
     check_configs(adapters, allow_different_base=allow_different_base)
     if statistics:
@@ -481,3 +576,18 @@ def _calibrate(adapters: list[Adapter], target, prompts: dict[str, str] | None) 
     for adapter in todo:
         adapter.statistics = run_calibration(adapter, target, prompts[adapter.name])
     return [a.name for a in todo]
+
+
+def _family_of_base(base, family: str | None):
+    """``(family, unet_config)`` from a diffusers pipeline (or its UNet) and/or an explicit family."""
+    if base is None:
+        return family, None
+    from ..lora_format import FAMILY_PIPELINES
+
+    unet = getattr(base, "unet", base if hasattr(base, "config") and "UNet" in type(base).__name__ else None)
+    unet_config = getattr(unet, "config", None)
+    by_pipeline = {v: k for k, v in FAMILY_PIPELINES.items()}
+    inferred = next((by_pipeline[c.__name__] for c in type(base).__mro__ if c.__name__ in by_pipeline), None)
+    if family is not None and inferred is not None and family != inferred:
+        raise ValueError(f"family={family!r} but the base is a {type(base).__name__} ({inferred})")
+    return family or inferred, unet_config

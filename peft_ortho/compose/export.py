@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
@@ -12,33 +11,43 @@ from torch import nn
 
 from .._io import atomic_dir, check_finite
 from ..errors import IncompatibleAdaptersError
-from .load import PEFT_PREFIX
+from ..lora_format import PEFT_PREFIX, infer_component
 from .merge import MergedLayer
 
 
-def lora_tensors(layers: dict[str, MergedLayer], svd_rank: int | None = None) -> tuple[dict, dict[str, int]]:
-    """``{"<layer>.lora_A.weight": A, "<layer>.lora_B.weight": B}`` in peft's stored shapes, and rank per layer."""
+def lora_tensors(
+    layers: dict[str, MergedLayer], svd_rank: int | None = None, dtype: torch.dtype | None = None
+) -> tuple[dict, dict[str, int]]:
+    """``{"<layer>.lora_A.weight": A, "<layer>.lora_B.weight": B}`` in peft's stored shapes, and rank per layer.
+
+    ``dtype``: the dtype to store (default the merge's float32); values it cannot hold are refused by layer.
+    """
     tensors, ranks = {}, {}
     for name, layer in layers.items():
         A, B = layer.factors(svd_rank)
         a_shape, b_shape = layer.stored_shapes(A.shape[0])
-        tensors[f"{name}.lora_A.weight"] = A.reshape(a_shape).contiguous()
-        tensors[f"{name}.lora_B.weight"] = B.reshape(b_shape).contiguous()
+        tensors[f"{name}.lora_A.weight"] = A.reshape(a_shape).to(dtype or A.dtype).contiguous()
+        tensors[f"{name}.lora_B.weight"] = B.reshape(b_shape).to(dtype or B.dtype).contiguous()
         ranks[name] = A.shape[0]
+    if dtype is not None:
+        check_finite(tensors)  # e.g. a large merged B overflowing float16
     return tensors, ranks
 
 
-def lora_config_dict(ranks: dict[str, int], base_model: str | None, fan_in_fan_out: bool = False) -> dict:
+def lora_config(
+    ranks: dict[str, int], base_model: str | None, fan_in_fan_out: bool = False, task_type: str | None = None
+):
     """A plain ``peft.LoraConfig`` for the merged factors: scale 1 (weights and alphas live in ``B``).
 
     Every layer may have its own rank (Σ of the ranks of the adapters that touch it), so each gets an exact
-    ``rank_pattern``/``alpha_pattern`` entry anchored on its full module name.
+    ``rank_pattern``/``alpha_pattern`` entry anchored on its full module name. ``task_type``: the sources' (e.g.
+    ``CAUSAL_LM``, so ``AutoPeftModelForCausalLM`` loads the merge).
     """
     from peft import LoraConfig
 
     common = max(set(ranks.values()), key=list(ranks.values()).count)
     pattern = {f"^{name.replace('.', '[.]')}$": r for name, r in ranks.items() if r != common}
-    config = LoraConfig(
+    return LoraConfig(
         r=common,
         lora_alpha=common,
         target_modules=sorted(ranks),
@@ -46,58 +55,124 @@ def lora_config_dict(ranks: dict[str, int], base_model: str | None, fan_in_fan_o
         alpha_pattern=dict(pattern),
         base_model_name_or_path=base_model,
         fan_in_fan_out=fan_in_fan_out,
+        task_type=task_type,
     )
-    out = config.to_dict()
+
+
+def lora_config_dict(ranks: dict[str, int], base_model: str | None, fan_in_fan_out: bool = False) -> dict:
+    """``lora_config(...)`` as the dict ``adapter_config.json`` holds (``peft_type: LORA``, sorted targets)."""
+    out = lora_config(ranks, base_model, fan_in_fan_out).to_dict()
     out["peft_type"] = "LORA"
     out["target_modules"] = sorted(ranks)
     return out
 
 
 def save_peft_folder(
-    folder: str, layers: dict[str, MergedLayer], base_model, svd_rank, card_text: str, fan_in_fan_out=False
+    folder: str,
+    layers: dict[str, MergedLayer],
+    base_model,
+    svd_rank,
+    card_text: str,
+    fan_in_fan_out=False,
+    task_type=None,
+    dtype=None,
 ) -> None:
-    tensors, ranks = lora_tensors(layers, svd_rank)
+    tensors, ranks = lora_tensors(layers, svd_rank, dtype)
     check_finite(tensors)
     save_file({PEFT_PREFIX + k: v for k, v in tensors.items()}, os.path.join(folder, "adapter_model.safetensors"))
-    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
-        json.dump(lora_config_dict(ranks, base_model, fan_in_fan_out), f, indent=2, sort_keys=True)
+    lora_config(ranks, base_model, fan_in_fan_out, task_type).save_pretrained(folder)  # adapter_config.json
     with open(os.path.join(folder, "README.md"), "w") as f:
         f.write(card_text)
 
 
 def save_peft(
-    out_dir, by_component, base_model, svd_rank, card_text, overwrite=False, fan_in_fan_out=False, *, inputs=()
+    out_dir,
+    by_component,
+    base_model,
+    svd_rank,
+    card_text,
+    overwrite=False,
+    fan_in_fan_out=False,
+    *,
+    task_type=None,
+    dtype=None,
+    inputs=(),
 ) -> str:
     """One PEFT adapter; with several components (unet + text_encoder), one sub-folder each.
 
     ``inputs``: the merged adapters' paths, which ``out_dir`` may not be, contain or lie inside.
     """
+    from ..export import resolve_dtype
+
+    dtype = resolve_dtype(dtype)
     with atomic_dir(out_dir, overwrite=overwrite, inputs=inputs) as tmp:
         if len(by_component) == 1:
             (layers,) = by_component.values()
-            save_peft_folder(tmp, layers, base_model, svd_rank, card_text, fan_in_fan_out)
+            save_peft_folder(tmp, layers, base_model, svd_rank, card_text, fan_in_fan_out, task_type, dtype)
         else:
             for component, layers in by_component.items():
                 sub = os.path.join(tmp, component or "model")
                 os.makedirs(sub)
-                save_peft_folder(sub, layers, base_model, svd_rank, card_text, fan_in_fan_out)
+                save_peft_folder(sub, layers, base_model, svd_rank, card_text, fan_in_fan_out, task_type, dtype)
             with open(os.path.join(tmp, "README.md"), "w") as f:
                 f.write(card_text)
     return os.path.abspath(out_dir)
 
 
-def save_diffusers_file(out_dir, by_component, default_component, svd_rank, overwrite=False, *, inputs=()) -> str:
-    from ..export import write_diffusers_file
-
-    tensors_by_component, metadata_by_component = {}, {}
+def _named_components(by_component, default_component) -> dict[str, dict[str, MergedLayer]]:
+    """PEFT-folder layers (component None) go to ``default_component``, inferred from their names when None."""
+    out: dict[str, dict[str, MergedLayer]] = {}
     for component, layers in by_component.items():
-        component = component or default_component
-        tensors, ranks = lora_tensors(layers, svd_rank)
+        if component is None:
+            component = infer_component(modules=list(layers), given=default_component)
+        if component in out:
+            raise IncompatibleAdaptersError(f"two parts of the merge are for component {component!r}")
+        out[component] = layers
+    return out
+
+
+def save_diffusers_file(
+    out_dir,
+    by_component,
+    default_component,
+    svd_rank,
+    overwrite=False,
+    *,
+    pipeline=None,
+    dtype=None,
+    card=None,
+    inputs=(),
+) -> str:
+    from ..export import resolve_dtype, write_diffusers_file
+
+    dtype = resolve_dtype(dtype)
+    tensors_by_component, metadata_by_component = {}, {}
+    for component, layers in _named_components(by_component, default_component).items():
+        tensors, ranks = lora_tensors(layers, svd_rank, dtype)
         tensors_by_component[component] = tensors
         metadata_by_component[component] = lora_config_dict(ranks, None)
     return write_diffusers_file(
-        out_dir, tensors_by_component, metadata_by_component, overwrite=overwrite, inputs=inputs
+        out_dir,
+        tensors_by_component,
+        metadata_by_component,
+        overwrite=overwrite,
+        pipeline=pipeline,
+        card=card,
+        inputs=inputs,
     )
+
+
+def save_kohya_file(
+    out_dir, by_component, default_component, svd_rank, overwrite=False, *, dtype=None, card=None, inputs=()
+) -> str:
+    from ..export import resolve_dtype, write_kohya_file
+
+    dtype = resolve_dtype(dtype)
+    tensors_by_component = {
+        component: lora_tensors(layers, svd_rank, dtype)[0]  # scale 1: alpha = r in the kohya file
+        for component, layers in _named_components(by_component, default_component).items()
+    }
+    return write_kohya_file(out_dir, tensors_by_component, overwrite=overwrite, card=card, inputs=inputs)
 
 
 def fuse_targets(model: nn.Module, shapes: dict[str, tuple[int, int]]) -> dict[str, tuple[torch.Tensor, bool]]:
@@ -119,7 +194,7 @@ def fuse_targets(model: nn.Module, shapes: dict[str, tuple[int, int]]) -> dict[s
         weight = getattr(module, "weight", None)
         if weight is None:
             raise IncompatibleAdaptersError(f"{type(module).__name__} has no weight to fuse into", layer=name)
-        transposed = type(module).__name__ == "Conv1D"  # transformers' Conv1D stores W as (in, out)
+        transposed = _is_conv1d(module)  # transformers' Conv1D stores W as (in, out)
         out_f, in_f = (weight.shape[1], weight.shape[0]) if transposed else (weight.shape[0], weight[0].numel())
         if (out_f, in_f) != tuple(shape):
             raise IncompatibleAdaptersError(
@@ -184,3 +259,11 @@ def fuse_layer(weight: torch.Tensor, transposed: bool, layer: MergedLayer) -> No
         else:
             start, end = block[1] * kernel, block[2] * kernel  # input channels → flattened (C_in·kh·kw) columns
             W[:, start:end].addmm_(Bi, Ai[:, start:end])
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(module, Conv1D)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +26,15 @@ from .._io import mmap_safetensors, read_adapter_folder
 from .._registry import PeftOrthoType
 from .._validate import check_name, check_scale, validate_adapter_config
 from ..errors import AdapterFileError
+from ..lora_format import (
+    LORA_ADAPTER_METADATA_KEY,
+    PEFT_PREFIX,
+    check_components,
+    convert_community,
+    lora_scale,
+    normalise_text_encoder_key,
+    pair_lora_keys,
+)
 from ..statistics import (
     STATISTICS_NAME,
     STATISTICS_SUFFIX,
@@ -38,7 +48,10 @@ from ..tuners.block_lora.layout import block_entry, check_block_factor, pad_fact
 from .resolve import Source
 
 KNOWN_PEFT_TYPES = ("LORA", PeftOrthoType.ORTHO_LORA.value, PeftOrthoType.BLOCK_LORA.value)
-PEFT_PREFIX = "base_model.model."
+
+
+class UnknownScaleWarning(UserWarning):
+    """A LoRA file does not record its scale (``lora_alpha``); it is read with ``lora_alpha = r``."""
 
 
 @dataclass
@@ -148,36 +161,11 @@ class Adapter:
 
 
 def _scale(config: dict, layer: str, r: int) -> float:
-    from peft.utils.other import get_pattern_key
-
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    r_cfg = rank_pattern.get(get_pattern_key(rank_pattern.keys(), layer), config.get("r", r))
-    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), layer), config.get("lora_alpha", r_cfg))
-    if r_cfg != r:
-        raise AdapterFileError(f"config says rank {r_cfg} but the tensors have rank {r}", layer=layer)
-    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    return lora_scale(config, layer, r)
 
 
 def _pair_keys(keys, strip: str, adapter: str) -> dict[str, tuple[str, str]]:
-    """Group ``<layer>.lora_A.weight``/``<layer>.lora_B.weight`` keys; anything else is an error."""
-    a_keys, b_keys = {}, {}
-    for key in keys:
-        if not key.startswith(strip):
-            raise AdapterFileError(f"unexpected tensor {key!r} (expected keys under {strip!r})", adapter=adapter)
-        rest = key[len(strip) :]
-        if rest.endswith(".lora_A.weight"):
-            a_keys[rest[: -len(".lora_A.weight")]] = key
-        elif rest.endswith(".lora_B.weight"):
-            b_keys[rest[: -len(".lora_B.weight")]] = key
-        else:
-            raise AdapterFileError(
-                f"unexpected tensor {key!r}: only lora_A/lora_B weights can be merged", adapter=adapter, layer=rest
-            )
-    for layer in a_keys.keys() ^ b_keys.keys():
-        missing = "lora_B" if layer in a_keys else "lora_A"
-        raise AdapterFileError(f"{missing} weight is missing", adapter=adapter, layer=layer)
-    return {layer: (a_keys[layer], b_keys[layer]) for layer in sorted(a_keys)}
+    return pair_lora_keys(keys, strip, adapter)
 
 
 def _check_factors(tensors: dict, pairs: dict[str, tuple[str, str]], adapter: str) -> None:
@@ -194,15 +182,21 @@ def _check_factors(tensors: dict, pairs: dict[str, tuple[str, str]], adapter: st
                 )
 
 
-def load_adapter(source: Source) -> Adapter:
+def load_adapter(source: Source, *, family: str | None = None, unet_config=None) -> Adapter:
     """Read one resolved source (config + tensor index; tensors stay lazy), with its statistics when it has them.
+
+    ``family`` (``"sd"``, ``"sdxl"``, ``"flux"``, ``"sd3"``) and ``unet_config`` pick the diffusers converter for a
+    community single-file LoRA (kohya, A1111, ComfyUI, BFL, XLabs); inferred from its keys when None.
 
     Statistics (``Adapter.statistics``) are read from ``adapter_statistics.safetensors`` in a PEFT folder; for a
     single LoRA file ``x.safetensors`` from the sibling ``x.statistics.safetensors``, or from
     ``adapter_statistics.safetensors`` beside it when it is the folder's only LoRA file (a diffusers LoRA folder or
     Hub repo). They are validated (``load_statistics``) and must name only the adapter's layers, at their widths.
     """
-    adapter = _load_peft_folder(source) if os.path.isdir(source.path) else _load_single_file(source)
+    if os.path.isdir(source.path):
+        adapter = _load_peft_folder(source)
+    else:
+        adapter = _load_single_file(source, family=family, unet_config=unet_config)
     path = statistics_path(source.path)
     if path is not None:
         stats = load_statistics(path, adapter=source.name)
@@ -252,25 +246,36 @@ def _load_peft_folder(source: Source) -> Adapter:
     return Adapter(source, config, peft_type, layer_keys, scales, tensors)
 
 
-def _load_single_file(source: Source) -> Adapter:
+def _load_single_file(source: Source, *, family: str | None = None, unet_config=None) -> Adapter:
     path, name = source.path, source.name
     tensors, metadata = mmap_safetensors(path, adapter=name)
     for key in tensors:
         check_name(key, adapter=name)
     meta_config = _read_lora_metadata(metadata, name)
     if not any(".lora_A." in k for k in tensors):
-        tensors, alphas = _convert_with_diffusers(tensors, name)
+        tensors, alphas, family = convert_community(tensors, family=family, unet_config=unet_config, adapter=name)
+        alphas = {k: float(check_scale(a, field="alpha")) for k, a in alphas.items()}
     else:
         alphas = {
-            _normalise_text_encoder_key(k[: -len(".alpha")]): _alpha_value(v, k, name)
+            normalise_text_encoder_key(k[: -len(".alpha")]): _alpha_value(v, k, name)
             for k, v in tensors.items()
             if k.endswith(".alpha")
         }
         tensors = {k: v for k, v in tensors.items() if not k.endswith(".alpha")}
+        if meta_config is None and not alphas:
+            warnings.warn(
+                f"adapter {name!r}: the file records no scale (no {LORA_ADAPTER_METADATA_KEY} header, no .alpha "
+                "tensors), so it is read with lora_alpha = r (scale 1), as diffusers reads it; if it was trained "
+                "with lora_alpha != r the merge is off by alpha/r — re-save it with its alpha (e.g. "
+                "save_lora_weights(..., unet_lora_adapter_metadata=...)) to be sure",
+                UnknownScaleWarning,
+                stacklevel=3,
+            )
     # transformers 5's CLIPTextModel has no ``text_model.`` level; older files (kohya, diffusers < 0.35) do. One
     # spelling per layer, so the same module from two files is recognised as one layer.
-    tensors = {_normalise_text_encoder_key(k): v for k, v in tensors.items()}
+    tensors = {normalise_text_encoder_key(k): v for k, v in tensors.items()}
     components = sorted({k.split(".", 1)[0] for k in tensors})
+    check_components(components, adapter=name)
     layer_keys, scales = {}, {}
     for component in components:
         pairs = _pair_keys([k for k in tensors if k.startswith(component + ".")], component + ".", name)
@@ -287,7 +292,7 @@ def _load_single_file(source: Source) -> Adapter:
                 scale = alpha / r
             layer_keys[(component, layer)] = (a_key, b_key)
             scales[(component, layer)] = scale
-    config = {"peft_type": "LORA", "base_model_name_or_path": None, "format": "single-file"}
+    config = {"peft_type": "LORA", "base_model_name_or_path": None, "format": "single-file", "family": family}
     return Adapter(source, config, "LORA", layer_keys, scales, tensors)
 
 
@@ -317,13 +322,6 @@ def _alpha_value(tensor, key: str, name: str) -> float:
         raise AdapterFileError(str(e), adapter=name, layer=key) from e
 
 
-def _normalise_text_encoder_key(key: str) -> str:
-    component, _, rest = key.partition(".")
-    if component.startswith("text_encoder") and rest.startswith("text_model."):
-        return f"{component}.{rest[len('text_model.') :]}"
-    return key
-
-
 def _component_metadata(meta: dict | None, component: str) -> dict | None:
     """diffusers writes per-component LoraConfig dicts as ``{"unet.r": 4, ...}`` or nested; accept both."""
     if meta is None:
@@ -332,40 +330,3 @@ def _component_metadata(meta: dict | None, component: str) -> dict | None:
         return meta[component]
     prefixed = {k[len(component) + 1 :]: v for k, v in meta.items() if k.startswith(component + ".")}
     return prefixed or (meta if "r" in meta else None)
-
-
-def _convert_with_diffusers(tensors: dict, name: str) -> tuple[dict, dict]:
-    """kohya and older diffusers layouts → ``<component>.<layer>.lora_A/B.weight`` using diffusers' converters.
-
-    Alphas are mapped through the same converter as their down-projection key, so their layer names agree.
-    """
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin
-    from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
-    from diffusers.utils.state_dict_utils import StateDictType
-
-    try:
-        state_dict, network_alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(dict(tensors))
-    except Exception as e:
-        raise AdapterFileError(f"not a LoRA layout diffusers can read ({e})", adapter=name) from e
-    network_alphas = network_alphas or {}
-    out, alphas = {}, {}
-    for component in sorted({k.split(".", 1)[0] for k in state_dict}):
-
-        def convert(part, component=component):
-            if component == "unet":
-                return convert_unet_state_dict_to_peft(part)
-            # diffusers only infers the old layout when `to_out_lora` keys exist: name it explicitly.
-            return convert_state_dict_to_peft(part, original_type=StateDictType.DIFFUSERS_OLD)
-
-        part = {k[len(component) + 1 :]: v for k, v in state_dict.items() if k.startswith(component + ".")}
-        try:
-            out.update({f"{component}.{k}": v for k, v in convert(part).items()})
-            for key, alpha in network_alphas.items():
-                if key.startswith(component + ".") and key.endswith(".alpha"):
-                    down = key[len(component) + 1 : -len(".alpha")]
-                    (converted,) = convert({down: None})
-                    layer = converted.rsplit(".lora_A", 1)[0]
-                    alphas[_normalise_text_encoder_key(f"{component}.{layer}")] = check_scale(float(alpha))
-        except Exception as e:
-            raise AdapterFileError(f"could not convert the {component} LoRA keys ({e})", adapter=name) from e
-    return out, alphas

@@ -125,7 +125,7 @@ def export_lora(
     *,
     adapter_name: str = "default",
     rank: Optional[int] = 16,
-    component: str = "unet",
+    component: Optional[str] = None,
     dtype: Optional[torch.dtype] = None,
     overwrite: bool = False,
     weight_name: str = DIFFUSERS_WEIGHT_NAME,
@@ -134,8 +134,13 @@ def export_lora(
     adapter and return the :class:`SodaExportReport` (also stored in the file's ``peft_ortho_adapter_config``).
 
     ``rank=k``: best rank-``k`` LoRA per layer, error reported; ``rank=None``: exact (rank ``min(out, in)``).
-    ``component``: the pipeline attribute the model is (``"unet"``, ``"transformer"``, ``"text_encoder"``).
+    ``component``: the pipeline attribute the model is (``"unet"``, ``"transformer"``, ``"text_encoder"``); inferred
+    from the model when None (``peft_ortho.lora_format.infer_component``), and checked against it when given. A
+    truncated export (``rank=k``) is lossy: the report holds each layer's relative error.
     """
+    from ...lora_format import infer_component
+
+    component = infer_component(model, given=component, adapter=adapter_name)
     tensors, metadata, report = soda_lora_state_dict(model, adapter_name=adapter_name, rank=rank, dtype=dtype)
     config = model.peft_config[adapter_name]
     provenance = {**config.to_dict(), "soda_export": report.to_dict()}
