@@ -438,7 +438,10 @@ def test_malformed_adapter_is_one_peft_ortho_error_naming_it(adapters, tmp_path,
         bad_weights(case, bad)
         expected = WEIGHT_CASES[case]
     before = snapshot(tmp_path)
-    for call in (lambda: compose([bad]), lambda: peft_ortho.save_diffusers(bad, str(tmp_path / "out"))):
+    for call in (
+        lambda: compose([bad]),
+        lambda: peft_ortho.save_diffusers(bad, str(tmp_path / "out"), component="unet"),
+    ):
         with pytest.raises(PeftOrthoError) as e:
             call()
         assert e.value.adapter == bad and expected in str(e.value), str(e.value)
