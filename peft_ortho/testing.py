@@ -150,27 +150,10 @@ def tiny_sdxl_pipeline(seed: int = 0):
     ``CLIPTextModelWithProjection`` of width 32 (cross-attention width 64 = 32 + 32), a two-block VAE (latents at
     half the resolution) and an Euler scheduler. Tokenizers: :func:`tiny_tokenizer`.
     """
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 1),
-        projection_class_embeddings_input_dim=80,
-        cross_attention_dim=64,
-        norm_num_groups=8,
-    ).eval()
+    unet = tiny_sdxl_unet(seed, layers_per_block=1, transformer_layers_per_block=(1, 1), norm_num_groups=8)
     torch.manual_seed(seed)
     vae = AutoencoderKL(
         block_out_channels=[8, 16],
@@ -223,14 +206,21 @@ def tiny_sdxl_pipeline(seed: int = 0):
 DIT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
-def tiny_sdxl_unet(seed: int = 0):
-    """An SDXL-shaped ``UNet2DConditionModel`` (text-time embedding, linear projections, 2 layers per block)."""
+def tiny_sdxl_unet(
+    seed: int = 0,
+    *,
+    layers_per_block: int = 2,
+    transformer_layers_per_block: tuple[int, int] = (1, 2),
+    norm_num_groups: int = 1,
+):
+    """An SDXL-shaped ``UNet2DConditionModel`` (text-time embedding, linear projections; 2 layers per block unless
+    told otherwise), cross-attention width 64 and 80-wide added-condition embeddings."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
     return UNet2DConditionModel(
         block_out_channels=(32, 64),
-        layers_per_block=2,
+        layers_per_block=layers_per_block,
         sample_size=8,
         in_channels=4,
         out_channels=4,
@@ -240,10 +230,10 @@ def tiny_sdxl_unet(seed: int = 0):
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 2),
+        transformer_layers_per_block=transformer_layers_per_block,
         projection_class_embeddings_input_dim=80,
         cross_attention_dim=64,
-        norm_num_groups=1,
+        norm_num_groups=norm_num_groups,
     ).eval()
 
 
