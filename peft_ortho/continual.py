@@ -76,7 +76,7 @@ from torch import nn
 
 from ._io import atomic_dir, mmap_safetensors, refuse_pickle
 from .errors import BasisError, PeftOrthoError, UnsupportedLayerError
-from .lora_format import PLAIN_LORA_REFUSALS
+from .lora_format import PLAIN_LORA_REFUSALS, config_dict
 from .tuners.ortho_lora import OrthoLoraConfig
 
 STRATEGIES = ("naive", "merge_and_init", "merge_and_orthogonal_init", "magnitude", "orthogonal")
@@ -657,16 +657,9 @@ def _fingerprint(model: nn.Module, layers: dict[str, Any]) -> str:
 
 
 def _config_dict(config: LoraConfig) -> dict:
-    """The config as JSON-ready data (sets sorted into lists, enums as values), for saving and comparing."""
-
-    def default(o: Any) -> Any:
-        if isinstance(o, (set, frozenset)):
-            return sorted(o, key=str)
-        if hasattr(o, "value"):
-            return o.value
-        raise TypeError(f"cannot store {type(o).__name__} in a continual state")
-
-    data = json.loads(json.dumps(config.to_dict(), default=default))
+    """The config as JSON-ready data (``lora_format.config_dict``: the layout adapter files use), without the
+    orthogonal tuner's per-task fields, for saving and comparing."""
+    data = config_dict(config, default_peft_type=None)
     for key in ("basis_rows", "basis_checksums"):  # filled per task by the orthogonal tuner
         data.pop(key, None)
     return data

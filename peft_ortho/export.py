@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from collections.abc import Iterable, Mapping
 
@@ -44,10 +43,12 @@ from .lora_format import (
     config_dict,
     infer_component,
     jsonable,
+    lora_scale,
     metadata_json,
     module_rank_alpha,
     parse_lora_key,
     plain_lora_refusal,
+    with_text_model_level,
 )
 from .tuners.block_lora.layout import lora_config_dict, pad_state_dict
 
@@ -223,7 +224,7 @@ def _bake_scale(tensors: dict[str, torch.Tensor], meta: dict, component: str) ->
     out = dict(tensors)
     for module, keys in _group_modules(tensors, component).items():
         r, alpha = module_rank_alpha(meta, module)
-        scale = alpha / math.sqrt(r) if meta.get("use_rslora") else alpha / r
+        scale = lora_scale(meta, module, r)
         for k in ("lora_B.weight", "lora_B.bias"):
             if k in keys:
                 b = tensors[keys[k]]
@@ -502,10 +503,10 @@ def write_kohya_file(
             )
         _group_modules(tensors, component)  # lora_A/lora_B keys only
         for key, value in tensors.items():
-            if component.startswith("text_encoder") and not key.startswith("text_model."):
-                key = f"text_model.{key}"
             value = value.detach().to("cpu")
-            peft_keys[f"{component}.{key}"] = (value.to(target_dtype) if target_dtype else value).contiguous()
+            peft_keys[with_text_model_level(f"{component}.{key}")] = (
+                value.to(target_dtype) if target_dtype else value
+            ).contiguous()
     check_finite(peft_keys)
     kohya = convert_state_dict_to_kohya(peft_keys)
     if "text_encoder_2" not in tensors_by_component:

@@ -86,13 +86,16 @@ def pair_lora_keys(keys: Iterable[str], strip: str, adapter: str | None) -> dict
 
 
 def jsonable(value):
-    """Sets → sorted lists, tuples → lists, enums → their values (what ``json.dumps`` can write)."""
+    """Sets → sorted lists, tuples → lists, enums → their values, all the way down (what ``json.dumps`` writes and
+    ``json.loads`` gives back: a config saved and re-read compares equal to the live one)."""
     if isinstance(value, (set, frozenset)):
-        return sorted(value, key=str)
-    if isinstance(value, tuple):
-        return list(value)
+        return [jsonable(v) for v in sorted(value, key=str)]
+    if isinstance(value, (tuple, list)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
     if hasattr(value, "value") and not isinstance(value, (str, int, float, bool)):
-        return value.value
+        return jsonable(value.value)
     return value
 
 
@@ -623,15 +626,41 @@ def _converted_alone(run, tensors: Mapping, module: str) -> dict:
     return state_dict
 
 
+CLIP_TEXT_MODEL_LEVEL = "text_model."
+
+
 def normalise_text_encoder_key(key: str) -> str:
     """``text_encoder.text_model.encoder…`` → ``text_encoder.encoder…``: one spelling per CLIP layer.
 
     transformers 5's ``CLIPTextModel`` has no ``text_model.`` level; older files (kohya, diffusers < 0.35) have it.
     """
     component, _, rest = key.partition(".")
-    if component.startswith("text_encoder") and rest.startswith("text_model."):
-        return f"{component}.{rest[len('text_model.') :]}"
+    if component.startswith("text_encoder") and rest.startswith(CLIP_TEXT_MODEL_LEVEL):
+        return f"{component}.{rest[len(CLIP_TEXT_MODEL_LEVEL) :]}"
     return key
+
+
+def with_text_model_level(key: str) -> str:
+    """``text_encoder.encoder…`` → ``text_encoder.text_model.encoder…``: the spelling kohya readers expect (the
+    inverse of ``normalise_text_encoder_key``; other components' keys are returned unchanged)."""
+    component, _, rest = key.partition(".")
+    if component.startswith("text_encoder") and not rest.startswith(CLIP_TEXT_MODEL_LEVEL):
+        return f"{component}.{CLIP_TEXT_MODEL_LEVEL}{rest}"
+    return key
+
+
+def find_module(root, name: str):
+    """The submodule of ``root`` a file's layer ``name`` means, or None.
+
+    Layers are spelled without CLIP's ``text_model.`` level (``normalise_text_encoder_key``); a text encoder that
+    still nests its layers under ``text_model.`` is looked up there too, so both spellings find the one module.
+    """
+    for candidate in (name, f"{CLIP_TEXT_MODEL_LEVEL}{name}"):
+        try:
+            return root.get_submodule(candidate)
+        except AttributeError:
+            continue
+    return None
 
 
 def metadata_json(flat: Mapping) -> str:

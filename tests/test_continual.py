@@ -331,6 +331,28 @@ def test_resume_refuses_other_strategy_config_or_base(tmp_path):
     assert resumed.tasks_done == 1
 
 
+def test_saved_config_is_the_adapter_file_layout(tmp_path):
+    """The state's ``lora_config`` is what peft's own ``save_pretrained`` writes (lora_format's layout), patterns and
+    sets included, and a resume given the same config (nested dicts, a set of targets) accepts it."""
+    config = make_config(
+        "merge_and_init", rank_pattern={"lin1": 2}, alpha_pattern={"lin1": 3}, layers_to_transform=None
+    )
+    config.target_modules = set(MLP_TARGETS)
+    learner = ContinualLearner(base_mlp(), "merge_and_init", config)
+    fake_train(learner.begin_task(), seed=1)
+    learner.end_task()
+    learner.save(tmp_path / "s")
+    saved = json.loads((tmp_path / "s" / "continual_state.json").read_text())["lora_config"]
+    config.save_pretrained(tmp_path / "peft")
+    written = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert saved["rank_pattern"] == {"lin1": 2} and saved["target_modules"] == sorted(MLP_TARGETS)
+    written["target_modules"] = sorted(written["target_modules"])  # peft writes a set in set order
+    differ = {k for k in set(saved) | set(written) if saved.get(k) != written.get(k)}
+    assert differ <= {"revision", "base_model_name_or_path"}, differ
+    resumed = ContinualLearner.resume(tmp_path / "s", base_mlp(), lora_config=config)
+    assert resumed.tasks_done == 1
+
+
 def test_resume_refuses_broken_folders(tmp_path):
     learner, _, _ = run_fake("merge_and_init", 1)
     state = learner.save(tmp_path / "s")

@@ -26,7 +26,13 @@ from peft_ortho import (
     testing,
 )
 from peft_ortho.compose import UnknownScaleWarning
-from peft_ortho.lora_format import community_format, infer_component
+from peft_ortho.lora_format import (
+    community_format,
+    find_module,
+    infer_component,
+    normalise_text_encoder_key,
+    with_text_model_level,
+)
 
 ATOL = 1e-5
 
@@ -647,3 +653,17 @@ def test_cli_export_and_compose_of_flux_adapters_write_transformer_keys(tmp_path
         == 1
     )
     assert "component='unet'" in capsys.readouterr().err
+
+
+def test_one_rule_for_clips_text_model_level():
+    """Files spell CLIP layers without ``text_model.``; kohya files and nested encoders with it: one rule maps both,
+    and module lookup (fuse, sequential merge) finds a layer under either spelling."""
+    key = "text_encoder.encoder.layers.0.self_attn.q_proj.lora_A.weight"
+    nested = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"
+    assert with_text_model_level(key) == with_text_model_level(nested) == nested
+    assert normalise_text_encoder_key(nested) == normalise_text_encoder_key(key) == key
+    assert with_text_model_level("unet.a.lora_A.weight") == "unet.a.lora_A.weight"
+    flat = torch.nn.ModuleDict({"encoder": torch.nn.ModuleDict({"q": torch.nn.Linear(2, 2)})})
+    nested_model = torch.nn.ModuleDict({"text_model": flat})
+    assert find_module(flat, "encoder.q") is find_module(nested_model, "encoder.q") is flat["encoder"]["q"]
+    assert find_module(nested_model, "encoder.k") is None

@@ -577,6 +577,27 @@ def test_a_valid_revision_still_resolves_to_its_commit(adapters, tmp_path):
     assert source.commit == commit and source.revision == "v1.2"
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["alice/re--x", "alice/x.git", "alice/x\n", "alice/r\u00e9x", "alice/x y", "alice/" + "a" * 97, "-alice/x"],
+)
+def test_bad_repo_ids_are_refused_by_the_hubs_rules_before_any_download(tmp_path, name):
+    """Repo ids go through huggingface_hub's own ``validate_repo_id`` (no second, looser copy of its rules)."""
+    cache = tmp_path / "cache"
+    with pytest.raises(AdapterFileError, match="repo id") as e:
+        compose([name], cache_dir=str(cache))
+    assert e.value.adapter == name and not cache.exists()
+
+
+def test_a_repo_id_needs_its_owner():
+    from peft_ortho.compose.resolve import check_repo_id
+
+    assert check_repo_id("alice/rex-v1.2_x") == "alice/rex-v1.2_x"
+    for bare in ("rex", "a/b/c"):
+        with pytest.raises(AdapterFileError, match="owner/name"):
+            check_repo_id(bare, adapter=bare)
+
+
 # ------------------------------------------------------------------------- 9: the smaller ones
 def test_usage_errors_exit_2(adapters, tmp_path):
     proc = cli("compose", adapters["lora"], "--out", tmp_path / "out", "--svd-rank", "-3")

@@ -11,7 +11,7 @@ from torch import nn
 
 from .._io import atomic_dir, check_finite
 from ..errors import IncompatibleAdaptersError
-from ..lora_format import PEFT_PREFIX, infer_component
+from ..lora_format import PEFT_PREFIX, find_module, infer_component
 from .merge import MergedLayer
 
 
@@ -181,13 +181,7 @@ def fuse_targets(model: nn.Module, shapes: dict[str, tuple[int, int]]) -> dict[s
         model = model.get_base_model()
     targets = {}
     for name, shape in shapes.items():
-        module = None
-        for candidate in (name, f"text_model.{name}"):  # CLIP in transformers < 5 nests under text_model
-            try:
-                module = model.get_submodule(candidate)
-                break
-            except AttributeError:
-                continue
+        module = find_module(model, name)
         if module is None:
             raise IncompatibleAdaptersError(f"the model has no module {name!r}", layer=name)
         module = getattr(module, "base_layer", module)

@@ -16,7 +16,6 @@ from ..errors import AdapterFileError
 from ..statistics import is_statistics_file
 
 ADAPTER_FILES = ["adapter_config.json", "*.safetensors"]  # weights, and adapter_statistics.safetensors when present
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
 @dataclass(frozen=True)
@@ -65,6 +64,23 @@ def check_revision(revision: str, *, adapter: str | None = None) -> str:
     return revision
 
 
+def check_repo_id(repo_id: str, *, adapter: str | None = None) -> str:
+    """Refuse what the Hub's own rules (``huggingface_hub.utils.validate_repo_id``) refuse, and a name without its
+    ``owner/``: a bare name is a typo'd local path more often than a repo."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if repo_id.count("/") != 1:
+        raise AdapterFileError(
+            "not a local folder, a .safetensors file, or a Hub repo id ('owner/name[@revision]')", adapter=adapter
+        )
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise AdapterFileError(f"not a valid Hub repo id ({e})", adapter=adapter) from e
+    return repo_id
+
+
 def resolve(name: str, *, token: str | bool | None = None, cache_dir: str | None = None) -> Source:
     """Resolve one adapter name to local files (downloading through the Hub cache only when needed)."""
     if os.path.isdir(name):
@@ -91,17 +107,7 @@ def resolve(name: str, *, token: str | bool | None = None, cache_dir: str | None
     looks_like_path = name.startswith((".", "/", "~")) or repo_id.count("/") != 1
     if looks_like_path or name.endswith((".safetensors", *PICKLE_SUFFIXES)):
         raise AdapterFileError(f"no such file or folder: {name}", adapter=name)
-    if not _REPO_ID.match(repo_id):
-        raise AdapterFileError(
-            "not a local folder, a .safetensors file, or a Hub repo id ('owner/name[@revision]')", adapter=name
-        )
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as e:
-        raise AdapterFileError(f"not a valid Hub repo id ({e})", adapter=name) from e
+    check_repo_id(repo_id, adapter=name)
     if revision is not None:
         check_revision(revision, adapter=name)
     return _resolve_hub(name, repo_id, revision, token=token, cache_dir=cache_dir)

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import IncompatibleAdaptersError, UnsupportedLayerError
+from ..lora_format import find_module
 from .export import fuse_targets
 from .load import Adapter
 from .merge import MergedLayer, iter_merged_layers
@@ -328,17 +329,12 @@ def _batches_per_adapter(adapters: list[Adapter], inputs) -> list[list[Batch]]:
 
 
 def _module(root: nn.Module, name: str) -> nn.Module:
-    for candidate in (name, f"text_model.{name}"):  # the same lookup as fuse_targets
-        try:
-            module = root.get_submodule(candidate)
-        except AttributeError:
-            continue
-        if hasattr(module, "base_layer"):
-            raise IncompatibleAdaptersError(
-                "the model already carries an adapter here: pass the base model", layer=name
-            )
-        return module
-    raise IncompatibleAdaptersError(f"the model has no module {name!r}", layer=name)
+    module = find_module(root, name)  # the same lookup as fuse_targets
+    if module is None:
+        raise IncompatibleAdaptersError(f"the model has no module {name!r}", layer=name)
+    if hasattr(module, "base_layer"):
+        raise IncompatibleAdaptersError("the model already carries an adapter here: pass the base model", layer=name)
+    return module
 
 
 def _check_layer_type(module: nn.Module, name: str) -> None:
