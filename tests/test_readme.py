@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -42,3 +44,34 @@ def test_quickstart_runs_offline(tmp_path):
     assert "trained 'rex'" in out.stdout and "trained 'mia'" in out.stdout
     assert "load_lora_weights" in out.stdout
     assert os.path.isfile(tmp_path / "q" / "rex+mia-diffusers" / "pytorch_lora_weights.safetensors")
+
+
+def test_oldest_pair_job_pins_the_floors_pyproject_admits():
+    """``.ci/oldest`` tests the oldest admitted versions: each pin in its constraints file is the floor of that
+    dependency in pyproject.toml, and every ranged core dependency but torch (the local CPU wheel) is pinned."""
+    from packaging.requirements import Requirement
+
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    requirements = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["test"]]
+    floors = {}
+    for req in requirements:
+        for spec in req.specifier:
+            if spec.operator == ">=":
+                floors[req.name.lower().replace("_", "-")] = spec.version
+    pins = {}
+    for line in open(os.path.join(ROOT, ".ci", "oldest-constraints.txt")).read().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[name.strip().lower()] = version.strip()
+    core = {Requirement(r).name.lower().replace("_", "-") for r in project["dependencies"]}
+    assert core - {"torch"} <= pins.keys(), core - pins.keys()
+    for name, version in pins.items():
+        floor = floors[name]
+        # the floor's own release, or a patch release of its series (numpy 1.24.4 for >=1.24)
+        assert version == floor or version.startswith(f"{floor}."), (name, version, floor)
+    job = open(os.path.join(ROOT, ".ci", "oldest")).read()
+    assert job.index('"torch==2.13.0"') < job.index("-c .ci/oldest-constraints.txt")
+    assert "tests/test_docs.py" in job
