@@ -1,6 +1,7 @@
 """Prior drift of one DreamBooth adapter with and without prior preservation, on the trainer's tiny test pipeline.
 
     python benchmarks/dreambooth_prior.py --steps 300
+    python benchmarks/dreambooth_prior.py --quick      # smoke run, seconds (tests/test_examples.py)
 
 First the tiny pipeline's UNet (``peft_ortho.testing.tiny_sd_pipeline``, random weights) is trained here, fully, to
 know a "dog" (a green disk on grey, anywhere in the frame, prompt ``"a photo of a dog"``) and a "cat" (a yellow bar,
@@ -152,7 +153,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--num_class_images", type=int, default=40)
     p.add_argument("--heldout", type=int, default=16)
     p.add_argument("--work_dir", default=None)
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a seconds-long smoke run (2 base steps, 2 adapter steps, 2 class images of 2 denoising steps, 2 held-out "
+        "images); its numbers mean nothing",
+    )
     args = p.parse_args(argv)
+    if args.quick:
+        args.steps = args.base_steps = args.class_steps = args.num_class_images = args.heldout = 2
 
     from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from peft import PeftModel

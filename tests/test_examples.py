@@ -735,3 +735,27 @@ def test_llm_skills_train_record_statistics_and_merge_four_ways(tmp_path):
         torch.testing.assert_close(fused(input_ids=seq).logits, model(input_ids=seq).logits, atol=1e-4, rtol=0)
         assert (fused(input_ids=seq).logits - base(input_ids=seq).logits).abs().max() > 0.1
     assert llm.accuracy(fused, llm.REV) == results["ortho"]["merged"]["exact sum"]["REV"]
+
+
+def test_dreambooth_prior_benchmark_quick_run(tmp_path, capsys):
+    """``benchmarks/dreambooth_prior.py --quick``: both adapters train (one on generated class images, cached in the
+    work folder), and the printed JSON carries every field, finite."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_prior", os.path.join(ROOT, "benchmarks", "dreambooth_prior.py")
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results = bench.main(["--quick", "--work_dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    printed = json.loads(out[out.rindex("\n{") + 1 :])  # the JSON block printed last
+    assert printed == results and results["steps"] == 2
+    assert set(results["base"]) == {"concept", "class"} and all(np.isfinite(v) for v in results["base"].values())
+    for name in ("plain", "prior"):
+        assert set(results[name]) == {"concept_gain", "prior_drift", "prediction_change", "final_loss"}
+        assert all(np.isfinite(v) for v in results[name].values()), results[name]
+    class_images = sorted(f for f in os.listdir(tmp_path / "dogs") if f.endswith((".png", ".jpg")))
+    assert len(class_images) == 2, os.listdir(tmp_path / "dogs")
+    plain = load_file(tmp_path / "plain" / "adapter_model.safetensors")
+    prior = load_file(tmp_path / "prior" / "adapter_model.safetensors")
+    assert plain.keys() == prior.keys()
+    assert any(not torch.equal(plain[k], prior[k]) for k in plain), "the prior loss must change what is learned"
