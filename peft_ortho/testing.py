@@ -255,13 +255,13 @@ def tiny_flux_transformer(seed: int = 0):
     ).eval()
 
 
-def tiny_sd3_transformer(seed: int = 0):
-    """An ``SD3Transformer2DModel`` with one joint block (inner width 32)."""
+def tiny_sd3_transformer(seed: int = 0, sample_size: int = 8):
+    """An ``SD3Transformer2DModel`` with one joint block (inner width 32); ``sample_size`` sets its position grid."""
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(seed)
     return SD3Transformer2DModel(
-        sample_size=8,
+        sample_size=sample_size,
         patch_size=1,
         in_channels=4,
         num_layers=1,

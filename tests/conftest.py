@@ -1,5 +1,7 @@
 """Shared fixtures: tiny models built from configs, no network."""
 
+import copy
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -7,6 +9,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
 from torch import nn  # noqa: E402
 
 import peft_ortho  # noqa: E402,F401  (registers the tuners)
@@ -70,3 +73,43 @@ def family(request):
     """``(family, component, builder)`` for each diffusion family: SD1.5, SDXL, Flux, SD3 (tiny configs)."""
     component, builder = FAMILY_BUILDERS[request.param]
     return request.param, component, builder
+
+
+# ------------------------------------------------------------------------------------- helpers shared by tests
+# (imported as ``from conftest import ...``; pytest puts tests/ on sys.path)
+
+
+@pytest.fixture(scope="module")
+def unet0():
+    """The tiny SD UNet (seed 0), built once per test module; tests ``build`` adapters on copies of it."""
+    return testing.tiny_unet()
+
+
+def build(base, config, path, seed: int = 0) -> str:
+    """``get_peft_model`` on a copy of ``base`` (random ``lora_B`` from ``seed``), saved to ``path``."""
+    torch.manual_seed(seed)
+    get_peft_model(copy.deepcopy(base), config).save_pretrained(str(path))
+    return str(path)
+
+
+def edit_config(folder, **changes) -> None:
+    """Overwrite fields of the ``adapter_config.json`` in ``folder`` (a broken or foreign config, by hand)."""
+    path = os.path.join(folder, "adapter_config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config.update(changes)
+    with open(path, "w") as f:
+        json.dump(config, f)
+
+
+def sd_lora_pair(unet_alpha: float, te_alpha: float):
+    """``(unet, text_encoder)`` peft models of the tiny SD1.5 pipeline, rank-2 LoRAs with random (non-zero) factors."""
+    unet = get_peft_model(
+        testing.tiny_unet(),
+        LoraConfig(r=2, lora_alpha=unet_alpha, target_modules=testing.UNET_TARGETS, init_lora_weights=False),
+    )
+    te = get_peft_model(
+        testing.tiny_text_encoder(),
+        LoraConfig(r=2, lora_alpha=te_alpha, target_modules=testing.TEXT_ENCODER_TARGETS, init_lora_weights=False),
+    )
+    return unet, te

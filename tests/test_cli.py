@@ -15,7 +15,8 @@ import sys
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from conftest import build
+from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file, save_file
 
 import peft_ortho
@@ -25,12 +26,6 @@ from peft_ortho.compose import compose
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(peft_ortho.__file__)))
 LAYER = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
-
-
-def build(base, config, path, seed: int) -> str:
-    torch.manual_seed(seed)
-    get_peft_model(copy.deepcopy(base), config).save_pretrained(str(path))
-    return str(path)
 
 
 def ortho(slot, **kw):
@@ -62,11 +57,6 @@ def same_tensors(path_a, path_b) -> None:
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-
-
-@pytest.fixture(scope="module")
-def unet0():
-    return testing.tiny_unet()
 
 
 @pytest.fixture(scope="module")

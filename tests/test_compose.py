@@ -19,7 +19,8 @@ import warnings
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from conftest import build, edit_config
+from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.utils import merge_utils
 from safetensors.torch import load_file, save_file
@@ -55,26 +56,9 @@ def lora_config(**kw) -> LoraConfig:
     return LoraConfig(**kw)
 
 
-def build(base, config, path, seed: int = 0) -> str:
-    """``get_peft_model`` on a copy of ``base`` (random ``lora_B`` from ``seed``), saved to ``path``."""
-    torch.manual_seed(seed)
-    model = get_peft_model(copy.deepcopy(base), config)
-    model.save_pretrained(str(path))
-    return str(path)
-
-
 def copy_adapter(src: str, dst) -> str:
     shutil.copytree(src, str(dst))
     return str(dst)
-
-
-def edit_config(folder: str, **changes) -> None:
-    path = os.path.join(folder, "adapter_config.json")
-    with open(path) as f:
-        config = json.load(f)
-    config.update(changes)
-    with open(path, "w") as f:
-        json.dump(config, f)
 
 
 def read_config(folder: str) -> dict:
@@ -156,11 +140,6 @@ def raises_naming(exc, *names):
 
 
 # ----------------------------------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def unet0():
-    return testing.tiny_unet()
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 import torch
 from peft.utils import get_peft_model_state_dict
 
-from peft_ortho import InputStatistics, OrthoLoraConfig
+from peft_ortho import InputStatistics, OrthoLoraConfig, testing
 from peft_ortho.compose.load import load_adapter
 from peft_ortho.compose.resolve import resolve
 from peft_ortho.export import diffusers_lora_metadata
@@ -27,21 +27,9 @@ FLUX_TARGETS += ["ff_context.net.2"]
 
 
 def tiny_flux():
-    """diffusers' ``FluxPipelineFastTests.get_dummy_components`` transformer."""
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=4,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        axes_dims_rope=[4, 4, 8],
-    )
+    """diffusers' ``FluxPipelineFastTests.get_dummy_components`` transformer (``peft_ortho.testing``'s), in train mode
+    as the script holds it."""
+    return testing.tiny_flux_transformer().train()
 
 
 def flux_inputs(batch: int, seed: int) -> dict:
@@ -152,22 +140,8 @@ def test_flux_dreambooth_recipe(tmp_path):
 
 
 def tiny_sd3():
-    """diffusers' ``StableDiffusion3PipelineFastTests.get_dummy_components`` transformer."""
-    from diffusers import SD3Transformer2DModel
-
-    torch.manual_seed(0)
-    return SD3Transformer2DModel(
-        sample_size=32,
-        patch_size=1,
-        in_channels=4,
-        num_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=4,
-        caption_projection_dim=32,
-        joint_attention_dim=32,
-        pooled_projection_dim=64,
-        out_channels=4,
-    )
+    """diffusers' ``StableDiffusion3PipelineFastTests.get_dummy_components`` transformer (``sample_size=32``)."""
+    return testing.tiny_sd3_transformer(sample_size=32).train()
 
 
 def test_sd3_recipe_needs_the_metadata_line(tmp_path):

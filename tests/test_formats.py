@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+from conftest import sd_lora_pair
 from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -377,14 +378,7 @@ def test_sd3_non_diffusers_layout_is_refused(tmp_path):
 
 def _sd_adapters(tmp_path):
     """A trained-like UNet adapter and a text-encoder adapter of the tiny SD1.5 pipeline, saved as PEFT folders."""
-    unet = get_peft_model(
-        testing.tiny_unet(),
-        LoraConfig(r=2, lora_alpha=6, target_modules=testing.UNET_TARGETS, init_lora_weights=False),
-    )
-    te = get_peft_model(
-        testing.tiny_text_encoder(),
-        LoraConfig(r=2, lora_alpha=1, target_modules=testing.TEXT_ENCODER_TARGETS, init_lora_weights=False),
-    )
+    unet, te = sd_lora_pair(unet_alpha=6, te_alpha=1)
     unet.save_pretrained(str(tmp_path / "unet_ad"))
     te.save_pretrained(str(tmp_path / "te_ad"))
     return unet, te

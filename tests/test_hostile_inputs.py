@@ -20,6 +20,7 @@ import sys
 
 import pytest
 import torch
+from conftest import edit_config
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -113,15 +114,6 @@ def assert_unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
     assert after.keys() == before.keys()
     for k, v in before.items():
         assert after[k].dtype == v.dtype and torch.equal(after[k], v), k
-
-
-def edit_config(folder, **changes) -> None:
-    path = os.path.join(folder, "adapter_config.json")
-    with open(path) as f:
-        config = json.load(f)
-    config.update(changes)
-    with open(path, "w") as f:
-        json.dump(config, f)
 
 
 def write_raw_safetensors(path, header, data: bytes = b"") -> str:

@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import torch
+from conftest import build
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 
@@ -27,13 +28,6 @@ FLOOR = RIDGE_FLOOR  # the documented relative floor added to the ridge
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
-
-
-def build(base, config, path, seed: int) -> str:
-    torch.manual_seed(seed)
-    model = get_peft_model(copy.deepcopy(base), config)
-    model.save_pretrained(str(path))
-    return str(path)
 
 
 def lora(targets=MLP_LAYERS, **kw) -> LoraConfig:

@@ -17,6 +17,7 @@ import textwrap
 import huggingface_hub
 import pytest
 import torch
+from conftest import sd_lora_pair
 from hubcache import populate_hub_cache
 from peft import LoraConfig, get_peft_model, inject_adapter_in_model
 from safetensors import safe_open
@@ -819,15 +820,7 @@ def _pipe_state(pipe):
 def test_calibration_leaves_the_pipeline_bit_unchanged_and_matches_recorded_statistics(tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    torch.manual_seed(0)
-    unet = get_peft_model(
-        testing.tiny_unet(),
-        LoraConfig(r=2, lora_alpha=4, target_modules=testing.UNET_TARGETS, init_lora_weights=False),
-    )
-    te = get_peft_model(
-        testing.tiny_text_encoder(),
-        LoraConfig(r=2, lora_alpha=2, target_modules=testing.TEXT_ENCODER_TARGETS, init_lora_weights=False),
-    )
+    unet, te = sd_lora_pair(unet_alpha=4, te_alpha=2)
     StableDiffusionPipeline.save_lora_weights(
         str(tmp_path / "lora"),
         unet_lora_layers=_lora_layers(unet),

@@ -78,6 +78,12 @@ def check_repo_id(repo_id: str, *, adapter: str | None = None) -> str:
         validate_repo_id(repo_id)
     except HFValidationError as e:
         raise AdapterFileError(f"not a valid Hub repo id ({e})", adapter=adapter) from e
+    # Older huggingface_hub releases (1.32, the oldest admitted) match with `$`, which lets a trailing newline by, and
+    # accept non-ASCII letters the Hub itself refuses.
+    if not repo_id.isascii() or not repo_id.isprintable() or any(ch.isspace() for ch in repo_id):
+        raise AdapterFileError(
+            "not a valid Hub repo id (only ASCII letters, digits, '-', '_' and '.'; no white space)", adapter=adapter
+        )
     return repo_id
 
 
