@@ -288,6 +288,13 @@ def family_of_layers(layers: Mapping[str, Iterable[str]]) -> str | None:
     return None
 
 
+def family_of_pipeline(pipeline) -> str | None:
+    """The model family of a diffusers pipeline (class or instance; subclasses too), or None for anything else."""
+    cls = pipeline if isinstance(pipeline, type) else type(pipeline)
+    by_pipeline = {name: family for family, name in FAMILY_PIPELINES.items()}
+    return next((by_pipeline[c.__name__] for c in cls.__mro__ if c.__name__ in by_pipeline), None)
+
+
 def pipeline_class(pipeline):
     """A diffusers pipeline class from a class, an instance, a class name or a family (``"flux"``...)."""
     import diffusers

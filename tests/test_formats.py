@@ -661,3 +661,16 @@ def test_one_rule_for_clips_text_model_level():
     nested_model = torch.nn.ModuleDict({"text_model": flat})
     assert find_module(flat, "encoder.q") is find_module(nested_model, "encoder.q") is flat["encoder"]["q"]
     assert find_module(nested_model, "encoder.k") is None
+
+
+def test_family_of_pipeline_by_class_and_subclass():
+    from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from peft_ortho.lora_format import family_of_pipeline
+
+    class MyXL(StableDiffusionXLPipeline):
+        pass
+
+    assert family_of_pipeline(StableDiffusionPipeline) == "sd" and family_of_pipeline(FluxPipeline) == "flux"
+    assert family_of_pipeline(MyXL) == "sdxl" and family_of_pipeline(testing.tiny_sd_pipeline()) == "sd"
+    assert family_of_pipeline(testing.tiny_unet()) is None and family_of_pipeline("sd") is None

@@ -582,12 +582,11 @@ def _family_of_base(base, family: str | None):
     """``(family, unet_config)`` from a diffusers pipeline (or its UNet) and/or an explicit family."""
     if base is None:
         return family, None
-    from ..lora_format import FAMILY_PIPELINES
+    from ..lora_format import component_kind, family_of_pipeline
 
-    unet = getattr(base, "unet", base if hasattr(base, "config") and "UNet" in type(base).__name__ else None)
+    unet = getattr(base, "unet", base if isinstance(base, nn.Module) and component_kind(base) == "unet" else None)
     unet_config = getattr(unet, "config", None)
-    by_pipeline = {v: k for k, v in FAMILY_PIPELINES.items()}
-    inferred = next((by_pipeline[c.__name__] for c in type(base).__mro__ if c.__name__ in by_pipeline), None)
+    inferred = family_of_pipeline(base)
     if family is not None and inferred is not None and family != inferred:
         raise ValueError(f"family={family!r} but the base is a {type(base).__name__} ({inferred})")
     return family or inferred, unet_config

@@ -11,14 +11,16 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
 from ...errors import BlockError
+from ...lora_format import PEFT_PREFIX, parse_lora_key
 from .._layers import check_supported_layer, refuse_mixed_batches
 from .layer import BlockLoraLayer, layer_widths
 from .layout import block_span, concept_block, layout_entry, spans_overlap
 
 
 def _layer_of(key: str) -> str:
-    """``base_model.model.<layer>.lora_A.weight`` → ``<layer>``."""
-    return key.removeprefix("base_model.model.").split(".lora_")[0]
+    """``base_model.model.<layer>.lora_A.weight`` → ``<layer>`` (lora_format's key rule)."""
+    m = parse_lora_key(key.removeprefix(PEFT_PREFIX))
+    return m["module"] if m else key
 
 
 def _factors_digest(state_dict: dict[str, torch.Tensor]) -> str:

@@ -8,6 +8,7 @@ from peft.tuners.lora import LoraLayer, LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from ...errors import BasisMismatchError
+from ...lora_format import PEFT_PREFIX, parse_lora_key
 from .._layers import check_supported_layer
 from .layer import expected_basis, init_orthogonal_lora, matches_basis, write_basis
 
@@ -79,9 +80,10 @@ class OrthoLoraModel(LoraModel):
         """
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         for key, tensor in remapped.items():
-            if ".lora_A." not in key or not key.endswith(".weight"):
+            m = parse_lora_key(key.removeprefix(PEFT_PREFIX))
+            if m is None or m["kind"] != "lora_A" or m["param"] != "weight":
                 continue
-            layer = key.removeprefix("base_model.model.").split(".lora_A.")[0]
+            layer = m["module"]
             r, n = tensor.shape[0], tensor[0].numel()
             a64 = expected_basis(config, n, r, adapter_name, layer).reshape(tensor.shape)
             if not matches_basis(tensor, a64):
