@@ -1,6 +1,7 @@
 """Shared fixtures: tiny models built from configs, no network."""
 
 import copy
+import importlib.util
 import json
 import os
 
@@ -113,3 +114,14 @@ def sd_lora_pair(unet_alpha: float, te_alpha: float):
         LoraConfig(r=2, lora_alpha=te_alpha, target_modules=testing.TEXT_ENCODER_TARGETS, init_lora_weights=False),
     )
     return unet, te
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script(folder: str, name: str):
+    """``examples/<name>.py`` or ``benchmarks/<name>.py`` (``folder``) imported as a module, to call its ``main``."""
+    spec = importlib.util.spec_from_file_location(f"{folder}_{name}", os.path.join(ROOT, folder, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

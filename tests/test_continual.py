@@ -478,13 +478,11 @@ def test_run_continual_fills_the_matrix_and_resumes(tmp_path):
 
 def test_example_runs_and_resumes_bit_identically(tmp_path, monkeypatch, capsys):
     """examples/continual.py end to end (3 tasks, short): it exits non-zero if its resumed run differs."""
-    import importlib.util
     import sys
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "continual.py")
-    spec = importlib.util.spec_from_file_location("example_continual", path)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    from conftest import load_script
+
+    example = load_script("examples", "continual")
     argv = ["continual.py", "--tasks", "3", "--steps", "20", "--state", str(tmp_path / "state")]
     monkeypatch.setattr(sys, "argv", argv)
     example.main()

@@ -9,7 +9,6 @@ uninterrupted one, and two DDP processes must end with the same adapter although
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
@@ -19,6 +18,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 from huggingface_hub import ModelCard
 from huggingface_hub.utils import filter_repo_objects
 from peft import PeftModel, get_peft_model_state_dict
@@ -35,10 +35,7 @@ PROMPT = "a photo of rex dog"
 
 
 def _load_example(name: str):
-    spec = importlib.util.spec_from_file_location(f"example_{name}", os.path.join(EXAMPLES, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples", name)
 
 
 @pytest.fixture(scope="module")
@@ -740,11 +737,7 @@ def test_llm_skills_train_record_statistics_and_merge_four_ways(tmp_path):
 def test_dreambooth_prior_benchmark_quick_run(tmp_path, capsys):
     """``benchmarks/dreambooth_prior.py --quick``: both adapters train (one on generated class images, cached in the
     work folder), and the printed JSON carries every field, finite."""
-    spec = importlib.util.spec_from_file_location(
-        "bench_prior", os.path.join(ROOT, "benchmarks", "dreambooth_prior.py")
-    )
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks", "dreambooth_prior")
     results = bench.main(["--quick", "--work_dir", str(tmp_path)])
     out = capsys.readouterr().out
     printed = json.loads(out[out.rindex("\n{") + 1 :])  # the JSON block printed last
