@@ -149,7 +149,7 @@ def iter_merged_layers(
                 yield layer, None
             return
         for layer, merged in regmean_layers(adapters, weights, pending, options, dtype):
-            _check_merged(merged.B if merged.delta is None else merged.delta, layer, None, "the regmean solve")
+            _check_merged(merged.A, layer, None, "the regmean solve")  # B'_i = B_i: the adapters' own, checked
             yield layer, merged
         return
     for layer, owners in layer_owners.items():
@@ -263,11 +263,28 @@ def concept_terms(moments: dict) -> list[tuple[float, object]]:
 
 
 def _right_multiply(terms, M: torch.Tensor) -> torch.Tensor:
-    """``M Σ_t c_t G_t`` for ``M`` ``(r, in)``, without forming any ``G_t`` of a sketch."""
+    """``M Σ_t c_t G_t`` for ``M`` ``(r, in)``, without forming any ``G_t`` of a sketch.
+
+    The sketches' bases are taken together: ``((M V) diag(c(σ−ρ))) Vᵀ + (Σ cρ) M`` with ``V = [U_1 … U_T]``, two
+    products for all terms instead of two per term; exact Grams are multiplied one by one.
+    """
+    M = M.to(torch.float64)
     out = None
-    for coef, moment in terms:
-        part = moment.right_multiply(M)
-        out = part.mul_(coef) if out is None else out.add_(part, alpha=coef)
+    cols, scales, diagonal = [], [], 0.0
+    for coef, m in terms:
+        if m.is_sketch:
+            cols.append(m.basis)
+            scales.append(coef * (m.values - m.residual))
+            diagonal += coef * m.residual
+        else:
+            part = (M @ m.gram).mul_(coef)
+            out = part if out is None else out.add_(part)
+    if cols:
+        V = cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)
+        part = ((M @ V).mul_(torch.cat(scales))) @ V.T
+        if diagonal:
+            part.add_(M, alpha=diagonal)
+        out = part if out is None else out.add_(part)
     return out
 
 
