@@ -100,6 +100,25 @@ def write_adapters(folder: str, layers: dict, n: int, rank: int) -> tuple[list[s
     return ortho, plain
 
 
+def write_plain_adapters(folder: str, layers: dict, n: int, rank: int) -> list[str]:
+    """N plain rank-``rank`` LoRAs with random factors (``--regmean-only``: no orthogonal bases to generate)."""
+    from peft import LoraConfig
+
+    paths = []
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        tensors = {}
+        for name, m in layers.items():
+            tensors[f"base_model.model.{name}.lora_A.weight"] = torch.randn(rank, m.in_features, generator=g) * 0.05
+            tensors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(m.out_features, rank, generator=g) * 0.01
+        path = os.path.join(folder, f"plain{i}")
+        os.makedirs(path)
+        save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+        LoraConfig(r=rank, lora_alpha=rank, target_modules=list(TARGETS)).save_pretrained(path)
+        paths.append(path)
+    return paths
+
+
 def write_block_adapters(folder: str, layers: dict, n: int, rank: int) -> list[str]:
     """N BlockLoRA adapters in blocks 0..N-1 (output axis), written directly to disk (only the block stored)."""
     paths = []
@@ -422,7 +441,7 @@ def regmean_only(args) -> None:
     ns = args.ns or [2, 5, 15]
     load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as folder:
-        _, plain = write_adapters(folder, layers, max(ns + (args.memory_ns or [])), args.rank)
+        plain = write_plain_adapters(folder, layers, max(ns + (args.memory_ns or [])), args.rank)
         stats = synthetic_statistics(layers, plain[: max(ns)])
         for n in ns:
             names = plain[:n]

@@ -249,7 +249,7 @@ def _rows(base: nn.Module, x: torch.Tensor, dtype: torch.dtype = torch.float64) 
 
 
 def _gram(rows: torch.Tensor) -> torch.Tensor:
-    """``rowsᵀ rows`` in the rows' dtype, returned in float64 (the dtype of the running sums).
+    """``rowsᵀ rows`` in the rows' dtype (the running sums add it in float64: every float32 value is exact there).
 
     A float32 product is computed in full float32 precision even where the caller enabled TF32 or bf16 reduced
     precision for float32 matmuls (``torch.set_float32_matmul_precision``): its error then stays at float32 rounding
@@ -260,10 +260,10 @@ def _gram(rows: torch.Tensor) -> torch.Tensor:
         if precision != "highest":
             torch.set_float32_matmul_precision("highest")
             try:
-                return (rows.T @ rows).to(torch.float64)
+                return rows.T @ rows
             finally:
                 torch.set_float32_matmul_precision(precision)
-    return (rows.T @ rows).to(torch.float64)
+    return rows.T @ rows
 
 
 def _in_backward() -> bool:
@@ -359,9 +359,9 @@ class _Recorder:
                 self._cache.popitem(last=False)
         acc = self._local.get((name, self._kind))
         if acc is None:
-            self._local[(name, self._kind)] = _Accumulator(gram.clone(), n)
+            self._local[(name, self._kind)] = _Accumulator(gram.to(torch.float64, copy=True), n)
         else:
-            acc.sum.add_(gram)
+            acc.sum.add_(gram)  # a float32 product is widened element by element inside the add (no temporary)
             acc.count += n
         self._seen += 1
 
