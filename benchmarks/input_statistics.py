@@ -207,8 +207,9 @@ def _report(args, r, wall_s: float, load_before: float) -> str:
         "Reading: the paired IQRs show the noise of this shared machine (the hooks-only arm, which adds almost "
         f"nothing, spans {hook_lo:.2f}–{hook_hi:.2f}×). The matmul work is the load-independent number: recording "
         f"adds {100 * (recg / plain - 1):.1f} % of the step's matmul FLOPs (convolutions, the same in every arm, not "
-        "counted); float64 products take about twice the time per FLOP of float32 on this CPU, which is what the "
-        "two recording arms show. The float32 products' error (tests/test_statistics.py: elementwise within "
+        "counted). float64 products take about twice the time per FLOP of float32 on this CPU; whether the two "
+        "recording arms differ by that much in one run depends on the load (compare the hooks-only IQR). The "
+        "float32 products' error (tests/test_statistics.py: elementwise within "
         "γ_n·|X|ᵀ|X|, relative Frobenius ≤ 1e-6 per batch, measured ~1e-7) is far below what a merge resolves.",
         "",
         "What recording costs: one `XᵀX` per distinct layer input and forward (`to_q/to_k/to_v` share their "
