@@ -100,6 +100,25 @@ def write_adapters(folder: str, layers: dict, n: int, rank: int) -> tuple[list[s
     return ortho, plain
 
 
+def write_plain_adapters(folder: str, layers: dict, n: int, rank: int) -> list[str]:
+    """N plain rank-``rank`` LoRAs with random factors (``--regmean-only``: no orthogonal bases to generate)."""
+    from peft import LoraConfig
+
+    paths = []
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        tensors = {}
+        for name, m in layers.items():
+            tensors[f"base_model.model.{name}.lora_A.weight"] = torch.randn(rank, m.in_features, generator=g) * 0.05
+            tensors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(m.out_features, rank, generator=g) * 0.01
+        path = os.path.join(folder, f"plain{i}")
+        os.makedirs(path)
+        save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+        LoraConfig(r=rank, lora_alpha=rank, target_modules=list(TARGETS)).save_pretrained(path)
+        paths.append(path)
+    return paths
+
+
 def write_block_adapters(folder: str, layers: dict, n: int, rank: int) -> list[str]:
     """N BlockLoRA adapters in blocks 0..N-1 (output axis), written directly to disk (only the block stored)."""
     paths = []
@@ -122,24 +141,57 @@ def write_block_adapters(folder: str, layers: dict, n: int, rank: int) -> list[s
     return paths
 
 
-def synthetic_statistics(layers: dict, names: list[str], image_rank: int = 16, text_rank: int = 77) -> dict:
-    """``{name: AdapterStatistics}``: random sketches per layer and kind (orthonormal bases, decaying values).
+def input_group(layer: str) -> str:
+    """Which tensor a layer reads: layers that read the same one share one moment in an ``InputStatistics`` file.
 
-    Text-side layers (cross-attention ``to_k``/``to_v``, whose input is the 768-wide text embedding) get a lossless
-    sketch of ``text_rank`` (one prompt's 77 tokens); image-side layers a rank-``image_rank`` sketch with residual.
+    ``to_q``/``to_k``/``to_v`` of a self-attention read the block's normalised hidden states; every
+    cross-attention ``to_k``/``to_v`` reads the text encoder's output (one tensor per forward for the whole UNet).
+    """
+    if "attn2" in layer and layer.endswith(("to_k", "to_v")):
+        return "text"
+    if "attn1" in layer and layer.endswith(("to_q", "to_k", "to_v")):
+        return layer.rsplit(".", 1)[0] + ".qkv"
+    return layer
+
+
+def synthetic_statistics(layers: dict, names: list[str], image_rank: int = 16, text_rank: int = 77) -> dict:
+    """``{name: AdapterStatistics}``: random sketches (orthonormal bases, decaying values), shared as in real files.
+
+    Image-side inputs get a rank-``image_rank`` sketch with residual, text-side inputs (cross-attention
+    ``to_k``/``to_v``, the 768-wide text embedding) a lossless sketch of ``text_rank`` (one prompt's 77 tokens).
+    Sharing as ``InputStatistics`` writes it: per adapter and kind, layers that read the same tensor
+    (``input_group``) hold one ``Moment``; the ``"unconditional"`` text-side moment (the empty prompt through the
+    same text encoder) has the same content in every adapter's file (separate tensors, as loaded from separate
+    files). The text-side ``"concept"`` and ``"prior"`` moments differ per adapter (its own trigger and class
+    prompts).
     """
     g = torch.Generator().manual_seed(2)
+
+    def sketch(width: int, k: int, residual: float) -> Moment:
+        basis = torch.linalg.qr(torch.randn(width, k, generator=g, dtype=torch.float64))[0]
+        basis = basis.to(torch.float32).to(torch.float64)  # what a file holds
+        values = torch.logspace(1, -1, k, dtype=torch.float64) * (1 + 0.1 * torch.rand(k, generator=g))
+        return Moment(1000, basis=basis, values=values, residual=residual)
+
+    empty: dict[int, Moment] = {}
     out = {}
     for name in names:
-        per_layer = {}
+        per_layer, shared = {}, {}
         for layer, m in layers.items():
-            text_side = "attn2" in layer and layer.endswith(("to_k", "to_v"))
-            k, residual = (text_rank, 0.0) if text_side else (image_rank, 0.05)
+            group = input_group(layer)
+            text_side = group == "text"
             per_layer[layer] = {}
             for kind in KINDS:
-                basis = torch.linalg.qr(torch.randn(m.in_features, k, generator=g, dtype=torch.float64))[0]
-                values = torch.logspace(1, -1, k, dtype=torch.float64) * (1 + 0.1 * torch.rand(k, generator=g))
-                per_layer[layer][kind] = Moment(1000, basis=basis, values=values, residual=residual)
+                if (group, kind) not in shared:
+                    if text_side and kind == "unconditional":
+                        e = empty.setdefault(m.in_features, sketch(m.in_features, text_rank, 0.0))
+                        moment = Moment(e.count, basis=e.basis.clone(), values=e.values.clone(), residual=0.0)
+                    elif text_side:
+                        moment = sketch(m.in_features, text_rank, 0.0)
+                    else:
+                        moment = sketch(m.in_features, image_rank, 0.05)
+                    shared[(group, kind)] = moment
+                per_layer[layer][kind] = shared[(group, kind)]
         out[name] = AdapterStatistics(layers=per_layer)
     return out
 
@@ -352,21 +404,80 @@ def plot_times(rows: list[dict], path: str) -> str | None:
     return path
 
 
+def regmean_memory_child(folder: str, n: int, quick: bool) -> None:
+    """Fresh process: memory the streamed statistics merge + fuse of the first n adapters adds (``RssAnon`` peak).
+
+    Measured after the model and the synthetic statistics are built (both are inputs), with ``stream=True`` so that
+    nothing per adapter is kept between the checking pass and fuse's merge pass.
+    """
+    import threading
+
+    unet = build_unet(quick)
+    layers = target_layers(unet)
+    names = [os.path.join(folder, f"plain{i}") for i in range(n)]
+    stats = synthetic_statistics(layers, names)
+    anon0 = status_kb("RssAnon")
+    peak, done = [anon0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], status_kb("RssAnon"))
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    compose(names, method="regmean", statistics=stats, progress=False, stream=True).fuse(unet)
+    done.set()
+    sampler.join()
+    peak[0] = max(peak[0], status_kb("RssAnon"))
+    print(json.dumps({"n": n, "anon_mb": (peak[0] - anon0) / 1024}))
+
+
 def regmean_only(args) -> None:
-    torch.set_num_threads(os.cpu_count() or 1)
+    """Wall and process CPU time of the statistics merge (no fuse, then with fuse) and of its report, per N."""
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
     unet = build_unet(args.quick)
     layers = target_layers(unet)
     ns = args.ns or [2, 5, 15]
+    load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as folder:
-        _, plain = write_adapters(folder, layers, max(ns), args.rank)
-        stats = synthetic_statistics(layers, plain)
+        plain = write_plain_adapters(folder, layers, max(ns + (args.memory_ns or [])), args.rank)
+        stats = synthetic_statistics(layers, plain[: max(ns)])
         for n in ns:
-            compose(plain[:n], progress=False)  # page cache
-            merge = median_of(args.timing_repeats, lambda n=n: bench_regmean(unet, plain[:n], stats, fuse=False))
-            with_fuse = median_of(args.timing_repeats, lambda n=n: bench_regmean(unet, plain[:n], stats))
-            merged = compose(plain[:n], method="regmean", statistics={p: stats[p] for p in plain[:n]}, progress=False)
-            report = timed(lambda merged=merged: merged.report)
-            print(json.dumps({"n": n, "regmean": merge, "regmean_fuse": with_fuse, "report": report}), flush=True)
+            names = plain[:n]
+            compose(names, progress=False)  # page cache
+            k = args.timing_repeats
+            merge = statistics.median_low([cpu_timed(lambda names=names: regmean(names, stats)) for _ in range(k)])
+            fused = statistics.median_low(
+                [cpu_timed(lambda names=names: regmean(names, stats).fuse(unet)) for _ in range(k)]
+            )
+            row = {"n": n, "layers": len(layers), "threads": torch.get_num_threads()}
+            timings = [("regmean", merge), ("regmean_fuse", fused)]
+            if n <= args.report_max_n:  # the report's predictions cost more than the merge (minutes at N = 15)
+                merged = regmean(names, stats)
+                timings.append(("report", cpu_timed(lambda merged=merged: merged.report)))
+            for label, (wall, cpu) in timings:
+                row[label] = round(wall, 3)
+                row[label + "_cpu"] = round(cpu, 3)
+            row["per_layer_ms"] = round(1000 * merge[0] / len(layers), 2)
+            print(json.dumps(row), flush=True)
+        for n in args.memory_ns or []:
+            cmd = [sys.executable, __file__, "--regmean-memory-child", folder, "--n", str(n)]
+            cmd += ["--quick"] if args.quick else []
+            line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            print(line, flush=True)
+    print(json.dumps({"load_before": round(load0, 1), "load_after": round(os.getloadavg()[0], 1)}), flush=True)
+
+
+def regmean(names, stats):
+    return compose(names, method="regmean", statistics={n: stats[n] for n in names}, progress=False)
+
+
+def cpu_timed(fn) -> tuple[float, float]:
+    """``(wall, process CPU time)`` of one call (CPU time counts every thread of this process, no other process)."""
+    t, c = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - t, time.process_time() - c
 
 
 def main() -> None:
@@ -383,12 +494,17 @@ def main() -> None:
     p.add_argument("--memory-child", metavar="FOLDER")
     p.add_argument("--n", type=int)
     p.add_argument("--stream", action="store_true")
+    p.add_argument("--regmean-memory-child", metavar="FOLDER")
+    p.add_argument("--threads", type=int, help="--regmean-only: torch threads (default: every core)")
+    p.add_argument("--report-max-n", type=int, default=5, help="--regmean-only: time merged.report up to this N")
     p.add_argument(
         "--regmean-only", action="store_true", help="time only the statistics merge (prints, writes nothing)"
     )
     args = p.parse_args()
     if args.memory_child:
         return memory_child(args.memory_child, args.n, args.quick, args.stream)
+    if args.regmean_memory_child:
+        return regmean_memory_child(args.regmean_memory_child, args.n, args.quick)
     if args.regmean_only:
         return regmean_only(args)
 

@@ -927,26 +927,22 @@ class Statistics:
         for name, s in self.stats.items():
             s.save_pretrained(folder if name == "unet" else os.path.join(folder, name))
 
-    # Checkpoints hold each process's running sums as they are (float64, not yet summed over processes), so that a
-    # resumed run ends with bit-identical statistics. InputStatistics has no public state API yet: these two methods
-    # are the only place that reads its accumulators (``_local``: this process's, ``_reduced``: already summed).
+    # Checkpoints hold each process's running sums as they are (float64, not yet summed over processes:
+    # ``InputStatistics.state_dict``), so that a resumed run ends with bit-identical statistics.
     def save_state(self, folder: str, rank: int) -> None:
         from safetensors.torch import save_file
 
-        tensors, counts = {}, {}
-        for name, s in self.stats.items():
-            for which in ("_local", "_reduced"):
-                for (layer, kind), acc in getattr(s, which).items():
-                    key = f"{name}|{which}|{layer}|{kind}"
-                    tensors[key], counts[key] = acc.sum.detach().cpu().contiguous(), acc.count
+        tensors = {
+            f"{name}|{key}": value.detach().cpu().contiguous()
+            for name, s in self.stats.items()
+            for key, value in s.state_dict().items()
+        }
         os.makedirs(os.path.join(folder, "statistics"), exist_ok=True)
         path = os.path.join(folder, "statistics", f"rank{rank}.safetensors")
-        save_file(tensors, path, metadata={"counts": json.dumps(counts)})
+        save_file(tensors, path, metadata={"format": "peft-ortho/input-statistics-state"})
 
     def load_state(self, folder: str, rank: int, device) -> None:
-        from safetensors import safe_open
-
-        from peft_ortho.statistics import _Accumulator
+        from safetensors.torch import load_file
 
         path = os.path.join(folder, "statistics", f"rank{rank}.safetensors")
         if not os.path.isfile(path):
@@ -954,16 +950,17 @@ class Statistics:
                 f"checkpoint {folder!r} holds no statistics of process {rank} ({path} is missing): resume with the "
                 "number of processes and the statistics setting it was made with, or pass --no_statistics"
             )
-        with safe_open(path, "pt") as f:
-            counts = json.loads(f.metadata()["counts"])
-            state = {key: (f.get_tensor(key), counts[key]) for key in f.keys()}
-        for s in self.stats.values():
-            s._local, s._reduced = {}, {}
-        for key, (tensor, count) in state.items():
-            name, which, layer, kind = key.split("|")
-            if name not in self.stats or layer not in self.stats[name].layer_names:
-                raise ValueError(f"checkpoint {folder!r}: statistics of an unknown layer {name}.{layer}")
-            getattr(self.stats[name], which)[(layer, kind)] = _Accumulator(tensor.to(device), int(count))
+        by_component: dict[str, dict] = {name: {} for name in self.stats}
+        for key, tensor in load_file(path).items():
+            name, _, inner = key.partition("|")
+            if name not in self.stats:
+                raise ValueError(f"checkpoint {folder!r}: statistics of an unknown component {name!r}")
+            by_component[name][inner] = tensor
+        for name, s in self.stats.items():
+            try:
+                s.load_state_dict(by_component[name], device=device)
+            except ValueError as e:
+                raise ValueError(f"checkpoint {folder!r}: {name}: {e}") from e
 
 
 class PromptEncoder:

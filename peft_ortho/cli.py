@@ -95,13 +95,24 @@ def _merge_arguments(p: argparse.ArgumentParser) -> None:
         help="auto (regmean when every adapter carries input statistics, else exact stacking), linear, regmean, "
         "ties, dare_linear, dare_ties, svd",
     )
-    p.add_argument("--prior-weight", type=float, default=PRIOR_WEIGHT, help="regmean: μ, weight of ordinary inputs")
-    p.add_argument("--ridge", type=float, default=RIDGE, help="regmean: λ relative to tr(G)/in (0: minimum norm)")
+    p.add_argument(
+        "--prior-weight",
+        type=float,
+        default=PRIOR_WEIGHT,
+        help="regmean: μ, weight of ordinary inputs (default %(default)s)",
+    )
+    p.add_argument(
+        "--ridge",
+        type=float,
+        default=RIDGE,
+        help="regmean: λ relative to tr(G)/in (0: minimum norm; default %(default)s)",
+    )
     p.add_argument(
         "--prior-target",
         choices=PRIOR_TARGETS,
         default=PRIOR_TARGET,
-        help="regmean: keep each adapter's own output on its prior inputs (own) or the base's (base)",
+        help="regmean: keep the base's output on the pooled prior inputs (base, the default) or each adapter's "
+        "own (own)",
     )
     p.add_argument(
         "--calibrate",

@@ -20,7 +20,7 @@ from peft.tuners.lora import LoraLayer
 
 from peft_ortho import BlockLoraConfig, IncompatibleAdaptersError, testing
 from peft_ortho.compose import compose
-from peft_ortho.compose.merge import RIDGE, RIDGE_FLOOR
+from peft_ortho.compose.merge import PRIOR_TARGET, PRIOR_WEIGHT, RIDGE, RIDGE_FLOOR
 from peft_ortho.statistics import AdapterStatistics, Moment
 
 MLP_LAYERS = ["lin0", "lin1"]
@@ -218,7 +218,9 @@ def test_auto_picks_regmean_only_when_every_adapter_carries_statistics(mlp, thre
     stats = {f: to_stats(a) for f, a in zip(folders, acts)}
     merged = compose(folders, weights, statistics=stats)
     assert merged.method == "regmean" and "Chosen by method='auto'" in merged.statement
-    expected = closed_form(deltas, weights, acts, "lin0", 1.0, RIDGE, "own")
+    # with the documented defaults (chosen on the fidelity benchmark, docs/compose.md)
+    assert (PRIOR_TARGET, PRIOR_WEIGHT, RIDGE) == ("base", 0.3, 1e-3)
+    expected = closed_form(deltas, weights, acts, "lin0", PRIOR_WEIGHT, RIDGE, PRIOR_TARGET)
     assert rel_err(merged_deltas(merged)["lin0"], expected) < 1e-5
 
     none = compose(folders, weights)
@@ -352,7 +354,13 @@ def test_block_lora_terms_are_not_confined_after_the_statistics_merge(mlp, tmp_p
                 for n in MLP_LAYERS
             }
         )
-    merged = compose(folders, method="regmean", statistics={f: to_stats(a) for f, a in zip(folders, acts)})
+    merged = compose(
+        folders,
+        method="regmean",
+        statistics={f: to_stats(a) for f, a in zip(folders, acts)},
+        prior_weight=1.0,
+        prior_target="own",
+    )
     assert all(layer.blocks is None for layer in merged.layers.values())
     fused = merged.fuse(copy.deepcopy(mlp))
     for layer in MLP_LAYERS:
@@ -430,7 +438,7 @@ def test_report_predicts_that_a_plain_sum_of_many_adapters_fails(mlp, tmp_path):
     folders = [build(mlp, lora(r=4, lora_alpha=8), tmp_path / f"n{i}", seed=20 + i) for i in range(8)]
     stats = {f: to_stats(mlp_acts(mlp, i, kinds=("concept", "prior"))) for i, f in enumerate(folders)}
     total = compose(folders, method="linear", statistics=stats).report
-    regmean = compose(folders, method="regmean", statistics=stats).report
+    regmean = compose(folders, method="regmean", statistics=stats, prior_weight=1.0, prior_target="own").report
     worst_sum, worst_regmean = total.worst_concept()[1], regmean.worst_concept()[1]
     assert worst_sum < 0 and "expect them to be lost" in str(total) and "try method='regmean'" in str(total)
     assert worst_regmean > worst_sum + 0.5

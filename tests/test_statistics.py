@@ -110,7 +110,7 @@ def test_linear_and_conv_grams_equal_an_independent_float64_computation(config):
     else:
         cfg = OrthoLoraConfig(r=2, target_modules=names, slot=1)
     model = get_peft_model(ConvNet(), cfg)
-    stats = InputStatistics(model)
+    stats = InputStatistics(model, product_dtype=torch.float64)
     assert sorted(stats.layer_names) == sorted(names)
     capture = _Capture(_base_modules(model, names))
     g = torch.Generator().manual_seed(1)
@@ -130,7 +130,7 @@ def test_linear_and_conv_grams_equal_an_independent_float64_computation(config):
     A = conv.lora_A["default"].weight.double().reshape(2, -1)
     img = torch.randn(2, 3, 9, 8, generator=g)
     h = torch.nn.functional.conv2d(img.double(), conv.lora_A["default"].weight.double(), stride=2, padding=1)
-    stats2 = InputStatistics(model)
+    stats2 = InputStatistics(model, product_dtype=torch.float64)
     with stats2.record("prior"):
         model(torch.randn(1, 1, 12), img)
     m = stats2.statistics().moment("conv_a", "prior")
@@ -155,7 +155,7 @@ def test_dilated_and_reflect_padded_conv_patches():
 
 def test_conv1d_grams_and_kinds_stay_separate(tiny_gpt2):
     model = get_peft_model(tiny_gpt2, LoraConfig(r=2, target_modules=["c_attn", "c_proj"], init_lora_weights=False))
-    stats = InputStatistics(model)
+    stats = InputStatistics(model, product_dtype=torch.float64)
     layers = stats.layer_names
     assert "transformer.h.0.attn.c_attn" in layers and "transformer.h.1.mlp.c_proj" in layers
     capture = {}
@@ -167,7 +167,7 @@ def test_conv1d_grams_and_kinds_stay_separate(tiny_gpt2):
         capture[kind] = c.inputs
     model(input_ids=torch.randint(0, 100, (2, 9)))  # not recording: counted nowhere
     with torch.inference_mode():  # inference tensors (no version counter) are recorded too
-        again = InputStatistics(model)
+        again = InputStatistics(model, product_dtype=torch.float64)
         with again.record("concept"):
             model(input_ids=torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0)))
         again.remove()
@@ -200,7 +200,7 @@ def test_hooks_cost_nothing_outside_record_and_remove_cleanly(tiny_gpt2):
     ids = torch.randint(0, 100, (1, 5))
     for _ in range(3):
         model(input_ids=ids)
-    assert stats._local == {}  # nothing accumulated, nothing allocated
+    assert stats.state_dict() == {}  # nothing accumulated, nothing allocated
     stats.remove()
     assert all(not m._forward_pre_hooks for m in model.modules())
     with pytest.raises(RuntimeError, match="removed"):
@@ -239,7 +239,7 @@ def test_layer_names_match_the_weight_files_for_injected_and_diffusers_adapters(
 
 def test_shared_inputs_share_one_moment_and_match_per_layer_references():
     unet = get_peft_model(testing.tiny_unet(), LoraConfig(r=2, target_modules=testing.UNET_TARGETS))
-    stats = InputStatistics(unet)
+    stats = InputStatistics(unet, product_dtype=torch.float64)
     names = stats.layer_names
     capture = _Capture(_base_modules(unet, names))
     with stats.record("concept"):
@@ -258,14 +258,116 @@ def test_shared_inputs_share_one_moment_and_match_per_layer_references():
     blocks = {n.rsplit(".attn", 1)[0] for n in names}
     assert stats._products == 4 * len(blocks) + 1  # computed once per distinct input: 4 per block + the prompt
 
-    # float32 products (float64 sums): the same statistics to float32 rounding.
-    fast = InputStatistics(unet, product_dtype=torch.float32)
-    with fast.record("concept"):
-        unet(**testing.unet_inputs(unet))
-    for name in names:
-        m = fast.statistics().moment(name, "concept")
-        assert m.gram.dtype == torch.float64
-        torch.testing.assert_close(m.gram, result.moment(name, "concept").gram, rtol=1e-5, atol=1e-6)
+    # The default: float32 products of the float32 inputs (float64 sums), the same statistics to float32 rounding.
+    for fast in (InputStatistics(unet), InputStatistics(unet, product_dtype=torch.float32)):
+        with fast.record("concept"):
+            unet(**testing.unet_inputs(unet))
+        for name in names:
+            m, ref = fast.statistics().moment(name, "concept"), result.moment(name, "concept")
+            assert m.gram.dtype == torch.float64
+            assert float((m.gram - ref.gram).norm() / ref.gram.norm()) < 1e-6
+
+
+def test_default_float32_products_are_within_the_documented_bound():
+    """Default products run in the inputs' float32 (float64 sums): elementwise within ``γ_n |X|ᵀ|X|`` of the exact
+    float64 product (the bound for any summation order), relative Frobenius error ≤ 1e-6 per batch (measured ~1e-7);
+    float64 inputs keep float64 products; a reduced float32 matmul precision setting is neither used nor changed."""
+    u = 2.0**-24
+    for rows, width in ((154, 768), (8192, 320)):  # one prompt pair's tokens; 2 × 64×64 latent tokens
+        model = get_peft_model(nn.Sequential(nn.Linear(width, 8)), LoraConfig(r=2, target_modules=["0"]))
+        g = torch.Generator().manual_seed(width)
+        mix = torch.eye(width) + 0.1 * torch.randn(width, width, generator=g) / width**0.5
+        X = ((torch.randn(rows, width, generator=g) * (1 + torch.rand(width, generator=g)) + 0.5) @ mix).float()
+        stats = InputStatistics(model)
+        with torch.no_grad(), stats.record("concept"):
+            model(X)
+        got = stats.state_dict()["local/concept/0/sum"]  # Σ XᵀX itself (wide layers are stored sketched)
+        X64 = X.double()
+        exact, bound = X64.T @ X64, (rows * u / (1 - rows * u)) * (X64.abs().T @ X64.abs())
+        assert bool(((got - exact).abs() <= bound + 1e-300).all())
+        assert float((got - exact).norm() / exact.norm()) <= 1e-6
+        # float64 inputs: float64 products, as before
+        model64 = copy.deepcopy(model).double()
+        stats64 = InputStatistics(model64)
+        with torch.no_grad(), stats64.record("concept"):
+            model64(X64)
+        torch.testing.assert_close(stats64.state_dict()["local/concept/0/sum"], exact, rtol=1e-12, atol=0)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        reduced = InputStatistics(model)
+        with torch.no_grad(), reduced.record("concept"):
+            model(X)
+        assert torch.get_float32_matmul_precision() == "medium"  # restored after the product
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert torch.equal(reduced.state_dict()["local/concept/0/sum"], got)
+
+
+def test_state_dict_resumes_bit_identically_and_load_checks_before_changing_anything(tiny_gpt2, tmp_path):
+    """``state_dict`` → a safetensors file → ``load_state_dict`` into a fresh recorder, then more recording: bit for
+    bit what one uninterrupted recorder holds (local and already-reduced parts both); bad states are refused."""
+    from safetensors.torch import load_file
+
+    model = get_peft_model(tiny_gpt2, LoraConfig(r=2, target_modules=["c_attn", "c_proj"]))
+    batches = [torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(s)) for s in range(5)]
+
+    def feed(stats, which):
+        for i in which:
+            with stats.record("prior" if i == 2 else "concept"):
+                model(input_ids=batches[i])
+            if i == 1:
+                stats.all_reduce()  # single process: moves what was recorded to the reduced part
+
+    whole = InputStatistics(model)
+    feed(whole, range(5))
+    whole.remove()
+    first = InputStatistics(model)
+    feed(first, range(3))
+    state = first.state_dict()
+    first.remove()
+    parts = {key.split("/")[0] for key in state}
+    assert parts == {"local", "reduced"}
+    key = next(k for k in state if k.endswith("/sum"))
+    assert state[key].dtype == torch.float64 and state[key.replace("/sum", "/count")].dtype == torch.int64
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "state.safetensors"))
+    loaded = load_file(str(tmp_path / "state.safetensors"))
+    resumed = InputStatistics(model)
+    resumed.load_state_dict(loaded)
+    for v in loaded.values():
+        v.zero_()  # the recorder copied: the caller's tensors are not aliased
+    feed(resumed, range(3, 5))
+    assert _bit_identical(resumed.statistics(), whole.statistics())
+    assert resumed.state_dict().keys() == whole.state_dict().keys()
+
+    before = resumed.state_dict()
+    before = {k: v.clone() for k, v in before.items()}
+    good = dict(state)
+    layer = key.split("/")[2]
+    bad_cases = {
+        "unknown layer": {**good, key.replace(layer, "transformer.h.9.attn.c_attn"): state[key]},
+        "no count": {k: v for k, v in good.items() if k != key.replace("/sum", "/count")},
+        "shape": {**good, key: state[key][:-1]},
+        "dtype": {**good, key: state[key].float()},
+        "negative count": {**good, key.replace("/sum", "/count"): torch.tensor(-1)},
+        "non-finite": {**good, key: torch.full_like(state[key], float("nan"))},
+        "unknown part": {**good, "elsewhere/" + key.split("/", 1)[1]: state[key]},
+    }
+    for case, bad in bad_cases.items():
+        with pytest.raises(ValueError, match="statistics state"):
+            resumed.load_state_dict(bad)
+        after = resumed.state_dict()
+        assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before), case
+
+
+def test_layers_the_tuners_do_not_support_are_refused_by_their_check():
+    """One check for the tuners and the statistics (``tuners/_layers.py``): an Embedding LoRA is refused by name."""
+    from peft_ortho import UnsupportedLayerError
+
+    model = get_peft_model(nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4)), LoraConfig(r=2, target_modules=["0"]))
+    with pytest.raises(UnsupportedLayerError, match="Embedding is not supported by input statistics") as info:
+        InputStatistics(model)
+    assert info.value.layer == "0"
 
 
 # ------------------------------------------------------------------------------------------------ DDP, checkpointing, compile
@@ -322,7 +424,7 @@ def test_torch_compile_records_the_same_statistics(tiny_gpt2):
     stats = InputStatistics(model)  # created before compiling, as documented
     compiled = torch.compile(model, backend="aot_eager")
     compiled(input_ids=ids)  # compiled while not recording
-    assert stats._local == {}
+    assert stats.state_dict() == {}
     with stats.record("concept"):
         compiled(input_ids=ids)
     compiled(input_ids=ids)  # and back: not counted

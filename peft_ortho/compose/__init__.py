@@ -22,6 +22,7 @@ from .merge import (
     PRIOR_TARGET,
     PRIOR_WEIGHT,
     RIDGE,
+    SEQUENTIAL_PRIOR_WEIGHT,
     STATISTICS_METHODS,
     MergedLayer,
     RegMeanOptions,
@@ -387,7 +388,7 @@ def compose(
     density: float = 0.5,
     majority_sign_method: str = "total",
     svd_rank: int | None = None,
-    prior_weight: float = PRIOR_WEIGHT,
+    prior_weight: float | None = None,
     ridge: float = RIDGE,
     prior_target: str = PRIOR_TARGET,
     statistics: dict | None = None,
@@ -416,11 +417,12 @@ def compose(
         names: adapters to merge.
         weights: one per adapter (default 1.0 each).
         method: see above.
-        prior_weight: μ ≥ 0, the weight of ordinary ("prior") inputs in the statistics merge.
-        ridge: λ ≥ 0 relative to ``tr(G)/in``; 0 gives the minimum-norm least-squares solution.
-        prior_target: ``"own"`` (default) keeps each adapter's own behaviour on the prior inputs it was trained on
-            (``H_i = G_i + μ P_i``); ``"base"`` asks for the base's behaviour on the pooled prior inputs
-            (``H_i = G_i`` and the term ``μ G_0``).
+        prior_weight: μ ≥ 0, the weight of ordinary ("prior") inputs. ``None``: the method's default, 0.3 for the
+            statistics merge (``merge.PRIOR_WEIGHT``), 1.0 for ``"sequential"``.
+        ridge: λ ≥ 0 relative to ``tr(G)/in`` (default 1e-3); 0 gives the minimum-norm least-squares solution.
+        prior_target: ``"base"`` (default) asks for the base's behaviour on the pooled prior inputs (``H_i = G_i``
+            and the term ``μ G_0``); ``"own"`` keeps each adapter's own behaviour on the prior inputs it was trained
+            on (``H_i = G_i + μ P_i``). The defaults were chosen on the fidelity benchmark (docs/compose.md).
         statistics: ``{adapter name: AdapterStatistics}`` to use instead of (or for adapters without) a statistics
             file, e.g. recorded in this process; names must be adapters of this merge.
         calibrate: a pipeline or model to compute statistics with (``peft_ortho.statistics.calibrate``) for the
@@ -452,6 +454,8 @@ def compose(
         raise ValueError("compose needs at least one adapter name")
     if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1):
         raise ValueError(f"svd_rank must be a positive integer or None, got {svd_rank!r}")
+    if prior_weight is None:
+        prior_weight = SEQUENTIAL_PRIOR_WEIGHT if method == "sequential" else PRIOR_WEIGHT
     RegMeanOptions(prior_weight, ridge, prior_target)  # refuse bad values before reading anything
     if prompts is not None and calibrate is None:
         raise ValueError("prompts= needs calibrate=<pipeline or model> to run them through")

@@ -22,6 +22,7 @@ LoRA, ``ΔW = Σ_i B_i A'_i`` with ``A'_i = w_i s_i A_i H_i G⁻¹``, so every e
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Iterator
 
 import torch
@@ -38,12 +39,14 @@ STATISTICS_METHODS = ("regmean",)
 METHODS = EXACT_METHODS + DELTA_METHODS + STATISTICS_METHODS
 PRIOR_TARGETS = ("own", "base")
 
-# Defaults of the statistics merge (provisional, see docs/compose.md "Statistics merge").
-PRIOR_WEIGHT = 1.0  # μ: weight of the ordinary ("prior") inputs against the concept's own
+# Defaults of the statistics merge, chosen by the fidelity benchmark with a rule that does not depend on N (see
+# docs/compose.md "Statistics merge"): keep the base's behaviour on pooled ordinary inputs, weighted 0.3.
+PRIOR_WEIGHT = 0.3  # μ: weight of the ordinary ("prior") inputs against the concepts' own
 RIDGE = 1e-3  # λ, relative to the mean eigenvalue tr(G)/in of the matrix being inverted
-PRIOR_TARGET = "own"
+PRIOR_TARGET = "base"
+SEQUENTIAL_PRIOR_WEIGHT = 1.0  # μ of method="sequential" (compose.sequential), which has its own default
 RIDGE_FLOOR = 1e-9  # added to λ: keeps the factorisation defined at ridge=0 (→ the minimum-norm solution)
-_CHUNK_BYTES = 64 << 20  # float64 Grams solved in one batched call (memory bound, independent of N)
+_FACTOR_CACHE_BYTES = 128 << 20  # factorisations of G kept for layers that share it (bound independent of N)
 
 
 class MergedLayer:
@@ -110,8 +113,8 @@ def iter_merged_layers(
 ) -> Iterator[tuple[tuple[str | None, str], MergedLayer | None]]:
     """The single pass, one layer at a time: read that layer of each adapter, check it, merge it, yield it.
 
-    Only one layer's factors are in memory at a time (for ``"regmean"``: one batch of layers of equal width, bounded
-    in bytes), so consumers that stream (``fuse``, validation) use memory independent of the number of adapters.
+    Only one layer's factors are in memory at a time (for ``"regmean"`` also a cache of factorisations of ``G``
+    bounded in bytes), so consumers that stream (``fuse``, validation) use memory independent of the number of adapters.
     ``merge=False`` only checks (yields ``None``); ``check=False`` skips the checks for adapters already validated.
     """
     if method not in METHODS:
@@ -146,7 +149,7 @@ def iter_merged_layers(
                 yield layer, None
             return
         for layer, merged in regmean_layers(adapters, weights, pending, options, dtype):
-            _check_merged(merged.B if merged.delta is None else merged.delta, layer, None, "the regmean solve")
+            _check_merged(merged.A, layer, None, "the regmean solve")  # B'_i = B_i: the adapters' own, checked
             yield layer, merged
         return
     for layer, owners in layer_owners.items():
@@ -260,11 +263,28 @@ def concept_terms(moments: dict) -> list[tuple[float, object]]:
 
 
 def _right_multiply(terms, M: torch.Tensor) -> torch.Tensor:
-    """``M Σ_t c_t G_t`` for ``M`` ``(r, in)``, without forming any ``G_t`` of a sketch."""
+    """``M Σ_t c_t G_t`` for ``M`` ``(r, in)``, without forming any ``G_t`` of a sketch.
+
+    The sketches' bases are taken together: ``((M V) diag(c(σ−ρ))) Vᵀ + (Σ cρ) M`` with ``V = [U_1 … U_T]``, two
+    products for all terms instead of two per term; exact Grams are multiplied one by one.
+    """
+    M = M.to(torch.float64)
     out = None
-    for coef, moment in terms:
-        part = moment.right_multiply(M)
-        out = part.mul_(coef) if out is None else out.add_(part, alpha=coef)
+    cols, scales, diagonal = [], [], 0.0
+    for coef, m in terms:
+        if m.is_sketch:
+            cols.append(m.basis)
+            scales.append(coef * (m.values - m.residual))
+            diagonal += coef * m.residual
+        else:
+            part = (M @ m.gram).mul_(coef)
+            out = part if out is None else out.add_(part)
+    if cols:
+        V = cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)
+        part = ((M @ V).mul_(torch.cat(scales))) @ V.T
+        if diagonal:
+            part.add_(M, alpha=diagonal)
+        out = part if out is None else out.add_(part)
     return out
 
 
@@ -283,6 +303,73 @@ def _add_dense(G: torch.Tensor, terms) -> None:
         G.addmm_(torch.cat(scaled, dim=1), torch.cat(cols, dim=1).T)
     if diagonal:
         G.diagonal().add_(diagonal)
+
+
+class _MomentIndex:
+    """One token per distinct moment *content*, so that equal moments are summed once.
+
+    The same ``Moment`` object recurs where a file shares it (``to_q``/``to_k``/``to_v`` read one tensor; every
+    cross-attention ``to_k``/``to_v`` reads the same text states), and equal contents recur across adapters (the
+    empty prompt's text-side inputs are the same in every adapter's file). Fingerprint: the eigenvalues (or the
+    Gram's diagonal) and the residual; equal fingerprints are confirmed with ``torch.equal`` on the tensors, so
+    two moments share a token only when they are bit-identical. Holds references only (no copies).
+    """
+
+    def __init__(self):
+        self._by_id: dict[int, tuple[object, int]] = {}
+        self._by_print: dict[tuple, list[tuple[int, object]]] = {}
+        self._tokens = 0
+
+    def token(self, m) -> int:
+        hit = self._by_id.get(id(m))
+        if hit is not None and hit[0] is m:
+            return hit[1]
+        if m.is_sketch:
+            fp = (True, m.in_features, m.basis.shape[1], float(m.residual), m.values.numpy().tobytes())
+        else:
+            fp = (False, m.in_features, m.gram.diagonal().numpy().tobytes())
+        candidates = self._by_print.setdefault(fp, [])
+        token = next((t for t, other in candidates if _same_moment(m, other)), None)
+        if token is None:
+            self._tokens += 1
+            token = self._tokens
+            candidates.append((token, m))
+        self._by_id[id(m)] = (m, token)
+        return token
+
+
+def _same_moment(a, b) -> bool:
+    if a.is_sketch:
+        return torch.equal(a.basis, b.basis) and torch.equal(a.values, b.values) and a.residual == b.residual
+    return torch.equal(a.gram, b.gram)
+
+
+class _Factorisation:
+    """``G`` (symmetric positive semi-definite, ridge added) ready to solve ``X G = M``: Cholesky, or a pseudo-inverse
+    by eigendecomposition where Cholesky fails in float64."""
+
+    __slots__ = ("L", "values", "vectors")
+
+    def __init__(self, G: torch.Tensor):
+        L, info = torch.linalg.cholesky_ex(G)
+        self.L, self.values, self.vectors = (L, None, None) if int(info) == 0 else (None, *self._eig(G))
+
+    @staticmethod
+    def _eig(G):
+        values, vectors = torch.linalg.eigh(G)
+        keep = values > values.abs().max() * G.shape[0] * torch.finfo(torch.float64).eps
+        return values[keep], vectors[:, keep].contiguous()
+
+    @property
+    def nbytes(self) -> int:
+        t = self.L if self.L is not None else self.vectors
+        return t.numel() * t.element_size()
+
+    def solve(self, M: torch.Tensor) -> torch.Tensor:
+        """``M G⁻¹`` for ``M`` ``(R, in)`` (``G`` symmetric: solves ``G Xᵀ = Mᵀ``; no inverse is formed)."""
+        if self.L is not None:
+            return torch.cholesky_solve(M.T, self.L).T
+        return ((M @ self.vectors) / self.values) @ self.vectors.T
 
 
 def regmean_terms(adapters, owners, layer, in_features, options: RegMeanOptions):
@@ -312,47 +399,43 @@ def regmean_layers(adapters, weights, pending, options: RegMeanOptions, dtype) -
 
     ``λ̄ = (λ + 1e-9) · tr(G)/in``: scale-free, and at ``λ = 0`` the limit is the minimum-norm least-squares
     solution (rank-deficient ``G``, e.g. text-side inputs, included: ``A_i H_i`` has no component outside
-    ``range(G)``). Layers of equal width are solved together, batched Cholesky, in chunks of at most 64 MB of
-    float64 matrices; anything not positive definite after the floor is solved by eigendecomposition
-    (pseudo-inverse). ``B'_i = B_i``.
+    ``range(G)``). ``G`` is solved by Cholesky in float64 (no inverse formed); anything not positive definite after
+    the floor is solved by eigendecomposition (pseudo-inverse). ``B'_i = B_i``.
+
+    ``G`` depends only on the moments, not on the factors: equal moments (``_MomentIndex``) are summed once with
+    their coefficients added, and layers whose ``G`` is made of the same moments with the same coefficients
+    (``to_q``/``to_k``/``to_v`` of one block; every cross-attention ``to_k``/``to_v``, which read the same text
+    states) share one ``G`` and one factorisation, kept in a cache of at most ``_FACTOR_CACHE_BYTES`` (memory
+    independent of the number of adapters and of layers). Each layer is yielded as soon as it is solved.
     """
-    chunk: list = []
-    chunk_width = None
+    index = _MomentIndex()
+    cache: OrderedDict = OrderedDict()
+    cached_bytes = 0
     for layer, owners, fs in pending:
         width = fs[0].A.shape[1]
-        if chunk and (width != chunk_width or (len(chunk) + 1) * width * width * 8 > _CHUNK_BYTES):
-            yield from _solve_chunk(chunk, dtype)
-            chunk = []
-        chunk_width = width
         own, shared = regmean_terms(adapters, owners, layer, width, options)
-        G = torch.zeros(width, width, dtype=torch.float64)
-        numerators = []
-        for i, f, terms in zip(owners, fs, own):
-            _add_dense(G, terms)
-            numerators.append(_right_multiply(terms, f.A * (weights[i] * f.scale)))
-        _add_dense(G, shared)
-        level = float(G.diagonal().sum()) / width
-        G.diagonal().add_((options.ridge + RIDGE_FLOOR) * level if level > 0 else 1.0)
-        chunk.append((layer, fs, G, torch.cat(numerators)))
-    if chunk:
-        yield from _solve_chunk(chunk, dtype)
-
-
-def _solve_chunk(chunk, dtype) -> Iterator:
-    """``M G⁻¹`` for every entry, one batched Cholesky (``G`` symmetric: solve ``G Xᵀ = Mᵀ``)."""
-    Gs = torch.stack([g for _, _, g, _ in chunk])
-    rank = max(m.shape[0] for *_, m in chunk)
-    rhs = torch.zeros(len(chunk), Gs.shape[1], rank, dtype=torch.float64)
-    for k, (*_, M) in enumerate(chunk):
-        rhs[k, :, : M.shape[0]] = M.T
-    L, info = torch.linalg.cholesky_ex(Gs)
-    X = torch.cholesky_solve(rhs, L)
-    for k in torch.nonzero(info).flatten().tolist():  # not positive definite in float64: pseudo-inverse
-        values, vectors = torch.linalg.eigh(Gs[k])
-        keep = values > values.abs().max() * Gs.shape[1] * torch.finfo(torch.float64).eps
-        X[k] = (vectors[:, keep] / values[keep]) @ (vectors[:, keep].T @ rhs[k])
-    for k, (layer, fs, _, M) in enumerate(chunk):
-        A = X[k, :, : M.shape[0]].T.to(dtype).contiguous()
+        combined: dict[int, list] = {}  # token → [coefficient, moment], in first-seen order
+        for terms in (*own, shared):
+            for coef, m in terms:
+                entry = combined.setdefault(index.token(m), [0.0, m])
+                entry[0] += coef
+        key = (width, tuple((token, coef) for token, (coef, _) in combined.items()))
+        factor = cache.get(key)
+        if factor is None:
+            G = torch.zeros(width, width, dtype=torch.float64)
+            _add_dense(G, [(coef, m) for coef, m in combined.values()])
+            level = float(G.diagonal().sum()) / width
+            G.diagonal().add_((options.ridge + RIDGE_FLOOR) * level if level > 0 else 1.0)
+            factor = _Factorisation(G)
+            del G
+            cache[key] = factor
+            cached_bytes += factor.nbytes
+            while cached_bytes > _FACTOR_CACHE_BYTES and len(cache) > 1:
+                cached_bytes -= cache.popitem(last=False)[1].nbytes
+        else:
+            cache.move_to_end(key)
+        M = torch.cat([_right_multiply(terms, f.A * (weights[i] * f.scale)) for i, f, terms in zip(owners, fs, own)])
+        A = factor.solve(M).to(dtype).contiguous()
         B = torch.cat([f.B for f in fs], dim=1).to(dtype)
         ranks = [f.rank for f in fs]
         # No block fast path: A'_i reads every input channel, so a BlockLoRA term is no longer confined.
