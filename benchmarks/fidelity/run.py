@@ -114,7 +114,7 @@ class RunConfig:
     calibration_steps: int = 4  # denoising steps of calibrate() for adapters without statistics
     # The sequential merge runs the model layer by layer per merge (minutes on this machine at N = 15): measured at
     # these N only.
-    sequential_ns: tuple[int, ...] = (1, 5, 15)
+    sequential_ns: tuple[int, ...] = (1, 2, 5, 10, 15)
     methods: tuple[str, ...] | None = None
     seed: int = 0
     # The DreamBooth recipe probe (probe_recipes): settings a user would try, each trained on the tuning concept
@@ -152,7 +152,8 @@ class RunConfig:
 
     def eval_key(self, family: str, lr: float, options=()) -> str:
         """Names a method's cached evaluation: everything that changes its numbers (not the method list)."""
-        skip = ("methods", "sweep", "lr_grid", "stats_grid", "drift_allowance", "stats_tuning")
+        skip = ("methods", "sweep", "lr_grid", "stats_grid", "drift_allowance", "stats_tuning", "ns", "sequential_ns")
+        skip += ("recipe_grid", "recipe_drift_max", "no_prior_concepts")  # evaluations are cached per N
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip and k != "tuning_identity"}
         blob = json.dumps(
             [fields, self.base.key(), self.train_key(family, lr), list(options), "eval-v2"],
@@ -578,30 +579,36 @@ def run(cfg: RunConfig, cache_dir: str = DEFAULT_CACHE, log=print) -> dict:
 
 
 def cached_evaluation(bench, method, lr, folders, singles, ctx) -> tuple[list[dict], dict, float]:
-    """``evaluate_method``'s rows and sample grid, from ``<base>/results/`` when evaluated before with the same
-    adapters and settings (merge times too)."""
-    cached = os.path.join(
-        bench.dir, "results", f"{method.name}-{bench.cfg.eval_key(method.family, lr, method.options)}.json"
-    )
-    if os.path.isfile(cached):
+    """``evaluate_method``'s rows and sample grid, N by N, from ``<base>/results/`` when evaluated before with the
+    same adapters and settings (merge times too); also the seconds the evaluations took when computed."""
+    cfg = bench.cfg
+    rows, grid, seconds = [], {}, 0.0
+    for n in cfg.ns:
+        if n > cfg.concepts or (method.merge == "sequential" and n not in cfg.sequential_ns):
+            continue
+        key = cfg.eval_key(method.family, lr, (*method.options, ("n", n)))
+        cached = os.path.join(bench.dir, "results", f"{method.name}-N{n}-{key}.json")
+        if not os.path.isfile(cached):
+            start = time.perf_counter()
+            r, g = evaluate_method(
+                bench, method, folders, ctx["base_loss"], ctx["base_prior"], singles, ctx["n_max"], ns=(n,)
+            )
+            saved = {
+                "rows": r,
+                "grid_samples": {k: {i: x.tolist() for i, x in v.items()} for k, v in g.items()},
+                "seconds": time.perf_counter() - start,
+            }
+            os.makedirs(os.path.dirname(cached), exist_ok=True)
+            with open(cached + ".tmp", "w") as f:
+                json.dump(saved, f)
+            os.replace(cached + ".tmp", cached)
         with open(cached) as f:
             saved = json.load(f)
-        grid = {int(n): {int(i): torch.tensor(x) for i, x in g.items()} for n, g in saved["grid_samples"].items()}
-        return saved["rows"], grid, saved.get("seconds", math.nan)
-    start = time.perf_counter()
-    rows, grid = evaluate_method(bench, method, folders, ctx["base_loss"], ctx["base_prior"], singles, ctx["n_max"])
-    seconds = time.perf_counter() - start
-    os.makedirs(os.path.dirname(cached), exist_ok=True)
-    with open(cached + ".tmp", "w") as f:
-        json.dump(
-            {
-                "rows": rows,
-                "grid_samples": {n: {i: x.tolist() for i, x in g.items()} for n, g in grid.items()},
-                "seconds": seconds,
-            },
-            f,
+        rows += saved["rows"]
+        grid.update(
+            {int(k): {int(i): torch.tensor(x) for i, x in v.items()} for k, v in saved["grid_samples"].items()}
         )
-    os.replace(cached + ".tmp", cached)
+        seconds += saved.get("seconds", math.nan)
     return rows, grid, seconds
 
 
@@ -794,14 +801,14 @@ def prediction_agreement(rows: list[dict]) -> dict:
 WEIGHT_SPACE_MERGES = ("compose-sum", "compose-avg", "compose-exact", "peft-ties", "peft-svd", "soda-sum")
 
 
-def evaluate_method(bench, method, folders, base_loss, base_prior, singles, n_max) -> tuple[list[dict], dict]:
+def evaluate_method(bench, method, folders, base_loss, base_prior, singles, n_max, ns=None) -> tuple[list[dict], dict]:
     """Every merge of ``method`` (each N, each subset): rows of measurements (with the merge report's predicted
     retention where it gives one) and one sample per concept and N for the figures."""
     cfg, rows, grid = bench.cfg, [], {}
     family = folders[method.family]
     if method.merge == "compose-regmean-calibrated":
         family = {i: bench.calibrated(f, i) for i, f in family.items()}
-    for n in cfg.ns:
+    for n in cfg.ns if ns is None else ns:
         if n > cfg.concepts or (method.merge == "sequential" and n not in cfg.sequential_ns):
             continue
         if n == 1 and method.merge in WEIGHT_SPACE_MERGES:
