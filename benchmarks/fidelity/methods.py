@@ -105,6 +105,13 @@ ALL_METHODS = [
         (("prior_weight", 0.3), ("ridge", 1e-3), ("refine_steps", 50)),
     ),
     Method(
+        "lora-sequential-refine150",
+        "lora",
+        "sequential",
+        "LoRA, sequential (μ = 1) + 150 refine steps",
+        (("prior_weight", 1.0), ("ridge", 1e-3), ("refine_steps", 150)),
+    ),
+    Method(
         "lora-sequential-mu1",
         "lora",
         "sequential",

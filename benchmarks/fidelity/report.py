@@ -23,6 +23,7 @@ STATISTICS = (
     "lora-stats-calibrated",
     "lora-sequential",
     "lora-sequential-refine",
+    "lora-sequential-refine150",
     "lora-sequential-mu1",
 )
 
@@ -571,16 +572,44 @@ def interpretation(results: dict, width: int = 32) -> str:
             f"{n_max} adapters' recorded input distributions overlap heavily and no single ΔW per layer can "
             "reproduce every adapter on its own inputs; the per-layer solution also ignores that the inputs of "
             "deeper layers change once earlier layers are merged. μ trades R against drift (table above: "
-            "μ = 0 keeps the most but drifts like the sum). Levers not measured in this run: erasure-trained or "
-            "orthogonal-slot adapters underneath, the sequential re-estimation of inputs."
+            "μ = 0 keeps the most but drifts like the sum)."
+            + (
+                " Levers not measured in this run: " + ", ".join(missing) + "."
+                if (
+                    missing := [
+                        name
+                        for name, keys in (
+                            (
+                                "erasure-trained adapters underneath",
+                                ("ortho-disjoint-erasure-stats", "block-erasure-stats"),
+                            ),
+                            ("orthogonal slots underneath", ("ortho-disjoint-stats",)),
+                            ("the sequential re-estimation of inputs", ("lora-sequential",)),
+                        )
+                        if not any(k in summary for k in keys)
+                    ]
+                )
+                else ""
+            )
         )
-    if "lora-sequential" in summary:
-        lines.append(
-            f"- Sequential output matching (inputs re-measured through the partly merged model): R "
-            f"{get('lora-sequential', n_max, 'retained'):.2f}, drift "
-            f"{100 * get('lora-sequential', n_max, 'prior_drift'):+.0f} %, identity "
-            f"{get('lora-sequential', n_max, 'identity'):.2f} at N = {n_max}."
-        )
+    for m, what in (
+        ("lora-sequential", "μ = 0.3"),
+        ("lora-sequential-mu1", "μ = 1"),
+        ("lora-sequential-refine", "μ = 0.3, then 50 end-to-end refinement steps"),
+        ("lora-sequential-refine150", "μ = 1, then 150 end-to-end refinement steps"),
+    ):
+        if m in summary and n_max in summary[m]:
+            per_n = ", ".join(f"N = {n}: {summary[m][n]['retained']:.2f}" for n in sorted(summary[m]) if n != n_max)
+            lines.append(
+                f"- Sequential output matching (`{m}`, {what}; inputs re-measured through the partly merged model "
+                f"on calibration batches: each concept's training images noised at 4 timesteps under its prompt and "
+                f"the empty prompt, and 20 class images under their class prompts): R "
+                f"{get(m, n_max, 'retained'):.2f} at N = {n_max}" + (f" ({per_n})" if per_n else "") + ", drift "
+                f"{100 * get(m, n_max, 'prior_drift'):+.0f} %, identity {get(m, n_max, 'identity'):.2f} (statistics "
+                f"merge: R {get('lora-stats', n_max, 'retained'):.2f}, drift "
+                f"{100 * get('lora-stats', n_max, 'prior_drift'):+.0f} %, identity "
+                f"{get('lora-stats', n_max, 'identity'):.2f})."
+            )
     if "ortho-disjoint" in summary:
         frac = (n_max - 1) * rank / width
         lines.append(

@@ -370,6 +370,14 @@ class Benchmark:
             if folder in self._singles:  # measured before in this run (the settings' tuning measures them too)
                 out[i] = self._singles[folder]
                 continue
+            # Cached beside the adapter, keyed by the evaluation settings (a rerun does not sample them again).
+            path = os.path.join(folder, f"single-{self.cfg.eval_key(family, 0.0, ('single', i))}.json")
+            if os.path.isfile(path):
+                with open(path) as f:
+                    saved = json.load(f)
+                out[i] = self._singles[folder] = saved["measured"]
+                self._single_images[folder] = torch.tensor(saved["image"])
+                continue
             unet, seconds = merge_into(self.base.unet, exact, [folder])
             (acc,), imgs = self.identity(unet, [i])
             out[i] = {
@@ -380,6 +388,9 @@ class Benchmark:
             }
             self._singles[folder] = out[i]
             self._single_images[folder] = imgs[0, 0]
+            with open(path + ".tmp", "w") as f:
+                json.dump({"measured": out[i], "image": imgs[0, 0].tolist()}, f)
+            os.replace(path + ".tmp", path)
         return out
 
     def calibrated(self, folder: str, index: int) -> str:
