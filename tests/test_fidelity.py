@@ -16,6 +16,7 @@ from benchmarks.fidelity.base_model import BaseConfig, build_tokenizer, class_pr
 from benchmarks.fidelity.run import (  # noqa: E402
     START,
     RunConfig,
+    choose_recipe,
     choose_setting,
     run,
     stats_settings,
@@ -94,6 +95,18 @@ def test_statistics_merge_settings_rule():
     )
     settings = [dict(s) for s in stats_settings(cfg)]
     assert len(settings) == 5 and {"prior_weight": 0.0, "ridge": 1e-3, "prior_target": "base"} not in settings
+
+
+def test_recipe_rule_picks_the_lowest_loss_within_the_drift_bound():
+    trials = [
+        {"name": "a", "loss": 0.10, "prior_drift": 0.15},
+        {"name": "b", "loss": 0.14, "prior_drift": 0.09},
+        {"name": "c", "loss": 0.12, "prior_drift": 0.10},
+    ]
+    best, within = choose_recipe(trials, 0.10)
+    assert best["name"] == "c" and within  # a has the lowest loss but drifts too much; c beats b on loss
+    best, within = choose_recipe(trials, 0.05)
+    assert best["name"] == "b" and not within  # none within: the lowest drift, and the rule says so
 
 
 def test_subsets_cover_every_concept():
@@ -183,6 +196,11 @@ def test_dreambooth_batch_holds_as_many_class_images_as_instance_images():
     assert prior is None and prior_prompts == [] and torch.equal(x, instance)
     with pytest.raises(ValueError, match="cannot fill a prior half"):
         dreambooth_batch(instance, (pool[:3], prompts[:3]), g)
+    # More class images per step than instance images (the recipe probe's class_ratio 2 draws 12 of the pool).
+    _, prior, prior_prompts = dreambooth_batch(instance, (pool, prompts), g, n_prior=9)
+    assert prior.shape[0] == 9 and len(set(prior.flatten().tolist())) == 9 and len(prior_prompts) == 9
+    with pytest.raises(ValueError, match="cannot fill a prior half of 11"):
+        dreambooth_batch(instance, (pool, prompts), g, n_prior=11)
     with pytest.raises(ValueError, match="10 images but 9 prompts"):
         dreambooth_batch(instance, (pool, prompts[:9]), g)
 
@@ -245,7 +263,11 @@ TOY = RunConfig(
         "block",
         "lora-stats",
         "lora-stats-calibrated",
+        "lora-sequential",
     ),
+    sequential_ns=(3,),
+    recipe_grid=((1.0, 1, 4, 1e-2), (2.0, 2, 4, 1e-2)),
+    no_prior_concepts=(0,),
 )
 
 
@@ -255,7 +277,11 @@ def test_quick_run_end_to_end_on_a_toy_budget(tmp_path):
     summary = results["summary"]
     measured = [m for m in TOY.methods if m in summary]
     assert {"lora-sum", "lora-avg", "peft-ties", "ortho-disjoint"} <= set(measured)
+    assert set(summary["lora-sequential"]) == {3}  # measured at sequential_ns only
     for name in measured:
+        if name == "lora-sequential":
+            assert summary[name][3]["evaluations"] == 3
+            continue
         assert set(summary[name]) == {1, 3}
         assert summary[name][3]["evaluations"] == 3  # one merge of all three, each concept evaluated in it
         # N = 1 is the single adapter itself for every weight-space method (peft turns one adapter into "linear",
@@ -272,7 +298,14 @@ def test_quick_run_end_to_end_on_a_toy_budget(tmp_path):
     assert all(avg[r["concept"]] != r["merged_loss"] for r in rows)
     families = {m["family"] for m in results["methods"]}
     # Each concept once per family (the statistics merge's settings are chosen on the same lora adapters).
-    assert sum("trained" in line for line in logs) == 3 * len(families)
+    # ... plus the recipe probe's two trainings of the tuning concept and one adapter without prior preservation.
+    assert sum("trained" in line for line in logs) == 3 * len(families) + 2 + 1
+    recipe = results["recipe"]
+    assert len(recipe["trials"]) == 2 and recipe["chosen"] in recipe["trials"]
+    assert choose_recipe(recipe["trials"], TOY.recipe_drift_max) == (recipe["chosen"], recipe["within"])
+    (nop,) = results["no_prior"]
+    assert nop["concept"] == 0 and nop["with"] == results["single"]["lora"][0]["prior_drift"]
+    assert nop["without"] != nop["with"]  # a different adapter (no class half in its batches)
 
     # The statistics merge: settings chosen by the rule from the tuning trials, used by every statistics row, and
     # the report's predictions paired with measured retention.
@@ -309,6 +342,7 @@ def test_quick_run_end_to_end_on_a_toy_budget(tmp_path):
     write_docs(results, make_concepts(load_digits_data(), [0, 1, 2]), "python -m benchmarks.fidelity.run", str(docs))
     page = (docs / "benchmarks.md").read_text()
     assert "kept text" in page and START in page and "Retained improvement" in page
+    assert "**DreamBooth recipe**" in page and "Per-stage runtimes" in page and "without prior preservation" in page
     for png in ("fidelity_base_samples.png", "fidelity_retained.png", "fidelity_concepts.png"):
         assert os.path.getsize(docs / png) > 1000
 

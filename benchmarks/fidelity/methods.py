@@ -29,7 +29,6 @@ Merge *methods* (what the benchmark reports), each mapping a family's adapter fo
 from __future__ import annotations
 
 import copy
-import os
 import random
 import time
 import warnings
@@ -87,7 +86,38 @@ ALL_METHODS = [
         "orthogonal disjoint + erasure, statistics merge",
     ),
     Method("block-erasure-stats", "block-erasure", "compose-regmean", "BlockLoRA + erasure, statistics merge"),
-    Method("lora-sequential", "lora", "sequential", "LoRA, sequential output matching"),
+    # The sequential merge (compose(method="sequential")): inputs re-measured layer by layer through the partly
+    # merged model, on calibration batches of each concept (its images noised, under its prompt and the empty one)
+    # and ordinary batches (class images under class prompts, weight μ). Settings fixed here, not tuned: μ and λ as
+    # the statistics merge's chosen ones; the refined variant adds end-to-end output-matching Adam steps.
+    Method(
+        "lora-sequential",
+        "lora",
+        "sequential",
+        "LoRA, sequential output matching",
+        (("prior_weight", 0.3), ("ridge", 1e-3)),
+    ),
+    Method(
+        "lora-sequential-refine",
+        "lora",
+        "sequential",
+        "LoRA, sequential + 50 refine steps",
+        (("prior_weight", 0.3), ("ridge", 1e-3), ("refine_steps", 50)),
+    ),
+    Method(
+        "lora-sequential-refine150",
+        "lora",
+        "sequential",
+        "LoRA, sequential (μ = 1) + 150 refine steps",
+        (("prior_weight", 1.0), ("ridge", 1e-3), ("refine_steps", 150)),
+    ),
+    Method(
+        "lora-sequential-mu1",
+        "lora",
+        "sequential",
+        "LoRA, sequential, μ = 1",
+        (("prior_weight", 1.0), ("ridge", 1e-3)),
+    ),
 ]
 
 
@@ -175,7 +205,10 @@ def peft_config(family: str, index: int, rank: int, unet, num_blocks: int = 16):
 
 
 def dreambooth_batch(
-    instance: torch.Tensor, class_pool: tuple[torch.Tensor, list[str]] | None, g: torch.Generator
+    instance: torch.Tensor,
+    class_pool: tuple[torch.Tensor, list[str]] | None,
+    g: torch.Generator,
+    n_prior: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
     """One DreamBooth step's images: the instance images and as many class images drawn from ``class_pool``.
 
@@ -184,6 +217,7 @@ def dreambooth_batch(
         class_pool: ``(images, prompts)``: ``m ≥ n`` class images ``(m, 1, S, S)`` and the class prompt of each, or
             ``None`` (no prior preservation).
         g: the training generator (draws the class images without replacement within a step).
+        n_prior: class images per step (default: as many as instance images, diffusers' recipe).
 
     Returns:
         ``(instance, prior, prior_prompts)``: ``prior`` is ``(n, 1, S, S)`` class images with their ``n`` prompts
@@ -193,11 +227,12 @@ def dreambooth_batch(
     if class_pool is None:
         return instance, None, []
     images, prompts = class_pool
+    k = len(instance) if n_prior is None else n_prior
     if len(images) != len(prompts):
         raise ValueError(f"class pool: {len(images)} images but {len(prompts)} prompts")
-    if len(images) < len(instance):
-        raise ValueError(f"{len(images)} class images cannot fill a prior half of {len(instance)}")
-    pick = torch.randperm(len(images), generator=g)[: len(instance)]
+    if len(images) < k:
+        raise ValueError(f"{len(images)} class images cannot fill a prior half of {k}")
+    pick = torch.randperm(len(images), generator=g)[:k]
     return instance, images[pick], [prompts[k] for k in pick.tolist()]
 
 
@@ -232,13 +267,14 @@ def train_adapter(
     num_blocks: int = 16,
     class_images: tuple[torch.Tensor, list[str]] | None = None,
     prior_loss_weight: float = 1.0,
+    class_ratio: int = 1,
     record_statistics: bool = True,
 ) -> dict:
     """Train concept's adapter on its images with the noise-prediction loss, save it (peft folder), return stats.
 
     Each step sees every concept image ``repeats`` times at random timesteps and noises (Adam, constant ``lr``).
     With ``class_images`` (DreamBooth prior preservation: ``(images, prompts)``) every step also holds as many class
-    images under their class prompts, and the loss is ``L_instance + prior_loss_weight · L_prior`` (diffusers'
+    images (``class_ratio`` × as many) under their class prompts, and the loss is ``L_instance + prior_loss_weight · L_prior`` (diffusers'
     ``train_dreambooth --with_prior_preservation``). The ``-erasure`` family swaps a fraction of the instance
     prompts for foreign ones (``erasure_prompts``) and pulls those predictions onto the frozen base's
     (``peft_ortho.erasure.OutputErasure``).
@@ -290,7 +326,7 @@ def train_adapter(
     model.train()
     start, losses, prior_losses = time.perf_counter(), [], []
     for _ in range(steps):
-        x0, x_prior, prior_prompts = dreambooth_batch(x_inst, class_images, g)
+        x0, x_prior, prior_prompts = dreambooth_batch(x_inst, class_images, g, class_ratio * n)
         x_t, t, noise = noised(x0)
         if erasure is None:
             with record("concept"):
@@ -372,13 +408,12 @@ def merge_into(
         from peft_ortho import compose
 
         inputs, prior = calibration
-        names = [os.path.basename(os.path.normpath(f)) for f in folders]
         merged = _quiet(
             lambda: compose(
                 folders,
                 method="sequential",
                 calibrate=base_unet,
-                inputs=dict(zip(names, inputs)),
+                inputs=list(inputs),  # in the folders' order
                 prior_inputs=prior,
                 progress=False,
                 **options,

@@ -22,6 +22,9 @@ STATISTICS = (
     "block-erasure-stats",
     "lora-stats-calibrated",
     "lora-sequential",
+    "lora-sequential-refine",
+    "lora-sequential-refine150",
+    "lora-sequential-mu1",
 )
 
 
@@ -243,6 +246,83 @@ def tuning_table(tuned: dict) -> str:
     return "\n".join(lines)
 
 
+def recipe_section(results: dict) -> list[str]:
+    """The DreamBooth recipe probe on the tuning concept (the rule and the chosen row in bold), the single-adapter
+    drift with and without prior preservation, as markdown lines."""
+    rec = results.get("recipe")
+    out: list[str] = []
+    if rec:
+        best = rec["chosen"]
+        lines = [
+            "| prior_loss_weight | class images per step | steps | lr | loss on own images (base) | identity "
+            "| prior drift | train s |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for t in rec["trials"]:
+            b = "**" if t == best else ""
+            per_step = t["class_ratio"] * results["config"]["images_per_concept"] * results["config"]["repeats"]
+            lines.append(
+                f"| {b}{t['prior_loss_weight']:g}{b} | {b}{per_step}{b} | {b}{t['steps']}{b} | {b}{t['lr']:g}{b} "
+                f"| {t['loss']:.4f} ({t['base_loss']:.4f}) | {t['identity']:.2f} | {100 * t['prior_drift']:+.1f} % "
+                f"| {t['train_seconds']:.0f} |"
+            )
+        verdict = (
+            f"the lowest loss on the concept's own images among the settings whose prior drift is ≤ "
+            f"{100 * rec['drift_max']:.0f} %"
+            if rec["within"]
+            else f"**no setting drifted ≤ {100 * rec['drift_max']:.0f} %**, so the rule falls back to the lowest drift"
+        )
+        out += [
+            "",
+            "**DreamBooth recipe** (chosen on the tuning concept `sks15`, underlined 5, never merged; one LoRA per "
+            "setting, measured alone): the settings a DreamBooth user turns when the class drifts, the prior loss "
+            "weight, the class images per step (as many as the 6 instance images, diffusers' default, or twice as "
+            "many) and steps/lr. Rule: "
+            + verdict
+            + f". Chosen: prior_loss_weight {best['prior_loss_weight']:g}, {best['class_ratio']}× class images per "
+            f"step, {best['steps']} steps at lr {best['lr']:g}; every adapter below is trained with it.",
+            "",
+            *lines,
+        ]
+    nop = results.get("no_prior")
+    if nop:
+        lines = [
+            "| concept | prior drift with prior preservation | without | identity with | without |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        tokens = {c["index"]: c["token"] for c in results["concepts"]}
+        for r in nop:
+            lines.append(
+                f"| `{tokens.get(r['concept'], r['concept'])}` | {100 * r['with']:+.1f} % | {100 * r['without']:+.1f} % "
+                f"| {r['identity_with']:.2f} | {r['identity_without']:.2f} |"
+            )
+        mean_w = float(np.mean([r["with"] for r in nop]))
+        mean_wo = float(np.mean([r["without"] for r in nop]))
+        out += [
+            "",
+            f"Single LoRA, the chosen recipe with and without prior preservation (same steps, lr and instance "
+            f"batch; without it the batch holds the instance half only): mean {100 * mean_w:+.1f} % vs "
+            f"{100 * mean_wo:+.1f} %.",
+            "",
+            *lines,
+        ]
+    return out
+
+
+def stage_lines(results: dict) -> list[str]:
+    """Per-stage runtimes (seconds when the stage was computed: cached stages keep their first time)."""
+    stages = {k: v for k, v in (results.get("stages") or {}).items() if v == v}
+    if not stages:
+        return []
+    return [
+        "",
+        "Per-stage runtimes (CPU seconds when each stage was computed, on the shared 2-core machine at 1 torch "
+        f"thread; cached stages keep the time of their first computation; base model {results['base_info']['train_seconds']:.0f} s): "
+        + "; ".join(f"{k} {v:.0f} s" for k, v in stages.items())
+        + ".",
+    ]
+
+
 def markdown(results: dict, labels: dict[str, str], command: str) -> str:
     """The fidelity section of ``docs/benchmarks.md``: setup, validation of the instruments, tables, targets."""
     cfg, base_cfg = results["config"], results["config"]["base"]
@@ -265,8 +345,8 @@ def markdown(results: dict, labels: dict[str, str], command: str) -> str:
         + (
             "the winners of the earlier sweeps on the tuning concept (`sks15`, underlined 5, never merged; LoRA "
             "over 3e-3/1e-2/3e-2 → 1e-2, orthogonal + erasure → 3e-2, each minimising the loss on the tuning "
-            "concept's own images, nothing about merging looked at), not re-swept with prior preservation (each "
-            "training costs ~3× more and the shared machine's budget did not allow it); families not swept take "
+            "concept's own images, nothing about merging looked at); with prior preservation the recipe probe below "
+            "re-tried LoRA at 3e-3 and 5e-3 (240 steps) against 1e-2 on the same concept; families not swept take "
             "the winner of the family with the same trained factors (orthogonal: B only; BlockLoRA: A and B like "
             "LoRA); SODA took the better of two lrs in a one-concept probe."
             if not swept
@@ -313,8 +393,10 @@ def markdown(results: dict, labels: dict[str, str], command: str) -> str:
         f"**Training** (same budget for every method, as a DreamBooth user trains): rank {cfg['rank']} "
         f"(`lora_alpha = r`), attention `to_q, to_k, to_v, to_out.0`, {cfg['steps']} Adam steps; each step holds "
         f"the concept's images {cfg['repeats']}× ({cfg['images_per_concept'] * cfg['repeats']} samples) under the "
-        f"concept prompt **and as many class images under their class prompts** (DreamBooth prior preservation, "
-        f"loss = L_instance + {cfg['prior_loss_weight']:g} · L_prior as in diffusers' `train_dreambooth`). The "
+        f"concept prompt **and {'as many' if cfg.get('class_ratio', 1) == 1 else str(cfg['class_ratio']) + '× as many'} "
+        "class images under their class prompts** (DreamBooth prior preservation, "
+        f"loss = L_instance + {cfg['prior_loss_weight']:g} · L_prior as in diffusers' `train_dreambooth`; the "
+        "recipe chosen by the probe below). The "
         f"class images are the base model's own samples of the class prompts ({cfg['class_images']} per digit, as "
         "diffusers' script generates them), not held-out digits: those measure the prior drift and stay unseen. "
         "Classes: "
@@ -346,6 +428,7 @@ def markdown(results: dict, labels: dict[str, str], command: str) -> str:
         "time*: adapter folders on disk to fused UNet weights (median over the merges). The *single* column is each "
         "family's adapters alone (exact), the baseline of every merged number.",
     ]
+    parts += recipe_section(results)
     tuned = results.get("stats_tuning")
     if tuned:
         chosen = dict(tuple(kv) for kv in tuned["chosen"])
@@ -411,6 +494,7 @@ def markdown(results: dict, labels: dict[str, str], command: str) -> str:
     ]
     if skipped:
         parts += ["", f"Not in this run (not in the checkout, or left out): {', '.join(skipped)}."]
+    parts += stage_lines(results)
     if results.get("note"):
         parts += ["", results["note"]]
     parts += ["", interpretation(results)]
@@ -488,16 +572,44 @@ def interpretation(results: dict, width: int = 32) -> str:
             f"{n_max} adapters' recorded input distributions overlap heavily and no single ΔW per layer can "
             "reproduce every adapter on its own inputs; the per-layer solution also ignores that the inputs of "
             "deeper layers change once earlier layers are merged. μ trades R against drift (table above: "
-            "μ = 0 keeps the most but drifts like the sum). Levers not measured in this run: erasure-trained or "
-            "orthogonal-slot adapters underneath, the sequential re-estimation of inputs."
+            "μ = 0 keeps the most but drifts like the sum)."
+            + (
+                " Levers not measured in this run: " + ", ".join(missing) + "."
+                if (
+                    missing := [
+                        name
+                        for name, keys in (
+                            (
+                                "erasure-trained adapters underneath",
+                                ("ortho-disjoint-erasure-stats", "block-erasure-stats"),
+                            ),
+                            ("orthogonal slots underneath", ("ortho-disjoint-stats",)),
+                            ("the sequential re-estimation of inputs", ("lora-sequential",)),
+                        )
+                        if not any(k in summary for k in keys)
+                    ]
+                )
+                else ""
+            )
         )
-    if "lora-sequential" in summary:
-        lines.append(
-            f"- Sequential output matching (inputs re-measured through the partly merged model): R "
-            f"{get('lora-sequential', n_max, 'retained'):.2f}, drift "
-            f"{100 * get('lora-sequential', n_max, 'prior_drift'):+.0f} %, identity "
-            f"{get('lora-sequential', n_max, 'identity'):.2f} at N = {n_max}."
-        )
+    for m, what in (
+        ("lora-sequential", "μ = 0.3"),
+        ("lora-sequential-mu1", "μ = 1"),
+        ("lora-sequential-refine", "μ = 0.3, then 50 end-to-end refinement steps"),
+        ("lora-sequential-refine150", "μ = 1, then 150 end-to-end refinement steps"),
+    ):
+        if m in summary and n_max in summary[m]:
+            per_n = ", ".join(f"N = {n}: {summary[m][n]['retained']:.2f}" for n in sorted(summary[m]) if n != n_max)
+            lines.append(
+                f"- Sequential output matching (`{m}`, {what}; inputs re-measured through the partly merged model "
+                f"on calibration batches: each concept's training images noised at 4 timesteps under its prompt and "
+                f"the empty prompt, and 20 class images under their class prompts): R "
+                f"{get(m, n_max, 'retained'):.2f} at N = {n_max}" + (f" ({per_n})" if per_n else "") + ", drift "
+                f"{100 * get(m, n_max, 'prior_drift'):+.0f} %, identity {get(m, n_max, 'identity'):.2f} (statistics "
+                f"merge: R {get('lora-stats', n_max, 'retained'):.2f}, drift "
+                f"{100 * get('lora-stats', n_max, 'prior_drift'):+.0f} %, identity "
+                f"{get('lora-stats', n_max, 'identity'):.2f})."
+            )
     if "ortho-disjoint" in summary:
         frac = (n_max - 1) * rank / width
         lines.append(
