@@ -14,7 +14,7 @@ teacher prediction ``ŷ⁰`` (base model, adapters off, no gradient) the loss is
 
 Its gradient on an erased sample is ``2w/(B·D) · (ŷ_i − ŷ⁰_i)`` back through the adapter only: the adapter learns
 to produce ``ΔW x ≈ 0`` on foreign inputs, which is what removes prior-class drift and cross-talk between merged
-adapters (METHODS.md §2 and §5).
+adapters (docs/methods.md, "Randomized Output Erasure" and "A limit to plan around").
 
 Typical loop (``unet``, ``encode`` and the noise schedule are the caller's)::
 
@@ -123,7 +123,7 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 class OutputErasure:
-    """Randomized Output Erasure (METHODS.md §2): swap prompts at random and regress erased samples on the base.
+    """Randomized Output Erasure (docs/methods.md): swap prompts at random and regress erased samples on the base.
 
     Args:
         p: probability, per sample, that its prompt is replaced by a foreign prompt, in ``[0, 1]``. ``p=0`` never

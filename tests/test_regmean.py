@@ -18,8 +18,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 
 from peft_ortho import BlockLoraConfig, IncompatibleAdaptersError, testing
-from peft_ortho.compose import compose
-from peft_ortho.compose.merge import RIDGE, RIDGE_FLOOR
+from peft_ortho.merging import compose
+from peft_ortho.merging.merge import RIDGE, RIDGE_FLOOR
 from peft_ortho.statistics import AdapterStatistics, Moment
 
 MLP_LAYERS = ["lin0", "lin1"]

@@ -1,4 +1,4 @@
-"""``peft_ortho.compose.sequential``: layer-by-layer output matching through the partly merged model.
+"""``peft_ortho.merging.sequential``: layer-by-layer output matching through the partly merged model.
 
 References are computed independently: adapters' deltas from peft's own LoRA layers (``get_delta_weight``), layer
 inputs by hand in float64, and the least squares with ``torch.linalg.lstsq`` on stacked, weighted rows (not the
@@ -16,10 +16,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from peft_ortho import IncompatibleAdaptersError, UnsupportedLayerError
-from peft_ortho.compose import MergedAdapter
-from peft_ortho.compose.load import load_adapter
-from peft_ortho.compose.resolve import resolve
-from peft_ortho.compose.sequential import sequential_merge
+from peft_ortho.merging import MergedAdapter
+from peft_ortho.merging.load import load_adapter
+from peft_ortho.merging.resolve import resolve
+from peft_ortho.merging.sequential import sequential_merge
 
 
 class TwoLayer(nn.Module):

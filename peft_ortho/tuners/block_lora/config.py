@@ -7,7 +7,7 @@ from typing import Optional, Union
 
 from peft.config import PeftConfig
 
-from ..._registry import PeftOrthoType
+from ...peft_types import PeftOrthoType
 from .layout import AXES
 
 

@@ -7,8 +7,8 @@ from typing import Optional, Union
 
 from peft import LoraConfig
 
-from ..._registry import PeftOrthoType
 from ...bases import ALGORITHM_VERSION, BASIS_KINDS
+from ...peft_types import PeftOrthoType
 
 
 @dataclass

@@ -7,7 +7,7 @@ from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
-from ..._registry import PeftOrthoType
+from ...peft_types import PeftOrthoType
 
 DECOMPOSITIONS = ("svd", "lq")
 ROTATIONS = ("cayley", "stiefel")

@@ -17,6 +17,7 @@ from torch import nn
 from ...errors import AdapterFileError, BasisMismatchError, IncompatibleAdaptersError
 from .._layers import refuse_mixed_batches
 from .layer import SodaLayer, cayley, create_soda_module, inverse_cayley
+from .lora_conversion import SodaExportReport, soda_lora_state_dict
 
 _HALF = (torch.float16, torch.bfloat16)
 # Rotation keys as earlier development versions wrote them, with the adapter name: ``….soda_rotation.<name>.skew.<j>``.
@@ -166,6 +167,21 @@ class SodaModel(BaseTuner):
             for name, layer in self.soda_layers().items()
             if adapter_name in layer.soda_spectrum
         }
+
+    def lora_state_dict(
+        self, adapter_name: str = "default", *, rank: Optional[int] = 16, dtype: Optional[torch.dtype] = None
+    ) -> tuple[dict[str, torch.Tensor], dict, SodaExportReport]:
+        """The adapter as LoRA factors (SODA's ``LoraExport.SVD``): ``soda_lora_state_dict(self, ...)``.
+
+        Args:
+            adapter_name: the adapter to convert.
+            rank: each layer's LoRA rank (best rank-``k`` approximation); None for exact.
+            dtype: of the tensors (default: each base weight's dtype).
+
+        Returns:
+            ``(tensors, metadata, report)``, as ``peft_ortho.save_diffusers`` writes them.
+        """
+        return soda_lora_state_dict(self, adapter_name=adapter_name, rank=rank, dtype=dtype)
 
     @torch.no_grad()
     def add_spectral_combination(self, adapters: list[str], combination_name: str) -> None:

@@ -1,19 +1,26 @@
 """Hub-aware merging of adapters by name: ``compose(["alice/rex-ortho", "bob/mia@v1.2", "./style"])``.
 
 Data flows one way: names → resolved local files (``resolve``) → adapters read lazily (``load``) → one pass that
-checks and merges each layer (``check``, ``merge``) → an exported artifact (``export``) + a report (``report``).
+checks and merges each layer (``check``, ``merge``) → a saved artifact (``save``) or fused weights (``fuse``) + a
+report (``report``). ``compose`` (also ``peft_ortho.compose``) is the entry point; ``sequential`` is the
+output-matching merge.
 """
 
 from __future__ import annotations
 
 from functools import cached_property
 
+import torch
 from torch import nn
 
 from .._io import check_output
-from ..errors import IncompatibleAdaptersError, PeftOrthoError
+from ..cards import model_card
+from ..errors import IncompatibleAdaptersError
+from ..lora_format import FAMILY_PIPELINES, component_kind, infer_component
 from ..statistics import AdapterStatistics
+from ..statistics import calibrate as run_calibration
 from .check import CollisionWarning, check_configs, check_weights, warn_collisions
+from .fuse import check_fusable, fuse_layer, fuse_targets
 from .load import Adapter, UnknownScaleWarning, load_adapter
 from .merge import (
     DELTA_METHODS,
@@ -29,6 +36,8 @@ from .merge import (
 )
 from .report import Report, base_energies
 from .resolve import Source, resolve, resolve_all
+from .save import save_diffusers_file, save_kohya_file, save_peft
+from .sequential import sequential_merge
 
 __all__ = ["CollisionWarning", "MergedAdapter", "Report", "Source", "UnknownScaleWarning", "compose", "resolve"]
 
@@ -181,8 +190,6 @@ class MergedAdapter:
 
     def _fuse_targets(self, model, component: str | None = None) -> dict:
         """``{component: {layer: (weight, transposed)}}`` in ``model`` (module or pipeline), every shape checked."""
-        from ..lora_format import infer_component
-        from .export import fuse_targets
 
         def module_for(comp, names):
             if hasattr(model, "components") and not isinstance(model, nn.Module):  # a diffusers pipeline
@@ -224,8 +231,6 @@ class MergedAdapter:
         return out
 
     def card(self, *, diffusion: bool | None = None) -> str:
-        from ..hub import model_card
-
         rows = [
             {
                 "name": s.name,
@@ -277,8 +282,6 @@ class MergedAdapter:
     @property
     def dtype(self):
         """The sources' stored dtype when they agree (float32 otherwise): the default precision of exports."""
-        import torch
-
         dtypes = {t.dtype for a in self.adapters for t in a.tensors.values() if t.is_floating_point()}
         return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
@@ -288,8 +291,6 @@ class MergedAdapter:
         The config keeps the sources' ``task_type``, so ``AutoPeftModelForCausalLM`` loads an LLM merge.
         ``dtype``: ``"fp16"``, ``"bf16"`` or ``"fp32"`` (default: the sources' dtype).
         """
-        from .export import save_peft
-
         fan_in_fan_out = any(a.config.get("fan_in_fan_out") for a in self.adapters)  # GPT-2 style Conv1D targets
         check_output(out_dir, self.input_paths)  # before the merge is computed for it
         return save_peft(
@@ -315,8 +316,6 @@ class MergedAdapter:
         inferred when None) would not load, and T5 text-encoder parts, are refused. ``dtype``: ``"fp16"``,
         ``"bf16"`` or ``"fp32"`` (default: the sources' dtype).
         """
-        from .export import save_diffusers_file
-
         check_output(out_dir, self.input_paths)
         return save_diffusers_file(
             out_dir,
@@ -337,8 +336,6 @@ class MergedAdapter:
         ``lora_te1_``/``lora_te2_`` keys, ``lora_down``/``lora_up`` and an ``alpha`` per layer that carries the
         scale). ``dtype``: ``"fp16"``, ``"bf16"``, ``"fp32"`` (default: the sources' dtype).
         """
-        from .export import save_kohya_file
-
         check_output(out_dir, self.input_paths)
         return save_kohya_file(
             out_dir,
@@ -358,8 +355,6 @@ class MergedAdapter:
         that name (``unet``, ``transformer``, ``text_encoder``...). For PEFT-adapter sources, ``component`` picks the
         pipeline attribute, inferred from the layer names when None (``transformer`` for Flux/SD3 layers).
         """
-        from .export import check_fusable, fuse_layer
-
         targets = self._fuse_targets(model, component)  # all checked first
         kept = self.__dict__.get("layers")
 
@@ -458,8 +453,6 @@ def compose(
     family, unet_config = _family_of_base(base, family)
     sources = resolve_all(list(names), token=token, cache_dir=cache_dir, progress=progress)
     adapters = [load_adapter(s, family=family, unet_config=unet_config) for s in sources]
-    from ..lora_format import component_kind, infer_component
-
     folder_kinds = {
         component_kind(modules=[n for c, n in a.layers() if c is None])
         for a in adapters
@@ -485,8 +478,6 @@ def compose(
     if method == "sequential":  # layer by layer through the partly merged model (compose.sequential)
         if calibrate is None or not inputs or stream or prompts is not None:
             raise ValueError("method='sequential' needs calibrate=<base model> and inputs={adapter: [batches]}")
-        from .sequential import sequential_merge
-
         merged = MergedAdapter(adapters, weights, method, svd_rank=svd_rank)
         merged.__dict__["layers"] = sequential_merge(
             adapters,
@@ -569,10 +560,6 @@ def _calibrate(adapters: list[Adapter], target, prompts: dict[str, str] | None) 
     todo = [a for a in adapters if a.statistics is None and a.name in prompts]
     if not todo:
         return []
-    try:
-        from ..statistics import calibrate as run_calibration
-    except ImportError as e:
-        raise PeftOrthoError("this peft-ortho has no calibration (peft_ortho.statistics.calibrate)") from e
     for adapter in todo:
         adapter.statistics = run_calibration(adapter, target, prompts[adapter.name])
     return [a.name for a in todo]
@@ -582,8 +569,6 @@ def _family_of_base(base, family: str | None):
     """``(family, unet_config)`` from a diffusers pipeline (or its UNet) and/or an explicit family."""
     if base is None:
         return family, None
-    from ..lora_format import FAMILY_PIPELINES
-
     unet = getattr(base, "unet", base if hasattr(base, "config") and "UNet" in type(base).__name__ else None)
     unet_config = getattr(unet, "config", None)
     by_pipeline = {v: k for k, v in FAMILY_PIPELINES.items()}

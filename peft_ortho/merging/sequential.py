@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import IncompatibleAdaptersError, UnsupportedLayerError
-from .export import fuse_targets
+from .fuse import fuse_targets
 from .load import Adapter
 from .merge import MergedLayer, iter_merged_layers
 
