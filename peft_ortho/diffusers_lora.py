@@ -35,6 +35,7 @@ import os
 from collections.abc import Iterable, Mapping
 
 import torch
+from diffusers.loaders.lora_base import _pack_dict_with_prefix
 from peft import LoraConfig, get_peft_model_state_dict
 from peft.tuners.tuners_utils import check_target_module_exists
 from safetensors.torch import save_file
@@ -75,7 +76,7 @@ PEFT_ORTHO_METADATA_KEY = "peft_ortho_adapter_config"
 SVD_RANK = 16
 
 
-# ---------------------------------------------------------------------------------------------- state dicts and metadata
+# -------------------------------------------------------------------------------------------- state dicts and metadata
 
 
 def _check_component(component: str) -> str:
@@ -294,8 +295,6 @@ def write_diffusers_file(
             f"metadata components {sorted(metadata_by_component)} do not match tensor components "
             f"{sorted(tensors_by_component)}"
         )
-    from diffusers.loaders.lora_base import _pack_dict_with_prefix  # diffusers loads in seconds: only when writing
-
     names = adapter if isinstance(adapter, Mapping) else {}
     one_name = None if isinstance(adapter, Mapping) else adapter
     check_loadable(
@@ -346,7 +345,7 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     raise ValueError(f"dtype must be one of {sorted(_DTYPES)} (or a floating torch dtype), got {dtype!r}")
 
 
-# ------------------------------------------------------------------------------- reading adapters: models and folders
+# -------------------------------------------------------------------------------- reading adapters: models and folders
 
 
 def _read_adapter_folder(folder: str, adapter_name: str) -> tuple[dict, dict[str, torch.Tensor], str]:

@@ -44,6 +44,8 @@ from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from .errors import UnsupportedAdapterError
@@ -56,17 +58,8 @@ _CHECKED_MODELS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 def _peft_classes() -> tuple[type, ...]:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    classes: tuple[type, ...] = (BaseTunerLayer,)
-    try:
-        # modules_to_save / trainable-token wrappers are trained copies that peft also switches off with the adapters.
-        from peft.utils.other import AuxiliaryTrainingWrapper
-
-        classes += (AuxiliaryTrainingWrapper,)
-    except ImportError:  # pragma: no cover - older peft
-        pass
-    return classes
+    # modules_to_save / trainable-token wrappers are trained copies that peft also switches off with the adapters.
+    return (BaseTunerLayer, AuxiliaryTrainingWrapper)
 
 
 def adapter_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -190,7 +183,7 @@ class OutputErasure:
             f"seed={self.seed})"
         )
 
-    # ----------------------------------------------------------------------------------------------- sampling
+    # -------------------------------------------------------------------------------------------------------- sampling
     def draw(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw the erased mask and the foreign prompt indices for a batch, without touching any prompt.
 
@@ -230,7 +223,7 @@ class OutputErasure:
         ]
         return new, erased
 
-    # ----------------------------------------------------------------------------------------------- teacher
+    # --------------------------------------------------------------------------------------------------------- teacher
     def teacher(
         self, model: nn.Module, fn: Callable[..., T], *args: Any, erased: torch.Tensor | None = None, **kwargs: Any
     ) -> T | None:
@@ -290,7 +283,7 @@ class OutputErasure:
                 stacklevel=3,
             )
 
-    # ----------------------------------------------------------------------------------------------- loss
+    # ------------------------------------------------------------------------------------------------------------ loss
     def loss(
         self,
         pred: torch.Tensor,
@@ -344,7 +337,7 @@ class OutputErasure:
         per_sample = per_sample * torch.where(erased, self.weight, 1.0)
         return per_sample if reduction == "none" else per_sample.mean()
 
-    # ----------------------------------------------------------------------------------------------- state
+    # ----------------------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """The generator state and settings (a CPU ``uint8`` tensor and plain values), to resume the same masks."""
         return {

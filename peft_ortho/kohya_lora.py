@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterable, Mapping
 
 import torch
+from diffusers.utils import convert_state_dict_to_kohya
 from safetensors.torch import save_file
 
 from ._io import atomic_dir, check_finite, check_output
@@ -51,8 +52,6 @@ def write_kohya_file(
     refused. ``dtype``: ``"fp16"``, ``"bf16"``, ``"fp32"`` (default the tensors' own). ``inputs``: paths the
     tensors were read from, which ``out_dir`` may not be, contain or lie inside.
     """
-    from diffusers.utils import convert_state_dict_to_kohya  # diffusers loads in seconds: only when writing
-
     check_output(out_dir, inputs)
     target_dtype = resolve_dtype(dtype)
     peft_keys: dict[str, torch.Tensor] = {}

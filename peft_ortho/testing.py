@@ -7,12 +7,25 @@ small enough to run a denoising step in milliseconds on a CPU.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import string
 import tempfile
 
+import diffusers
 import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -20,8 +33,6 @@ TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 def tiny_unet(seed: int = 0, cross_attention_dim: int = 32, sample_size: int = 8, block_out_channels=(32, 64)):
     """A two-block ``UNet2DConditionModel`` (cross-attention in both blocks), random weights from ``seed``."""
-    from diffusers import UNet2DConditionModel
-
     torch.manual_seed(seed)
     return UNet2DConditionModel(
         sample_size=sample_size,
@@ -39,8 +50,6 @@ def tiny_unet(seed: int = 0, cross_attention_dim: int = 32, sample_size: int = 8
 
 def tiny_text_encoder(seed: int = 0, hidden_size: int = 32, vocab_size: int = 1000):
     """A two-layer ``CLIPTextModel`` built from a config."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     torch.manual_seed(seed)
     config = CLIPTextConfig(
         vocab_size=vocab_size,
@@ -84,8 +93,6 @@ def _write_tokenizer_files(folder: str) -> None:
 
 def tiny_tokenizer(folder: str | None = None, model_max_length: int = 16):
     """A real ``CLIPTokenizer`` whose vocabulary (about 650 tokens) is written in code."""
-    from transformers import CLIPTokenizer
-
     folder = folder or tempfile.mkdtemp(prefix="peft_ortho_tok_")
     _write_tokenizer_files(folder)
     return CLIPTokenizer(
@@ -97,8 +104,6 @@ def tiny_tokenizer(folder: str | None = None, model_max_length: int = 16):
 
 
 def tiny_vae(seed: int = 0):
-    from diffusers import AutoencoderKL
-
     torch.manual_seed(seed)
     return AutoencoderKL(
         block_out_channels=(8,),
@@ -114,8 +119,6 @@ def tiny_vae(seed: int = 0):
 
 def tiny_sd_pipeline(seed: int = 0):
     """A complete ``StableDiffusionPipeline`` of tiny random models, no safety checker."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
     pipe = StableDiffusionPipeline(
         unet=tiny_unet(seed),
         text_encoder=tiny_text_encoder(seed),
@@ -150,9 +153,6 @@ def tiny_sdxl_pipeline(seed: int = 0):
     ``CLIPTextModelWithProjection`` of width 32 (cross-attention width 64 = 32 + 32), a two-block VAE (latents at
     half the resolution) and an Euler scheduler. Tokenizers: :func:`tiny_tokenizer`.
     """
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
     unet = tiny_sdxl_unet(seed, layers_per_block=1, transformer_layers_per_block=(1, 1), norm_num_groups=8)
     torch.manual_seed(seed)
     vae = AutoencoderKL(
@@ -215,8 +215,6 @@ def tiny_sdxl_unet(
 ):
     """An SDXL-shaped ``UNet2DConditionModel`` (text-time embedding, linear projections; 2 layers per block unless
     told otherwise), cross-attention width 64 and 80-wide added-condition embeddings."""
-    from diffusers import UNet2DConditionModel
-
     torch.manual_seed(seed)
     return UNet2DConditionModel(
         block_out_channels=(32, 64),
@@ -239,8 +237,6 @@ def tiny_sdxl_unet(
 
 def tiny_flux_transformer(seed: int = 0):
     """A ``FluxTransformer2DModel`` with one double and one single block (inner width 32)."""
-    from diffusers import FluxTransformer2DModel
-
     torch.manual_seed(seed)
     return FluxTransformer2DModel(
         patch_size=1,
@@ -257,8 +253,6 @@ def tiny_flux_transformer(seed: int = 0):
 
 def tiny_sd3_transformer(seed: int = 0):
     """An ``SD3Transformer2DModel`` with one joint block (inner width 32)."""
-    from diffusers import SD3Transformer2DModel
-
     torch.manual_seed(seed)
     return SD3Transformer2DModel(
         sample_size=8,
@@ -313,16 +307,12 @@ def family_output(model, inputs: dict) -> torch.Tensor:
 
 def empty_pipeline(family: str, **components):
     """The family's diffusers pipeline holding only ``components`` (e.g. ``transformer=...``), for LoRA loading."""
-    import diffusers
-
     cls = {
         "sd": diffusers.StableDiffusionPipeline,
         "sdxl": diffusers.StableDiffusionXLPipeline,
         "flux": diffusers.FluxPipeline,
         "sd3": diffusers.StableDiffusion3Pipeline,
     }[family]
-    import inspect
-
     names = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
     kwargs = {n: components.get(n) for n in names if n not in ("requires_safety_checker", "image_encoder")}
     if "requires_safety_checker" in names:

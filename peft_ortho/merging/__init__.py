@@ -8,8 +8,6 @@ output-matching merge.
 
 from __future__ import annotations
 
-from functools import cached_property
-
 import torch
 from torch import nn
 
@@ -69,6 +67,9 @@ class MergedAdapter:
         self._merge_options = merge_options
         # tr(W G_0 Wᵀ) per layer of the base model, when one was given (base=, calibrate=, fuse): the report's drift
         self._base_energy: dict | None = None
+        # The merged layers when kept (compose builds them unless stream=True), and the report once computed.
+        self.kept_layers: dict[tuple[str | None, str], MergedLayer] | None = None
+        self._report: Report | None = None
         bases = {a.base_model for a in adapters if a.base_model}
         self.base_model = bases.pop() if len(bases) == 1 else None
 
@@ -78,9 +79,9 @@ class MergedAdapter:
             for _ in iter_merged_layers(self.adapters, self.weights, self.method, merge=False, **self._merge_options):
                 pass
             for adapter in self.adapters:  # verified; keep nothing that grows with the number of adapters
-                adapter.__dict__.pop("_basis_spec", None)
+                adapter.basis_spec = None
         else:
-            self.__dict__["layers"] = dict(self.iter_layers(check=True))
+            self.kept_layers = dict(self.iter_layers(check=True))
 
     @property
     def sources(self) -> list[Source]:
@@ -177,16 +178,23 @@ class MergedAdapter:
         """
         return iter_merged_layers(self.adapters, self.weights, self.method, check=check, **self._merge_options)
 
-    @cached_property
+    @property
     def layers(self) -> dict[tuple[str | None, str], MergedLayer]:
-        return dict(self.iter_layers())
+        """Every merged layer, computed once (``compose`` keeps them, unless ``stream=True``)."""
+        if self.kept_layers is None:
+            self.kept_layers = dict(self.iter_layers())
+        return self.kept_layers
 
-    @cached_property
+    @property
     def report(self) -> Report:
         """Predicted output change per concept (from statistics) and basis relations; see ``Report``."""
-        kept = self.__dict__.get("layers")
-        layers = kept.items() if kept is not None else self.iter_layers()
-        return Report(self.adapters, self.weights, self.method, layers=layers, base_energy=self._base_energy)
+        if self._report is None:
+            kept = self.kept_layers
+            layers = kept.items() if kept is not None else self.iter_layers()
+            self._report = Report(
+                self.adapters, self.weights, self.method, layers=layers, base_energy=self._base_energy
+            )
+        return self._report
 
     def _fuse_targets(self, model, component: str | None = None) -> dict:
         """``{component: {layer: (weight, transposed)}}`` in ``model`` (module or pipeline), every shape checked."""
@@ -222,7 +230,7 @@ class MergedAdapter:
         targets = self._fuse_targets(model, component)
         views = {(comp, name): t for comp, by_name in targets.items() for name, t in by_name.items()}
         self._base_energy = base_energies(self.adapters, views)
-        self.__dict__.pop("report", None)  # recomputed with the drift relative to the base
+        self._report = None  # recomputed with the drift relative to the base
 
     def by_component(self) -> dict[str | None, dict[str, MergedLayer]]:
         out: dict = {}
@@ -356,7 +364,7 @@ class MergedAdapter:
         pipeline attribute, inferred from the layer names when None (``transformer`` for Flux/SD3 layers).
         """
         targets = self._fuse_targets(model, component)  # all checked first
-        kept = self.__dict__.get("layers")
+        kept = self.kept_layers
 
         def layers():
             return kept.items() if kept is not None else self.iter_layers()
@@ -479,7 +487,7 @@ def compose(
         if calibrate is None or not inputs or stream or prompts is not None:
             raise ValueError("method='sequential' needs calibrate=<base model> and inputs={adapter: [batches]}")
         merged = MergedAdapter(adapters, weights, method, svd_rank=svd_rank)
-        merged.__dict__["layers"] = sequential_merge(
+        merged.kept_layers = sequential_merge(
             adapters,
             weights,
             calibrate,

@@ -85,6 +85,9 @@ class Adapter:
     # Per-layer input statistics (recorded by the trainer, or computed by ``compose(..., calibrate=...)``); the
     # statistics merge (``method="regmean"``) and the report's predictions need them.
     statistics: AdapterStatistics | None = field(default=None, repr=False)
+    # Caches of the checks (``merging.check``): the basis the config names, and the layers by input width.
+    basis_spec: object | None = field(default=None, repr=False, compare=False)
+    width_index: dict[int, set] | None = field(default=None, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -122,6 +125,7 @@ class Adapter:
         if self.statistics is not None and any(c is None for c, _ in self.layer_keys):
             self.statistics = self.statistics.with_prefix(component)
         self.layer_keys = {(c if c is not None else component, n): v for (c, n), v in self.layer_keys.items()}
+        self.width_index = None
         self.scales = {(c if c is not None else component, n): v for (c, n), v in self.scales.items()}
 
     def delta_shape(self, layer: tuple[str | None, str]) -> tuple[int, int]:

@@ -16,6 +16,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from ...errors import AdapterFileError
 from .._layers import Conv1D
 
 
@@ -103,9 +104,7 @@ class BlockLoraLayer(nn.Module, BaseTunerLayer):
         else:  # for tests: a non-trivial adapter from the start
             nn.init.normal_(self.lora_B[adapter_name].weight, std=1.0 / self.r[adapter_name])
 
-    # ----------------------------------------------------------------------------------------------------------------
-    # the update as weights
-    # ----------------------------------------------------------------------------------------------------------------
+    # ------------------------------------------------------------------------------------------- the update as weights
 
     def block_delta(self, adapter_name: str) -> tuple[tuple[slice, ...], torch.Tensor]:
         """``(index, delta)`` with ``weight[index] += delta`` applying the adapter: only the block is materialised.
@@ -144,7 +143,9 @@ class BlockLoraLayer(nn.Module, BaseTunerLayer):
             if safe_merge:
                 merged = weight.data[index] + delta
                 if not torch.isfinite(merged).all():
-                    raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+                    raise AdapterFileError(
+                        "NaNs detected in the merged weights: the adapter seems to be broken", adapter=name
+                    )
                 weight.data[index] = merged
             else:
                 weight.data[index] += delta
@@ -161,9 +162,7 @@ class BlockLoraLayer(nn.Module, BaseTunerLayer):
                 index, delta = self.block_delta(name)
                 weight.data[index] -= delta.to(weight.dtype)
 
-    # ----------------------------------------------------------------------------------------------------------------
-    # forward
-    # ----------------------------------------------------------------------------------------------------------------
+    # --------------------------------------------------------------------------------------------------------- forward
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:

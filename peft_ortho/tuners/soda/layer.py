@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -36,9 +37,7 @@ from ...errors import BasisError, UnsupportedLayerError
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Kronecker factors
-# --------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------- Kronecker factors
 
 
 def auto_factors(n: int, num_factors: int = 2) -> list[int]:
@@ -175,21 +174,39 @@ class KroneckerRotation(nn.Module):
         return err
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# decomposition
-# --------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------- decomposition
+
+
+LAPACK_THREADS_ENV = "PEFT_ORTHO_SINGLE_THREAD_LAPACK"
+
+
+def _oversubscribed() -> bool:
+    """Whether CPU SVD/QR should run on one thread: ``PEFT_ORTHO_SINGLE_THREAD_LAPACK=1`` always, ``=0`` never; by
+    default only when the CPUs are measured oversubscribed (1-minute load average above the cores this process may
+    run on)."""
+    setting = os.environ.get(LAPACK_THREADS_ENV, "").strip().lower()
+    if setting in ("1", "true", "yes"):
+        return True
+    if setting in ("0", "false", "no"):
+        return False
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average on this platform: assume the cores are free
+        return False
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return load > cores
 
 
 @contextlib.contextmanager
-def _single_threaded(device: torch.device) -> Iterator[None]:
-    """Run CPU LAPACK (SVD/QR) on one intra-op thread, restoring the thread count afterwards.
+def _lapack_threads(device: torch.device) -> Iterator[None]:
+    """Run CPU LAPACK (SVD/QR) on one intra-op thread when the cores are oversubscribed, restoring the count after.
 
-    Measured on the project's shared 2-core machine under load: a 1280×1280 float32 SVD took 0.6 s on one thread and
-    34 s on two (LAPACK's many OpenMP barriers stall when the cores are oversubscribed); QR 0.1 s vs 0.9 s. On 2 cores
-    the best case for two threads is a 2× gain, so one thread is the robust choice. (A stacked, batched
-    ``torch.linalg.svd`` over same-shape layers was also ~10× slower than this per-layer loop on CPU.)
+    Measured on a shared 2-core machine under load: a 1280×1280 float32 SVD took 0.6 s on one thread and 34 s on
+    two (LAPACK's many OpenMP barriers stall when the cores are oversubscribed); QR 0.1 s vs 0.9 s. On free cores
+    the threads help, so this applies only where ``_oversubscribed`` measures contention (or is asked to). (A
+    stacked, batched ``torch.linalg.svd`` over same-shape layers was also ~10× slower than the per-layer loop.)
     """
-    if device.type != "cpu" or torch.get_num_threads() == 1:
+    if device.type != "cpu" or torch.get_num_threads() == 1 or not _oversubscribed():
         yield
         return
     threads = torch.get_num_threads()
@@ -210,9 +227,7 @@ def decompose(
     made non-negative (the sign is moved into ``Q``) so the factorisation is unique for full-rank ``W0``.
     """
     if weight2d.is_meta:
-        raise ValueError(
-            f"adapter {adapter!r}, layer {layer!r}: SODA needs the base weights to decompose (meta tensor)"
-        )
+        raise BasisError("SODA needs the base weights to decompose (meta tensor)", adapter=adapter, layer=layer)
     w = weight2d.detach().to(dtype)
     if not torch.isfinite(w).all():
         bad = (~torch.isfinite(w)).sum().item()
@@ -231,11 +246,11 @@ def decompose(
         )
     k = p if rank is None else rank
     if decomposition == "svd":
-        with _single_threaded(w.device):
+        with _lapack_threads(w.device):
             u, s, vh = torch.linalg.svd(w, full_matrices=False)
         return u[:, :k].contiguous(), vh[:k].contiguous(), s[:k].contiguous()
     # LQ from the QR of W0ᵀ: W0ᵀ = Q' R'  =>  W0 = R'ᵀ Q'ᵀ = L Q.
-    with _single_threaded(w.device):
+    with _lapack_threads(w.device):
         q, r = torch.linalg.qr(w.T)
     diag = torch.diagonal(r)
     sign = torch.where(diag < 0, -torch.ones_like(diag), torch.ones_like(diag))
@@ -243,9 +258,7 @@ def decompose(
     return None, right.contiguous(), (diag * sign)[:k].contiguous()
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# layers
-# --------------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------------------- layers
 
 
 class SodaLayer(BaseTunerLayer):
@@ -413,11 +426,11 @@ class SodaLayer(BaseTunerLayer):
         if count % every:
             return
         config = settings["config"]
-        if config.__dict__.get("_stiefel_warned"):
+        if config.stiefel_warned:
             return
         err = self.soda_rotation[adapter].orthogonality_error()
         if err > settings["tolerance"]:
-            config.__dict__["_stiefel_warned"] = True
+            config.stiefel_warned = True
             warnings.warn(
                 f"adapter {adapter!r}, layer {settings['layer']!r}: the rotation factors are no longer orthogonal "
                 f"(‖RᵀR − I‖_F = {err:.3g} > {settings['tolerance']:g}). rotation='stiefel' factors must be trained "

@@ -71,7 +71,7 @@ class SodaModel(BaseTuner):
                 if any(p.dtype in _HALF for p in rotation.parameters()):
                     rotation.float()
 
-    # ----------------------------------------------------------------------------------------------------- loading
+    # --------------------------------------------------------------------------------------------------------- loading
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
@@ -149,7 +149,7 @@ class SodaModel(BaseTuner):
                 )
         return remapped
 
-    # ------------------------------------------------------------------------------------------------ extras
+    # ---------------------------------------------------------------------------------------------------------- extras
 
     def soda_layers(self) -> dict[str, SodaLayer]:
         """``{module name: SODA layer}`` of the wrapped model."""
@@ -220,7 +220,6 @@ class SodaModel(BaseTuner):
                     f"the adapters use different Kronecker factor sizes here {sorted(sizes)}", layer=name
                 )
         config = dataclasses.replace(configs[0], init_weights=True, target_modules=sorted(layers))
-        config.__dict__.pop("_stiefel_warned", None)
         self.peft_config[combination_name] = config
         self.inject_adapter(self.model, combination_name)
         for name, layer in layers.items():
