@@ -39,7 +39,14 @@ def _config_dict(config) -> dict:
 
 
 def hub_base_model(base_model: str | None) -> str | None:
-    """``base_model`` if it is a Hub repo id; None for a local path (a card for the Hub never shows local paths)."""
+    """A base model fit for a card's metadata.
+
+    Args:
+        base_model: a Hub repo id or a local path (or None).
+
+    Returns:
+        ``base_model`` if it is a Hub repo id; None for a local path (a card for the Hub never shows local paths).
+    """
     if not base_model or os.path.isabs(base_model) or base_model.startswith((".", "~")) or os.path.exists(base_model):
         return None
     try:
@@ -105,25 +112,37 @@ def model_card(
     task_type: str | None = None,
     statistics: AdapterStatistics | None = None,
 ):
-    """A ``huggingface_hub.ModelCard`` for a peft-ortho (or plain LoRA) adapter.
+    """A ``huggingface_hub.ModelCard`` for a peft-ortho (or plain LoRA) adapter, or a merge.
 
-    Metadata: ``library_name: peft``; ``base_model`` (the argument, else ``config.base_model_name_or_path``); tags
-    ``peft-ortho``, the method (``orthogonal-adaptation``...), ``lora`` for LoRA-type adapters, ``diffusers`` when a
-    diffusers file is shipped (``diffusers_weight_name``), then ``extra_tags``. Body: what the adapter is, how to load
+    Metadata: ``library_name: peft``; ``base_model``; tags ``peft-ortho``, the method's tag from the tuner's facts
+    (``orthogonal-adaptation``...), ``lora`` for adapters stored as LoRA factors, ``diffusers`` when a diffusers file
+    is shipped, then ``extra_tags``. Body: what the adapter is (the tuner's title, citation and card note), how to load
     it (``import peft_ortho`` then ``PeftModel.from_pretrained``; ``pipe.load_lora_weights`` for the diffusers file),
-    the basis provenance (seed, algorithm, slot, rows, checksums), and optionally a ``summary`` paragraph and a
-    ``sources`` table (one row per mapping, columns in first-seen order; used by ``compose`` for merged adapters).
-    ``config``: a peft config, its dict, or ``None`` (a merged plain LoRA described by ``sources``).
+    the basis provenance (seed, algorithm, slot, rows, checksums), and optionally a summary and a sources table.
 
     The Hub's conventions are kept: like peft, the tag ``base_model:adapter:<base_model>`` (the Hub's adapter
-    relation) and a ``pipeline_tag`` — ``text-generation`` for causal-LM adapters (``task_type``, or the config's),
-    ``text-to-image`` for diffusion LoRAs (``diffusion``; True by default when a diffusers file is shipped), which
-    also get diffusers' training tags (``text-to-image``, ``diffusers-training``, ``template:sd-lora``), the
-    ``instance_prompt`` (trigger words) and an optional ``widget`` (``[{"text": prompt, "output": {"url":
-    "image.png"}}]``). A ``base_model`` that is a local path, not a Hub repo id, is left out of the metadata, and
-    local absolute paths in ``sources`` are shown by their last component only.
-    ``statistics``: the adapter's input statistics, shipped as ``adapter_statistics.safetensors``: the card says what
-    the file holds, its kinds, layers and input counts.
+    relation) and a ``pipeline_tag``: ``text-generation`` for causal-LM adapters, ``text-to-image`` for diffusion
+    LoRAs, which also get diffusers' training tags (``text-to-image``, ``diffusers-training``, ``template:sd-lora``).
+    A ``base_model`` that is a local path, not a Hub repo id, is left out of the metadata, and local absolute paths in
+    ``sources`` are shown by their last component only.
+
+    Args:
+        config: a peft config, its dict, or None (a merged plain LoRA described by ``sources``).
+        base_model: the base model (default ``config.base_model_name_or_path``).
+        extra_tags: more Hub tags.
+        sources: one mapping per merged adapter, a table row each (columns in first-seen order; used by ``compose``).
+        summary: a paragraph at the top of the body.
+        repo_id: the repository the card is for (its title and the loading snippet).
+        diffusers_weight_name: the diffusers file shipped beside the adapter, if any.
+        diffusion: a diffusion LoRA (default: True when a diffusers file is shipped).
+        instance_prompt: the trigger words, in the metadata and the body.
+        widget: ``[{"text": prompt, "output": {"url": "image.png"}}]`` for the Hub's widget.
+        task_type: peft's task type (default the config's); ``CAUSAL_LM`` gives ``text-generation``.
+        statistics: the adapter's input statistics, shipped as ``adapter_statistics.safetensors``: the card says what
+            the file holds, its kinds, layers and input counts.
+
+    Returns:
+        The card (``str(card)`` is the ``README.md`` text).
     """
     d = _config_dict(config)
     peft_type = d.get("peft_type") or "LORA"

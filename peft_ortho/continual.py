@@ -123,31 +123,87 @@ class Strategy:
     saved_extra: str | None = None  # name of the extra tensor per layer written to the state file, if any
 
     def check_config(self, config: LoraConfig) -> None:
-        """Refuse a config this strategy cannot run (the checks every strategy makes are in ``_check_config``)."""
+        """Refuse a config this strategy cannot run (the checks every strategy makes are in ``_check_config``).
+
+        Args:
+            config: the learner's adapter config.
+        """
 
     def check_layer(self, name: str, layer: LoraLayer, adapter_name: str) -> None:
-        """Refuse a targeted layer (read once, on the meta device, when the learner is created)."""
+        """Refuse a targeted layer (read once, on the meta device, when the learner is created).
+
+        Args:
+            name: the layer's name in the base model.
+            layer: its peft LoRA layer.
+            adapter_name: the learner's adapter name.
+        """
 
     def task_config(self, config: LoraConfig, first_slot: int, t: int) -> LoraConfig:
-        """The adapter config of task ``t``: a copy of the learner's."""
+        """The adapter config of task ``t``: a copy of the learner's.
+
+        Args:
+            config: the learner's adapter config.
+            first_slot: the config's integer slot, else 0.
+            t: the task index.
+
+        Returns:
+            A new config.
+        """
         return copy.deepcopy(config)
 
     def check_task(self, layers: dict[str, tuple[int, int]], first_slot: int, t: int, adapter_name: str) -> None:
-        """Refuse task ``t`` before its adapter is created."""
+        """Refuse task ``t`` before its adapter is created.
+
+        Args:
+            layers: ``{layer name: (r, in)}`` of the targeted layers.
+            first_slot: the config's integer slot, else 0.
+            t: the task index.
+            adapter_name: the learner's adapter name.
+        """
 
     def initial_extra(self, model: nn.Module, layers: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
-        """The extra state at the start, by layer name."""
+        """The extra state at the start.
+
+        Args:
+            model: the base model.
+            layers: ``{layer name: (r, in)}`` of the targeted layers.
+
+        Returns:
+            ``{layer name: tensor}`` (empty by default).
+        """
         return {}
 
     def init_adapter(self, layers: dict[str, LoraLayer], adapter_name: str, extra: dict[str, torch.Tensor]) -> None:
-        """Change a task's fresh adapter before it trains (default: keep peft's init)."""
+        """Change a task's fresh adapter before it trains (default: keep peft's init).
+
+        Args:
+            layers: the adapter's LoRA layers by name.
+            adapter_name: the learner's adapter name.
+            extra: the extra state.
+        """
 
     def merged(self, weight: torch.Tensor, delta: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
-        """The layer's weight after the task, both in the wider of their dtypes: ``W + s·B A``."""
+        """The layer's weight after the task, both in the wider of their dtypes: ``W + s·B A`` by default.
+
+        Args:
+            weight: the current weight ``W``.
+            delta: the task's update ``s·B A`` in the weight's layout.
+            extra: the layer's extra state (None when the strategy keeps none).
+
+        Returns:
+            The new weight, in the inputs' dtype.
+        """
         return weight + delta
 
     def after_merge(self, name: str, layer: LoraLayer, adapter_name: str, extra: dict[str, torch.Tensor]) -> None:
-        """Update the extra state once layer ``name`` is fused (its adapter still present)."""
+        """Update the extra state once layer ``name`` is fused (its adapter still present).
+
+        Args:
+            name: the layer's name.
+            layer: its LoRA layer.
+            adapter_name: the learner's adapter name.
+            extra: the extra state, updated in place.
+        """
 
 
 class _Naive(Strategy):
@@ -629,11 +685,16 @@ class _State:
 def orthogonal_init(a: torch.Tensor, previous_sum: torch.Tensor) -> torch.Tensor:
     """Make each input column of ``a`` orthogonal, in rank space, to the same column of ``previous_sum``.
 
-    ``a``: a fresh down-projection, shape ``(r, ...)`` (``lora_A`` weight; trailing dims flattened to ``in``).
-    ``previous_sum``: ``S = Σ_{s<t} A_s``, same shape. For every column ``j``:
-    ``p_j = a_j − (a_j·s_j / s_j·s_j) s_j`` (``p_j = a_j`` where ``s_j = 0``), then ``p_j`` is rescaled to ``‖a_j‖``
-    so the init keeps peft's scale. Result: ``(p * S).sum(0) = 0`` to the precision of ``a``'s dtype (computed in
-    float64, rounded once). Returns a new tensor of ``a``'s shape, dtype and device.
+    For every column ``j``: ``p_j = a_j − (a_j·s_j / s_j·s_j) s_j`` (``p_j = a_j`` where ``s_j = 0``), then ``p_j``
+    is rescaled to ``‖a_j‖`` so the init keeps peft's scale. Result: ``(p * S).sum(0) = 0`` to the precision of
+    ``a``'s dtype (computed in float64, rounded once).
+
+    Args:
+        a: a fresh down-projection, shape ``(r, ...)`` (``lora_A`` weight; trailing dims flattened to ``in``).
+        previous_sum: ``S = Σ_{s<t} A_s``, same shape.
+
+    Returns:
+        A new tensor of ``a``'s shape, dtype and device.
     """
     r = a.shape[0]
     if previous_sum.numel() != a.numel():
@@ -662,8 +723,6 @@ class ContinualMetrics:
 def task_matrix_metrics(matrix: Any, convention: str = "final") -> ContinualMetrics:
     """Average score and average forgetting of a task matrix ``M[s, t]`` (score of task ``s`` after task ``t``).
 
-    ``matrix``: ``(T, T)``, higher is better; entries ``s > t`` (tasks not yet learned) are ignored and may be NaN.
-
     ``convention="final"`` (default; the standard definitions of Chaudhry et al. 2018, which the paper reports):
 
     - average score ``= (1/T) Σ_s M[s, T-1]``, every task scored by the final model;
@@ -674,6 +733,13 @@ def task_matrix_metrics(matrix: Any, convention: str = "final") -> ContinualMetr
     (github.com/luk-st/continual-lora, ``eval/metrics.py``), which differs: average score
     ``= (1/T) Σ_t mean_{s ≤ t} M[s, t]`` (mean over time of the mean over tasks seen so far), and forgetting of task
     ``s`` ``= max_{t' > s} (M[s, s] − M[s, t'])`` (largest drop from just after learning it, at any later time).
+
+    Args:
+        matrix: ``(T, T)``, higher is better; entries ``s > t`` (tasks not yet learned) are ignored and may be NaN.
+        convention: ``"final"`` or ``"released_code"``.
+
+    Returns:
+        A ``ContinualMetrics``.
     """
     if convention not in ("final", "released_code"):
         raise ValueError(f"unknown convention {convention!r}; choose 'final' or 'released_code'")
@@ -708,9 +774,19 @@ def run_continual(
 
     For each task ``t``: ``train(learner.begin_task(), tasks[t])``, ``learner.end_task()``, then
     ``M[s, t] = score(learner.model, tasks[s])`` for every ``s ≤ t`` (under ``torch.no_grad()``), and
-    ``learner.save(save_dir)`` when given. ``matrix``: when resuming, the matrix of the earlier tasks (``(k, k)``
-    with ``k ≤ T``, e.g. what the first call returned); it is copied into the top-left corner.
-    Returns ``M`` as a ``(T, T)`` float64 array, NaN where ``s > t``.
+    ``learner.save(save_dir)`` when given.
+
+    Args:
+        learner: the learner (fresh, or resumed).
+        tasks: every task of the sequence.
+        train: ``train(peft_model, task)``, your training loop.
+        score: ``score(model, task) -> float``, higher is better.
+        matrix: when resuming, the matrix of the earlier tasks (``(k, k)`` with ``k ≤ T``, e.g. what the first call
+            returned); it is copied into the top-left corner.
+        save_dir: save the learner there after every task.
+
+    Returns:
+        ``M`` as a ``(T, T)`` float64 array, NaN where ``s > t``.
     """
     n = len(tasks)
     m = np.full((n, n), np.nan)
@@ -734,7 +810,15 @@ def run_continual(
 
 
 def format_metrics_table(results: dict[str, ContinualMetrics], digits: int = 3) -> str:
-    """A Markdown table: one row per strategy with average score, average forgetting and the final scores."""
+    """A Markdown table: one row per strategy with average score, average forgetting and the final scores.
+
+    Args:
+        results: ``{strategy: ContinualMetrics}``.
+        digits: decimals shown.
+
+    Returns:
+        The table's text.
+    """
     lines = ["| strategy | average score ↑ | average forgetting ↓ | final score per task |", "|---|---:|---:|---|"]
     for name, r in results.items():
         finals = " ".join(f"{x:.{digits}f}" for x in r.final_scores)

@@ -97,12 +97,19 @@ def to_diffusers_state_dict(
 ) -> dict[str, torch.Tensor]:
     """peft adapter tensors → diffusers keys: ``<component>.<module>.lora_A.weight`` (tensors unchanged).
 
-    Accepts the keys of ``adapter_model.safetensors`` / ``get_peft_model_state_dict`` (``base_model.model.<module>.
-    lora_A.weight``) and those of a live model's ``state_dict()`` restricted to LoRA tensors (``<module>.lora_A.
-    <adapter_name>.weight``). With adapter names in the keys, only ``adapter_name``'s tensors are kept (required when
-    several adapters are present). Any other tensor (``modules_to_save``, DoRA magnitudes, embedding LoRAs, base
-    weights) is refused: diffusers could not load it and dropping it silently would change the model.
-    ``adapter`` only names the adapter in error messages.
+    Any tensor that is not a LoRA factor (``modules_to_save``, DoRA magnitudes, embedding LoRAs, base weights) is
+    refused: diffusers could not load it and dropping it silently would change the model.
+
+    Args:
+        peft_state_dict: the keys of ``adapter_model.safetensors`` / ``get_peft_model_state_dict``
+            (``base_model.model.<module>.lora_A.weight``), or a live model's ``state_dict()`` restricted to LoRA tensors
+            (``<module>.lora_A.<adapter_name>.weight``).
+        component: the pipeline attribute (``unet``, ``text_encoder``, ``transformer``...).
+        adapter_name: with adapter names in the keys, only this adapter's tensors are kept (required when several are).
+        adapter: names the adapter in error messages.
+
+    Returns:
+        ``{"<component>.<module>.lora_A.weight": tensor, ...}``, detached, on the CPU, contiguous.
     """
     _check_component(component)
     parsed = []
@@ -135,14 +142,25 @@ def to_diffusers_state_dict(
 def diffusers_lora_metadata(config, *, adapter: str | None = None) -> dict:
     """The plain ``peft.LoraConfig`` keyword arguments diffusers needs to rebuild ``config``'s LoRA exactly.
 
-    ``config``: a ``LoraConfig``/``OrthoLoraConfig`` or its ``to_dict()`` (an ``adapter_config.json``). Returns the
-    fields of ``dataclasses.fields(peft.LoraConfig)`` only — ``r``, ``lora_alpha``, ``rank_pattern``,
-    ``alpha_pattern``, ``use_rslora``, ``target_modules``, ``lora_dropout``... — so that diffusers'
-    ``LoraConfig(**metadata)`` works and gives every layer the same scale (``lora_alpha / r``, or ``/ √r`` with
-    rsLoRA) as the original. ``peft_type`` is left out (``LoraConfig`` sets ``LORA``) and so are peft-ortho's basis
-    fields; ``init_lora_weights`` is set to ``True`` because the loader overwrites every factor from the file anyway.
-    Refuses (``UnsupportedAdapterError``) what a plain LoRA cannot reproduce: other peft types, DoRA,
-    ``modules_to_save``, trainable tokens, target parameters, layer replication, base-modifying initialisations.
+    ``peft_type`` is left out (``LoraConfig`` sets ``LORA``) and so are peft-ortho's basis fields;
+    ``init_lora_weights`` is set to ``True`` because the loader overwrites every factor from the file anyway. A
+    BlockLoRA config becomes the config of its zero-padded LoRA.
+
+    Args:
+        config: a ``LoraConfig``/``OrthoLoraConfig``/``BlockLoraConfig`` or its ``to_dict()`` (an
+            ``adapter_config.json``).
+        adapter: names the adapter in error messages.
+
+    Returns:
+        The fields of ``dataclasses.fields(peft.LoraConfig)`` only (``r``, ``lora_alpha``, ``rank_pattern``,
+        ``alpha_pattern``, ``use_rslora``, ``target_modules``, ``lora_dropout``...), so that diffusers'
+        ``LoraConfig(**metadata)`` works and gives every layer the same scale (``lora_alpha / r``, or ``/ √r`` with
+        rsLoRA) as the original.
+
+    Raises:
+        UnsupportedAdapterError: for what a plain LoRA cannot reproduce: other peft types (a SODA config says to pass
+            the live model), DoRA, ``modules_to_save``, trainable tokens, target parameters, layer replication,
+            base-modifying initialisations.
     """
     if config is None:
         raise ValueError("a LoRA config (PeftConfig or its dict) is required")
@@ -270,22 +288,32 @@ def write_diffusers_file(
 ) -> str:
     """Write one diffusers LoRA file into ``out_dir`` (atomically) and return its path.
 
-    ``tensors_by_component``: ``{"unet": {"<module>.lora_A.weight": A, "<module>.lora_B.weight": B, ...}, ...}``
-    with keys relative to the component (diffusers' layout minus the component prefix) and peft's stored shapes.
-    ``metadata_by_component``: per component, a ``LoraConfig``, an ``OrthoLoraConfig`` or a config dict; it is
-    reduced to plain ``LoraConfig`` fields with ``diffusers_lora_metadata`` and checked against the tensors (rank per
-    layer, targeting), so a file diffusers would load with a wrong scale is never written. ``adapter_configs``:
-    optional full configs per component, stored for provenance under ``peft_ortho_adapter_config``. Tensors must be
-    finite. ``out_dir`` must be empty or absent unless ``overwrite``; it is replaced in one rename on success and
-    left untouched on failure. ``adapter`` (one name, or one per component) names the adapter in errors.
+    Each component's metadata is reduced to plain ``LoraConfig`` fields with ``diffusers_lora_metadata`` and checked
+    against the tensors (rank per layer, targeting), so a file diffusers would load with a wrong scale is never
+    written. Tensors must be finite. ``out_dir`` is replaced in one rename on success and left untouched on failure.
 
-    ``pipeline``: the diffusers pipeline (class, instance, class name, or family ``"sd"``/``"sdxl"``/``"flux"``/
-    ``"sd3"``) the file is for; every component must be one its ``load_lora_weights`` reads
-    (``_lora_loadable_modules``), else the file is refused, naming the component. When None it is inferred from the
-    layer names where they tell (Flux's single blocks, SDXL's second text encoder); T5 text-encoder parts are always
-    refused. ``dtype``: ``"fp16"``, ``"bf16"``, ``"fp32"`` (or a torch dtype) to write; default the tensors' own.
-    Values a narrower dtype cannot hold are refused by layer. ``card``: text of a ``README.md`` written beside it.
-    ``inputs``: paths the tensors were read from; ``out_dir`` may not be, contain or lie inside any of them.
+    Args:
+        out_dir: the folder to write; empty or absent unless ``overwrite``.
+        tensors_by_component: ``{"unet": {"<module>.lora_A.weight": A, "<module>.lora_B.weight": B, ...}, ...}``,
+            keys relative to the component (diffusers' layout minus the component prefix), peft's stored shapes.
+        metadata_by_component: per component, a ``LoraConfig``, an ``OrthoLoraConfig`` or a config dict.
+        overwrite: replace a non-empty ``out_dir``.
+        weight_name: the file name (a plain ``*.safetensors`` name).
+        adapter_configs: optional full configs per component, stored for provenance under
+            ``peft_ortho_adapter_config``.
+        adapter: one name, or one per component, naming the adapter in errors.
+        pipeline: the diffusers pipeline (class, instance, class name, or family ``"sd"``/``"sdxl"``/``"flux"``/
+            ``"sd3"``) the file is for; every component must be one its ``load_lora_weights`` reads
+            (``_lora_loadable_modules``), else the file is refused, naming the component. When None it is inferred
+            from the layer names where they tell (Flux's single blocks, SDXL's second text encoder); T5 text-encoder
+            parts are always refused.
+        dtype: ``"fp16"``, ``"bf16"``, ``"fp32"`` (or a torch dtype) to write; default the tensors' own. Values a
+            narrower dtype cannot hold are refused by layer.
+        card: text of a ``README.md`` written beside the file.
+        inputs: paths the tensors were read from; ``out_dir`` may not be, contain or lie inside any of them.
+
+    Returns:
+        The absolute path of the written file.
     """
     check_output(out_dir, inputs)
     if not tensors_by_component:
@@ -337,7 +365,14 @@ _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """``"fp16"`` / ``"bf16"`` / ``"fp32"`` (or a floating torch dtype) → the torch dtype; None stays None."""
+    """The torch dtype a ``dtype=`` argument names.
+
+    Args:
+        dtype: ``"fp16"`` / ``"bf16"`` / ``"fp32"``, a floating torch dtype, or None.
+
+    Returns:
+        The torch dtype; None stays None.
+    """
     if dtype is None or isinstance(dtype, torch.dtype) and dtype.is_floating_point:
         return dtype
     if isinstance(dtype, str) and dtype in _DTYPES:
@@ -381,12 +416,18 @@ def _read_live_adapter(model, adapter_name: str) -> tuple[object, dict[str, torc
 def collect_diffusers_lora(
     model_or_dir, component: str | None = None, *, adapter_name: str = "default"
 ) -> tuple[dict[str, torch.Tensor], object, str, str]:
-    """One adapter's tensors in component-relative diffusers keys, its config, its name, and its component.
+    """One lossless adapter's tensors in component-relative diffusers keys (a BlockLoRA block zero-padded).
 
-    ``model_or_dir``: a ``PeftModel``, a model with injected adapters (``get_peft_model``/``add_adapter``), or a
-    saved adapter folder. Tensors are the adapter's own (bit-exact), keyed ``<module>.lora_A.weight``.
-    ``component``: the pipeline attribute; inferred from the model (or the folder's layer names) when None, and
-    checked against them when given (``lora_format.infer_component``).
+    Args:
+        model_or_dir: a ``PeftModel``, a model with injected adapters (``get_peft_model``/``add_adapter``), or a saved
+            adapter folder.
+        component: the pipeline attribute; inferred from the model (or the folder's layer names) when None, and
+            checked against them when given (``lora_format.infer_component``).
+        adapter_name: the adapter to read.
+
+    Returns:
+        ``(tensors, config, name, component)``: the adapter's own tensors (bit-exact), keyed
+        ``<module>.lora_A.weight``; its config; its name for messages; its component.
     """
     if isinstance(model_or_dir, (str, os.PathLike)):
         config, peft_state_dict, name = _read_adapter_folder(os.fspath(model_or_dir), adapter_name)
@@ -462,26 +503,37 @@ def save_diffusers(
 ) -> str:
     """Write ``out_dir/pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights(out_dir)``; return its path.
 
-    ``model_or_dir``: a ``PeftModel`` (e.g. ``get_peft_model(pipe.unet, OrthoLoraConfig(...))``), a model with
-    injected adapters, a saved adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``; pickled
-    weights are refused), or a mapping ``{component: model_or_dir}`` to put e.g. the UNet's and the text encoder's
-    adapters into one file (``component`` is then ignored). ``component`` is inferred from the model when None (a
-    ``UNet2DConditionModel`` is the ``unet``, a ``FluxTransformer2DModel`` / ``SD3Transformer2DModel`` the
-    ``transformer``, a ``CLIPTextModel`` the ``text_encoder``) and checked against it when given; language-model
-    adapters are refused. Every component must be one ``pipeline`` (inferred from the layers when None) loads LoRAs
-    into, and T5 text-encoder parts are refused (see ``write_diffusers_file``). ``dtype``: ``"fp16"``, ``"bf16"``
-    or ``"fp32"`` to write (default: the adapter's own). ``card``: also write a ``README.md`` model card following
-    the Hub's diffusers-LoRA conventions.
+    Each tuner is exported as its facts say (``TunerFacts.lora_export``). Plain ``LoraConfig`` and ``OrthoLoraConfig``
+    adapters: the tensors are written unchanged and the scale travels in the metadata, so the loaded pipeline computes
+    exactly what the peft model does. ``BlockLoraConfig``: each block zero-padded to its layer, exact. ``SodaConfig``
+    (a live model only: its update depends on the base weights): each layer's ``ΔW`` factored by ``convert_by_svd``,
+    the error per layer in the card and the file's provenance. Other peft types, NaN/Inf weights and missing files
+    raise peft-ortho errors naming the adapter (and layer). Written atomically: an interrupted export leaves
+    ``out_dir`` as it was.
 
-    Each tuner is exported as its facts say (``TunerFacts.lora_export``). Plain ``LoraConfig`` and
-    ``OrthoLoraConfig`` adapters: the tensors are written unchanged and the scale travels in the metadata, so the
-    loaded pipeline computes exactly what the peft model does; ``bake_scale=True`` instead folds each layer's scale
-    into ``lora_B`` for loaders that ignore the metadata (diffusers < 0.35, other tools), at the cost of one rounding
-    per weight. ``BlockLoraConfig``: each block zero-padded to its layer, exact. ``SodaConfig`` (a live model only:
-    its update depends on the base weights): each layer's ``ΔW`` factored by ``convert_by_svd``, its best
-    ``svd_rank`` LoRA (``None``: exact, full rank), the error per layer in the card and the file's provenance.
-    Other peft types, NaN/Inf weights and missing files raise peft-ortho errors naming the adapter (and layer).
-    Written atomically: an interrupted export leaves ``out_dir`` as it was.
+    Args:
+        model_or_dir: a ``PeftModel`` (e.g. ``get_peft_model(pipe.unet, OrthoLoraConfig(...))``), a model with
+            injected adapters, a saved adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``; pickled
+            weights are refused), or a mapping ``{component: model_or_dir}`` to put e.g. the UNet's and the text
+            encoder's adapters into one file.
+        out_dir: the folder to write; empty or absent unless ``overwrite``.
+        component: the pipeline attribute (ignored for a mapping). Inferred from the model when None (a
+            ``UNet2DConditionModel`` is the ``unet``, a ``FluxTransformer2DModel`` / ``SD3Transformer2DModel`` the
+            ``transformer``, a ``CLIPTextModel`` the ``text_encoder``) and checked against it when given;
+            language-model adapters are refused.
+        adapter_name: the adapter to export.
+        overwrite: replace a non-empty ``out_dir``.
+        weight_name: the file name.
+        bake_scale: fold each layer's scale into ``lora_B`` for loaders that ignore the metadata (diffusers < 0.35,
+            other tools), at the cost of one rounding per weight.
+        pipeline: the pipeline the file is for (inferred from the layers when None); every component must be one it
+            loads LoRAs into, and T5 text-encoder parts are refused (see ``write_diffusers_file``).
+        dtype: ``"fp16"``, ``"bf16"`` or ``"fp32"`` to write (default: the adapter's own).
+        card: also write a ``README.md`` model card following the Hub's diffusers-LoRA conventions.
+        svd_rank: for tuners exported by SVD (SODA): each layer's best rank-``k`` LoRA, or None for exact (full rank).
+
+    Returns:
+        The absolute path of the written file.
     """
     sources = list(model_or_dir.items()) if isinstance(model_or_dir, Mapping) else [(component, model_or_dir)]
     if not sources:

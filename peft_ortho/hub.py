@@ -157,15 +157,25 @@ def save_pretrained(
 ) -> str:
     """``model.save_pretrained(out_dir, **kwargs)`` with peft-ortho's model card as ``README.md``; returns the folder.
 
-    ``model``: a ``PeftModel`` (``kwargs`` go to its ``save_pretrained``; safetensors only) or a saved adapter
-    folder. With ``include_diffusers`` and a diffusers-loadable LoRA, ``pytorch_lora_weights.safetensors`` is
-    written too, under ``component`` (inferred when None: ``unet`` for a UNet, ``transformer`` for Flux/SD3, ...;
-    an LLM adapter gets no diffusers file, and naming a component for one is refused). ``statistics``
-    (``InputStatistics``, ``AdapterStatistics`` or the path of a statistics file) is written as
-    ``adapter_statistics.safetensors``; a source folder's own statistics file is kept (validated). Either way the
-    card lists it, and layers the adapter does not have are refused. ``instance_prompt``: the trigger words, in the
-    card's metadata and body. Written into a temporary folder and moved into place: an interrupted save leaves
-    ``out_dir`` as it was.
+    Written into a temporary folder and moved into place: an interrupted save leaves ``out_dir`` as it was.
+
+    Args:
+        model: a ``PeftModel`` (``kwargs`` go to its ``save_pretrained``; safetensors only) or a saved adapter folder.
+        out_dir: the folder to write; empty or absent unless ``overwrite``.
+        overwrite: replace a non-empty ``out_dir``.
+        include_diffusers: also write ``pytorch_lora_weights.safetensors`` for an adapter stored as LoRA factors.
+        component: the diffusers component (inferred when None: ``unet`` for a UNet, ``transformer`` for Flux/SD3,
+            ...; an LLM adapter gets no diffusers file, and naming a component for one is refused).
+        base_model: the card's base model.
+        extra_tags: more Hub tags for the card.
+        instance_prompt: the trigger words, in the card's metadata and body.
+        statistics: ``InputStatistics``, ``AdapterStatistics`` or the path of a statistics file, written as
+            ``adapter_statistics.safetensors``; a source folder's own statistics file is kept (validated). Either way
+            the card lists it, and layers the adapter does not have are refused.
+        **kwargs: passed to ``PeftModel.save_pretrained``.
+
+    Returns:
+        The absolute path of ``out_dir``.
     """
     card_kwargs = {"base_model": base_model, "extra_tags": tuple(extra_tags), "instance_prompt": instance_prompt}
     inputs = [os.fspath(model)] if isinstance(model, (str, os.PathLike)) else []
@@ -201,12 +211,28 @@ def push_to_hub(
 ):
     """Upload the adapter, its statistics, peft-ortho's card and (when loadable) the diffusers file to ``repo_id``.
 
-    ``statistics``: as in ``save_pretrained`` (given, or the source folder's ``adapter_statistics.safetensors``).
-
     Stages everything in a temporary folder (see ``save_pretrained``), creates the repo if needed
     (``create_repo(exist_ok=True, private=private)``), creates the branch ``revision`` if given, and uploads the
-    folder in one commit with ``upload_folder``. ``api``: an ``HfApi`` instance or subclass to use instead of
-    ``HfApi(token=token)``. Returns ``upload_folder``'s ``CommitInfo``.
+    folder in one commit with ``upload_folder``.
+
+    Args:
+        model: a ``PeftModel`` or a saved adapter folder.
+        repo_id: the Hub repository.
+        token: the Hub token (default: the logged-in one).
+        private: create the repository private.
+        commit_message: default ``"Upload peft-ortho adapter"``.
+        revision: the branch to upload to (created if needed).
+        include_diffusers: also upload the diffusers file when the adapter has one.
+        component: the diffusers component (as in ``save_pretrained``).
+        api: an ``HfApi`` instance or subclass to use instead of ``HfApi(token=token)``.
+        base_model: the card's base model.
+        extra_tags: more Hub tags for the card.
+        instance_prompt: the trigger words.
+        statistics: as in ``save_pretrained`` (given, or the source folder's ``adapter_statistics.safetensors``).
+        **kwargs: passed to ``PeftModel.save_pretrained``.
+
+    Returns:
+        ``upload_folder``'s ``CommitInfo``.
     """
     if api is None:
         api = HfApi(token=token)

@@ -43,14 +43,24 @@ def write_kohya_file(
 ) -> str:
     """Write scale-1 LoRA factors as one kohya-format file (``out_dir/lora.safetensors``) and return its path.
 
-    ``tensors_by_component``: ``{"unet": {"<module>.lora_A.weight": A, ...}, "text_encoder": {...}}`` whose scale
-    is 1 (``ΔW = B A``: merged factors, or ``bake_scale``'d ones). Keys are converted with diffusers'
-    ``convert_state_dict_to_kohya`` (``lora_unet_<module>.lora_down.weight`` / ``lora_up`` and ``.alpha = r``),
-    after two fix-ups the kohya readers need: CLIP layers get their ``text_model.`` level back, and a single text
-    encoder (SD1.x) is ``lora_te_`` as sd-scripts writes it (``lora_te1_``/``lora_te2_`` are SDXL's two).
-    Only SD1.x / SDXL parts (``unet``, ``text_encoder``, ``text_encoder_2``) have a kohya layout here; others are
-    refused. ``dtype``: ``"fp16"``, ``"bf16"``, ``"fp32"`` (default the tensors' own). ``inputs``: paths the
-    tensors were read from, which ``out_dir`` may not be, contain or lie inside.
+    Keys are converted with diffusers' ``convert_state_dict_to_kohya`` (``lora_unet_<module>.lora_down.weight`` /
+    ``lora_up`` and ``.alpha = r``), after two fix-ups the kohya readers need: CLIP layers get their ``text_model.``
+    level back, and a single text encoder (SD1.x) is ``lora_te_`` as sd-scripts writes it (``lora_te1_``/``lora_te2_``
+    are SDXL's two). Only SD1.x / SDXL parts (``unet``, ``text_encoder``, ``text_encoder_2``) have a kohya layout
+    here; others are refused.
+
+    Args:
+        out_dir: the folder to write; empty or absent unless ``overwrite``.
+        tensors_by_component: ``{"unet": {"<module>.lora_A.weight": A, ...}, "text_encoder": {...}}`` whose scale is
+            1 (``ΔW = B A``: merged factors, or scale-folded ones).
+        overwrite: replace a non-empty ``out_dir``.
+        weight_name: the file name.
+        dtype: ``"fp16"``, ``"bf16"``, ``"fp32"`` (default the tensors' own).
+        card: text of a ``README.md`` written beside the file.
+        inputs: paths the tensors were read from, which ``out_dir`` may not be, contain or lie inside.
+
+    Returns:
+        The absolute path of the written file.
     """
     check_output(out_dir, inputs)
     target_dtype = resolve_dtype(dtype)
@@ -100,9 +110,20 @@ def save_kohya(
 ) -> str:
     """Write one adapter (or ``{component: adapter}``) as a kohya-format file for A1111 / ComfyUI / Civitai.
 
-    Same sources and component rules as ``save_diffusers`` (SD1.x / SDXL UNet and CLIP text encoders). Each layer's
-    scale is folded into ``lora_up`` (kohya's ``alpha`` is then ``r``), at the cost of one rounding per weight.
-    Returns the path of ``out_dir/lora.safetensors``.
+    Each layer's scale is folded into ``lora_up`` (kohya's ``alpha`` is then ``r``), at the cost of one rounding per
+    weight.
+
+    Args:
+        model_or_dir: as for ``save_diffusers`` (SD1.x / SDXL UNet and CLIP text encoders).
+        out_dir: the folder to write; empty or absent unless ``overwrite``.
+        component: the pipeline attribute; inferred when None.
+        adapter_name: the adapter to export.
+        overwrite: replace a non-empty ``out_dir``.
+        weight_name: the file name.
+        dtype: ``"fp16"``, ``"bf16"``, ``"fp32"`` (default the adapter's own).
+
+    Returns:
+        The path of ``out_dir/lora.safetensors``.
     """
     sources = list(model_or_dir.items()) if isinstance(model_or_dir, Mapping) else [(component, model_or_dir)]
     inputs = [os.fspath(s) for _, s in sources if isinstance(s, (str, os.PathLike))]

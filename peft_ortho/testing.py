@@ -32,7 +32,17 @@ TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 def tiny_unet(seed: int = 0, cross_attention_dim: int = 32, sample_size: int = 8, block_out_channels=(32, 64)):
-    """A two-block ``UNet2DConditionModel`` (cross-attention in both blocks), random weights from ``seed``."""
+    """A two-block ``UNet2DConditionModel`` (cross-attention in both blocks), random weights from ``seed``.
+
+    Args:
+        seed: seeds the random weights.
+        cross_attention_dim: the text embedding width.
+        sample_size: the latent size.
+        block_out_channels: the two blocks' widths.
+
+    Returns:
+        The UNet.
+    """
     torch.manual_seed(seed)
     return UNet2DConditionModel(
         sample_size=sample_size,
@@ -49,7 +59,16 @@ def tiny_unet(seed: int = 0, cross_attention_dim: int = 32, sample_size: int = 8
 
 
 def tiny_text_encoder(seed: int = 0, hidden_size: int = 32, vocab_size: int = 1000):
-    """A two-layer ``CLIPTextModel`` built from a config."""
+    """A two-layer ``CLIPTextModel`` built from a config.
+
+    Args:
+        seed: seeds the random weights.
+        hidden_size: its width.
+        vocab_size: its vocabulary size.
+
+    Returns:
+        The text encoder.
+    """
     torch.manual_seed(seed)
     config = CLIPTextConfig(
         vocab_size=vocab_size,
@@ -92,7 +111,15 @@ def _write_tokenizer_files(folder: str) -> None:
 
 
 def tiny_tokenizer(folder: str | None = None, model_max_length: int = 16):
-    """A real ``CLIPTokenizer`` whose vocabulary (about 650 tokens) is written in code."""
+    """A real ``CLIPTokenizer`` whose vocabulary (about 650 tokens) is written in code.
+
+    Args:
+        folder: where to write its files (default: a new temporary folder).
+        model_max_length: the padded length.
+
+    Returns:
+        The tokenizer.
+    """
     folder = folder or tempfile.mkdtemp(prefix="peft_ortho_tok_")
     _write_tokenizer_files(folder)
     return CLIPTokenizer(
@@ -104,6 +131,14 @@ def tiny_tokenizer(folder: str | None = None, model_max_length: int = 16):
 
 
 def tiny_vae(seed: int = 0):
+    """A one-block ``AutoencoderKL`` with 4 latent channels, random weights from ``seed``.
+
+    Args:
+        seed: seeds the random weights.
+
+    Returns:
+        The VAE.
+    """
     torch.manual_seed(seed)
     return AutoencoderKL(
         block_out_channels=(8,),
@@ -118,7 +153,14 @@ def tiny_vae(seed: int = 0):
 
 
 def tiny_sd_pipeline(seed: int = 0):
-    """A complete ``StableDiffusionPipeline`` of tiny random models, no safety checker."""
+    """A complete ``StableDiffusionPipeline`` of tiny random models, no safety checker.
+
+    Args:
+        seed: seeds the random weights.
+
+    Returns:
+        The pipeline.
+    """
     pipe = StableDiffusionPipeline(
         unet=tiny_unet(seed),
         text_encoder=tiny_text_encoder(seed),
@@ -136,7 +178,17 @@ def tiny_sd_pipeline(seed: int = 0):
 
 
 def unet_inputs(unet, batch: int = 2, seq: int = 5, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Deterministic inputs for one UNet call: ``sample``, ``timestep``, ``encoder_hidden_states``."""
+    """Deterministic inputs for one UNet call: ``sample``, ``timestep``, ``encoder_hidden_states``.
+
+    Args:
+        unet: the UNet (its config gives the shapes).
+        batch: the batch size.
+        seq: the text length.
+        seed: seeds the inputs.
+
+    Returns:
+        The keyword arguments of ``unet(**inputs)``.
+    """
     g = torch.Generator().manual_seed(seed)
     cfg = unet.config
     return {
@@ -147,11 +199,18 @@ def unet_inputs(unet, batch: int = 2, seq: int = 5, seed: int = 0) -> dict[str, 
 
 
 def tiny_sdxl_pipeline(seed: int = 0):
-    """A complete ``StableDiffusionXLPipeline`` of tiny random models, shaped like diffusers' own SDXL pipeline test
-    (``get_dummy_components``): a UNet with ``text_time`` added conditioning (``addition_time_embed_dim=8``, pooled
+    """A complete ``StableDiffusionXLPipeline`` of tiny random models, shaped like diffusers' own SDXL pipeline test.
+
+    As ``get_dummy_components``: a UNet with ``text_time`` added conditioning (``addition_time_embed_dim=8``, pooled
     width 32: ``projection_class_embeddings_input_dim = 6·8 + 32``), a ``CLIPTextModel`` and a
-    ``CLIPTextModelWithProjection`` of width 32 (cross-attention width 64 = 32 + 32), a two-block VAE (latents at
-    half the resolution) and an Euler scheduler. Tokenizers: :func:`tiny_tokenizer`.
+    ``CLIPTextModelWithProjection`` of width 32 (cross-attention width 64 = 32 + 32), a two-block VAE (latents at half
+    the resolution) and an Euler scheduler. Tokenizers: :func:`tiny_tokenizer`.
+
+    Args:
+        seed: seeds the random weights.
+
+    Returns:
+        The pipeline.
     """
     unet = tiny_sdxl_unet(seed, layers_per_block=1, transformer_layers_per_block=(1, 1), norm_num_groups=8)
     torch.manual_seed(seed)
@@ -213,8 +272,18 @@ def tiny_sdxl_unet(
     transformer_layers_per_block: tuple[int, int] = (1, 2),
     norm_num_groups: int = 1,
 ):
-    """An SDXL-shaped ``UNet2DConditionModel`` (text-time embedding, linear projections; 2 layers per block unless
-    told otherwise), cross-attention width 64 and 80-wide added-condition embeddings."""
+    """An SDXL-shaped ``UNet2DConditionModel``: text-time embedding, linear projections, cross-attention width 64 and
+    80-wide added-condition embeddings.
+
+    Args:
+        seed: seeds the random weights.
+        layers_per_block: layers per block.
+        transformer_layers_per_block: transformer layers in each of the two blocks.
+        norm_num_groups: group-norm groups.
+
+    Returns:
+        The UNet.
+    """
     torch.manual_seed(seed)
     return UNet2DConditionModel(
         block_out_channels=(32, 64),
@@ -236,7 +305,14 @@ def tiny_sdxl_unet(
 
 
 def tiny_flux_transformer(seed: int = 0):
-    """A ``FluxTransformer2DModel`` with one double and one single block (inner width 32)."""
+    """A ``FluxTransformer2DModel`` with one double and one single block (inner width 32).
+
+    Args:
+        seed: seeds the random weights.
+
+    Returns:
+        The transformer.
+    """
     torch.manual_seed(seed)
     return FluxTransformer2DModel(
         patch_size=1,
@@ -252,7 +328,14 @@ def tiny_flux_transformer(seed: int = 0):
 
 
 def tiny_sd3_transformer(seed: int = 0):
-    """An ``SD3Transformer2DModel`` with one joint block (inner width 32)."""
+    """An ``SD3Transformer2DModel`` with one joint block (inner width 32).
+
+    Args:
+        seed: seeds the random weights.
+
+    Returns:
+        The transformer.
+    """
     torch.manual_seed(seed)
     return SD3Transformer2DModel(
         sample_size=8,
@@ -269,7 +352,16 @@ def tiny_sd3_transformer(seed: int = 0):
 
 
 def family_inputs(model, batch: int = 2, seed: int = 0) -> dict:
-    """Deterministic inputs for one call of a tiny SD / SDXL UNet or Flux / SD3 transformer."""
+    """Deterministic inputs for one call of a tiny SD / SDXL UNet or Flux / SD3 transformer.
+
+    Args:
+        model: the model (or a peft model around it).
+        batch: the batch size.
+        seed: seeds the inputs.
+
+    Returns:
+        The keyword arguments of ``model(**inputs)``.
+    """
     g = torch.Generator().manual_seed(seed)
     cls = type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__
     cfg = model.config
@@ -301,12 +393,29 @@ def family_inputs(model, batch: int = 2, seed: int = 0) -> dict:
 
 
 def family_output(model, inputs: dict) -> torch.Tensor:
+    """The model's output on ``inputs``, without gradients.
+
+    Args:
+        model: a tiny UNet or transformer.
+        inputs: from ``family_inputs``.
+
+    Returns:
+        ``model(**inputs).sample``.
+    """
     with torch.no_grad():
         return model(**inputs).sample
 
 
 def empty_pipeline(family: str, **components):
-    """The family's diffusers pipeline holding only ``components`` (e.g. ``transformer=...``), for LoRA loading."""
+    """The family's diffusers pipeline holding only ``components``, for LoRA loading.
+
+    Args:
+        family: ``"sd"``, ``"sdxl"``, ``"flux"`` or ``"sd3"``.
+        **components: the parts to hold (e.g. ``transformer=...``); the others are None.
+
+    Returns:
+        The pipeline.
+    """
     cls = {
         "sd": diffusers.StableDiffusionPipeline,
         "sdxl": diffusers.StableDiffusionXLPipeline,

@@ -47,6 +47,15 @@ class MergedAdapter:
     ``"unet"``/``"text_encoder"``/… for diffusers files. ``compose`` builds it in its one checking pass, unless
     ``stream=True``: then nothing is kept and ``fuse`` re-reads one layer at a time from the memory maps, so fusing
     N adapters needs memory for one layer's factors, not for all of them.
+
+    Args:
+        adapters: the loaded adapters (``merging.load.Adapter``).
+        weights: one per adapter.
+        method: the resolved merge method.
+        svd_rank: the rank of re-factored deltas (lossy methods); None for ``Σ r_i``.
+        requested_method: the method the caller asked for (``"auto"`` is resolved into ``method``).
+        calibrated: the adapters whose statistics ``compose`` computed (``calibrate=``).
+        **merge_options: the method's options (``density``, ``prior_weight``, ``ridge``...).
     """
 
     def __init__(
@@ -172,9 +181,13 @@ class MergedAdapter:
         return text
 
     def iter_layers(self, *, check: bool = False):
-        """``((component, layer), MergedLayer)`` one at a time, each read and merged on the fly.
+        """The merged layers one at a time, each read and merged on the fly.
 
-        Checks already ran in ``compose``; ``check=True`` repeats them.
+        Args:
+            check: repeat the checks ``compose`` already ran.
+
+        Returns:
+            An iterator of ``((component, layer), MergedLayer)``.
         """
         return iter_merged_layers(self.adapters, self.weights, self.method, check=check, **self._merge_options)
 
@@ -224,6 +237,10 @@ class MergedAdapter:
         """Measure ``‖W X_0‖`` on ``model``'s weights for the report's drift (cheap: products with the statistics).
 
         Called by ``compose(..., base=model)`` / ``calibrate=`` and by ``fuse`` before it changes any weight.
+
+        Args:
+            model: the base model or pipeline.
+            component: the pipeline attribute PEFT-adapter layers belong to (inferred when None).
         """
         if not any(a.statistics is not None for a in self.adapters):
             return
@@ -297,7 +314,14 @@ class MergedAdapter:
         """A PEFT LoRA adapter (plain ``LoraConfig``; loads with ``PeftModel.from_pretrained``) + model card.
 
         The config keeps the sources' ``task_type``, so ``AutoPeftModelForCausalLM`` loads an LLM merge.
-        ``dtype``: ``"fp16"``, ``"bf16"`` or ``"fp32"`` (default: the sources' dtype).
+
+        Args:
+            out_dir: the folder to write; empty or absent unless ``overwrite``.
+            overwrite: replace a non-empty ``out_dir``.
+            dtype: ``"fp16"``, ``"bf16"`` or ``"fp32"`` (default: the sources' dtype).
+
+        Returns:
+            The absolute path of ``out_dir``.
         """
         fan_in_fan_out = any(a.config.get("fan_in_fan_out") for a in self.adapters)  # GPT-2 style Conv1D targets
         check_output(out_dir, self.input_paths)  # before the merge is computed for it
@@ -319,10 +343,17 @@ class MergedAdapter:
     ) -> str:
         """``pytorch_lora_weights.safetensors`` (+ model card) for ``pipe.load_lora_weights``; returns its path.
 
-        PEFT-adapter layers go to ``component``, inferred from their names when None (``unet`` for UNet layers,
-        ``transformer`` for Flux/SD3 ones). Components ``pipeline`` (a pipeline class, instance, name or family;
-        inferred when None) would not load, and T5 text-encoder parts, are refused. ``dtype``: ``"fp16"``,
-        ``"bf16"`` or ``"fp32"`` (default: the sources' dtype).
+        Args:
+            out_dir: the folder to write; empty or absent unless ``overwrite``.
+            component: where PEFT-adapter layers go, inferred from their names when None (``unet`` for UNet layers,
+                ``transformer`` for Flux/SD3 ones).
+            overwrite: replace a non-empty ``out_dir``.
+            pipeline: a pipeline class, instance, name or family (inferred when None); components it would not load, and
+                T5 text-encoder parts, are refused.
+            dtype: ``"fp16"``, ``"bf16"`` or ``"fp32"`` (default: the sources' dtype).
+
+        Returns:
+            The absolute path of the written file.
         """
         check_output(out_dir, self.input_paths)
         return save_diffusers_file(
@@ -341,8 +372,16 @@ class MergedAdapter:
         """One kohya-format ``.safetensors`` (A1111 / ComfyUI / Civitai) for SD1.x / SDXL; returns its path.
 
         Written with ``diffusers.utils.convert_state_dict_to_kohya`` (``lora_unet_…``, ``lora_te_…`` /
-        ``lora_te1_``/``lora_te2_`` keys, ``lora_down``/``lora_up`` and an ``alpha`` per layer that carries the
-        scale). ``dtype``: ``"fp16"``, ``"bf16"``, ``"fp32"`` (default: the sources' dtype).
+        ``lora_te1_``/``lora_te2_`` keys, ``lora_down``/``lora_up`` and an ``alpha`` per layer that carries the scale).
+
+        Args:
+            out_dir: the folder to write; empty or absent unless ``overwrite``.
+            overwrite: replace a non-empty ``out_dir``.
+            dtype: ``"fp16"``, ``"bf16"``, ``"fp32"`` (default: the sources' dtype).
+            component: where PEFT-adapter layers go (inferred when None).
+
+        Returns:
+            The absolute path of the written file.
         """
         check_output(out_dir, self.input_paths)
         return save_kohya_file(
@@ -359,9 +398,16 @@ class MergedAdapter:
     def fuse(self, model: nn.Module, *, component: str | None = None) -> nn.Module:
         """Fold the merged update into ``model``'s weights in place (one GEMM per layer) and return it.
 
-        ``model`` may be a diffusers pipeline: each component of the merge is fused into the pipeline's attribute of
-        that name (``unet``, ``transformer``, ``text_encoder``...). For PEFT-adapter sources, ``component`` picks the
-        pipeline attribute, inferred from the layer names when None (``transformer`` for Flux/SD3 layers).
+        Every layer is found and checked (shapes, a finite result in the weight's dtype) before the first changes.
+
+        Args:
+            model: a module, or a diffusers pipeline: each component of the merge is fused into the pipeline's attribute
+                of that name (``unet``, ``transformer``, ``text_encoder``...).
+            component: for PEFT-adapter sources, the pipeline attribute, inferred from the layer names when None
+                (``transformer`` for Flux/SD3 layers).
+
+        Returns:
+            ``model``.
         """
         targets = self._fuse_targets(model, component)  # all checked first
         kept = self.kept_layers

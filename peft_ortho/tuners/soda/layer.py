@@ -45,6 +45,13 @@ def auto_factors(n: int, num_factors: int = 2) -> list[int]:
 
     Greedy: the largest divisor of ``n`` not above ``n^(1/m)`` for ``m`` factors left, e.g. 320 → [16, 20],
     768 → [24, 32], 1280 → [32, 40]. A prime ``n`` gets one factor ``[n]`` (a dense rotation: O(n²) per token).
+
+    Args:
+        n: the rotated width.
+        num_factors: how many factors at most.
+
+    Returns:
+        The sizes.
     """
     if n < 1 or num_factors < 1:
         raise ValueError(f"auto_factors: need n >= 1 and num_factors >= 1, got {n}, {num_factors}")
@@ -77,11 +84,18 @@ def resolve_factors(config, n: int, adapter_name: str, layer_name: str) -> list[
 
 
 def kron_apply(x: torch.Tensor, mats: list[torch.Tensor]) -> torch.Tensor:
-    """``(M_1 ⊗ … ⊗ M_m) x`` for every row of ``x`` (shape ``(..., n)``, ``n = Π d_j``), without forming the product.
+    """``(M_1 ⊗ … ⊗ M_m) x`` for every row of ``x``, without forming the product.
 
     Row-major: index ``i = (i_1, …, i_m)`` of a row, so ``(A ⊗ B) vec(X) = vec(A X Bᵀ)``. Each step contracts the
     last axis with one factor (one GEMM of ``(N·n/d, d) × (d, d)``) and moves it to the front, so after ``m`` steps
     the axes are back in order: ``O(N · n · Σ d_j)`` work instead of ``O(N · n²)``.
+
+    Args:
+        x: shape ``(..., n)``, ``n = Π d_j``.
+        mats: the factors ``M_j`` (``d_j × d_j``).
+
+    Returns:
+        A tensor of ``x``'s shape.
     """
     if not mats:
         return x
@@ -135,8 +149,14 @@ def inverse_cayley(r: torch.Tensor) -> torch.Tensor:
 
 
 class KroneckerRotation(nn.Module):
-    """``R = R_1 ⊗ … ⊗ R_m``: Cayley-parametrised (``skew``, ``d(d−1)/2`` parameters per factor) or raw orthogonal
-    factors (``stiefel``, ``d²`` parameters, kept orthogonal by ``peft_ortho.optim``). Factors of size 1 are dropped.
+    """``R = R_1 ⊗ … ⊗ R_m``, Cayley-parametrised or raw orthogonal factors. Factors of size 1 are dropped.
+
+    Args:
+        sizes: the factor sizes ``d_j``.
+        mode: ``"cayley"`` (``skew``, ``d(d−1)/2`` parameters per factor) or ``"stiefel"`` (``d²`` parameters, kept
+            orthogonal by ``peft_ortho.optim``).
+        init_identity: start at ``R = I`` (else a random rotation, for tests).
+        generator: the random generator of a random start.
     """
 
     def __init__(self, sizes: list[int], mode: str, init_identity: bool = True, generator=None):
@@ -270,6 +290,10 @@ class SodaLayer(BaseTunerLayer):
       from the base weights when the adapter is created or loaded; shared between adapters with the same settings);
     - ``soda_sigma[a]``: the base spectrum ``σ_1..σ_k`` (frozen, saved: ``k`` numbers, used to check at load time that
       the base weights are those the adapter was trained on).
+
+    Args:
+        base_layer: the layer to adapt.
+        **kwargs: ignored (peft's tuner-layer signature).
     """
 
     adapter_layer_names = ("soda_spectrum", "soda_rotation")
@@ -311,7 +335,14 @@ class SodaLayer(BaseTunerLayer):
     # -- creation ----------------------------------------------------------------------------------------------------
 
     def update_layer(self, adapter_name: str, config, layer_name: str = "?", inference_mode: bool = False) -> None:
-        """Decompose ``W0`` (or reuse another adapter's identical decomposition) and create the trainable tensors."""
+        """Decompose ``W0`` (or reuse another adapter's identical decomposition) and create the trainable tensors.
+
+        Args:
+            adapter_name: the adapter.
+            config: its ``SodaConfig``.
+            layer_name: the layer's name, for messages.
+            inference_mode: freeze the new tensors.
+        """
         sizes = resolve_factors(config, self._rotated_width(), adapter_name, layer_name)
         out_f, in_f = self._weight2d_shape()
         p = min(out_f, in_f)
@@ -377,7 +408,15 @@ class SodaLayer(BaseTunerLayer):
         return self.soda_spectrum[adapter].dtype
 
     def dense_rotation(self, adapter: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """``R`` as a dense ``in×in`` matrix (for tests and analysis only; the forward never forms it)."""
+        """``R`` as a dense ``in×in`` matrix (for tests and analysis only; the forward never forms it).
+
+        Args:
+            adapter: the adapter.
+            dtype: of the matrix.
+
+        Returns:
+            ``R``.
+        """
         mats = [m.detach().to(dtype) for m in self._rotation_mats(adapter)]
         r = torch.ones(1, 1, dtype=dtype, device=self.soda_spectrum[adapter].device)
         for m in mats:
@@ -388,7 +427,15 @@ class SodaLayer(BaseTunerLayer):
         return torch.kron(r.contiguous(), torch.eye(kk, dtype=dtype, device=r.device)) if kk > 1 else r
 
     def spectral_delta(self, adapter: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """Dense ``S`` (``out×in``): ``U_k diag(Δσ) V_kᵀ`` (SVD) or ``E_k diag(Δ) Q_k`` (LQ)."""
+        """Dense ``S`` (``out×in``): ``U_k diag(Δσ) V_kᵀ`` (SVD) or ``E_k diag(Δ) Q_k`` (LQ).
+
+        Args:
+            adapter: the adapter.
+            dtype: of the matrix.
+
+        Returns:
+            ``S``.
+        """
         delta = self.soda_spectrum[adapter].detach().to(dtype)
         right = self.soda_right[adapter].to(dtype)
         if adapter in self.soda_left:
@@ -404,9 +451,14 @@ class SodaLayer(BaseTunerLayer):
 
     @torch.no_grad()
     def get_delta_weight(self, adapter: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """``W − W0 = (W0 + S) R − W0``, shaped like the base weight, in ``dtype`` (default: the base weight's).
+        """``W − W0 = (W0 + S) R − W0``, computed in float64 from the original ``W0`` (even while adapters are merged).
 
-        Computed in float64 from the original ``W0`` (even while adapters are merged).
+        Args:
+            adapter: the adapter.
+            dtype: of the result (default: the base weight's).
+
+        Returns:
+            ``ΔW``, shaped like the base weight.
         """
         w0 = self.original_weight()
         out_f, in_f = self._weight2d_shape()
@@ -448,6 +500,10 @@ class SodaLayer(BaseTunerLayer):
 
         ``W0`` is kept (in the base weight's dtype and device) until ``unmerge``, which restores it bit for bit; the
         merged weight is always recomputed from ``W0`` in float64, so merging in several calls rounds only once.
+
+        Args:
+            safe_merge: check the merged weight is finite before writing it.
+            adapter_names: the adapters to merge (default: the active ones).
         """
         adapter_names = check_adapters_to_merge(self, adapter_names)
         adapter_names = [a for a in adapter_names if a in self.soda_spectrum]

@@ -159,7 +159,15 @@ class SodaModel(BaseTuner):
     def delta_weights(
         self, adapter_name: str = "default", dtype: Optional[torch.dtype] = None
     ) -> dict[str, torch.Tensor]:
-        """``{module name: W − W0}`` for every layer holding ``adapter_name`` (dense, shaped like the base weight)."""
+        """The dense update ``W − W0`` of every layer holding ``adapter_name``.
+
+        Args:
+            adapter_name: the adapter.
+            dtype: of the deltas (default: each base weight's).
+
+        Returns:
+            ``{module name: W − W0}``, each shaped like its base weight.
+        """
         if adapter_name not in self.peft_config:
             raise ValueError(f"no adapter named {adapter_name!r} (have {sorted(self.peft_config)})")
         return {
@@ -194,7 +202,11 @@ class SodaModel(BaseTuner):
         result is an ordinary SODA adapter (same config as ``adapters[0]``), exactly. It is not the sum of weight deltas
         (the default combination, ``set_adapter([...])``): the spectral deltas are rotated by every adapter's rotation.
         Cayley adapters need each composed factor without eigenvalue −1 (true unless the rotations are large).
-        Requires the same decomposition, spectrum rank and factor sizes on every layer.
+
+        Args:
+            adapters: the adapters to combine, in order; the same decomposition, spectrum rank and factor sizes on every
+                layer.
+            combination_name: the new adapter's name.
         """
         if len(adapters) < 1 or len(set(adapters)) != len(adapters):
             raise ValueError(f"give distinct adapter names, got {adapters!r}")
