@@ -481,6 +481,12 @@ def convert_by_svd(
     """
     component = infer_component(model, given=component, adapter=adapter_name)
     tuner = getattr(model, "base_model", model)
+    if not callable(getattr(tuner, "lora_state_dict", None)):
+        raise UnsupportedAdapterError(
+            "this adapter exports by SVD through its peft model (its tuner's lora_state_dict); wrap the model with "
+            "get_peft_model / PeftModel.from_pretrained instead of injecting the adapter in place",
+            adapter=adapter_name,
+        )
     tensors, metadata, report = tuner.lora_state_dict(adapter_name, rank=svd_rank, dtype=dtype)
     config = config_dict(model.peft_config[adapter_name])
     provenance = {**config, f"{str(config['peft_type']).lower()}_export": report.to_dict()}
