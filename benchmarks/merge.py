@@ -46,7 +46,7 @@ from _common import reset_peak_rss, status_kb, write_section  # noqa: E402
 
 import peft_ortho  # noqa: E402
 from peft_ortho import BlockLoraConfig, OrthoLoraConfig  # noqa: E402
-from peft_ortho.compose import compose  # noqa: E402
+from peft_ortho.merging import compose  # noqa: E402
 from peft_ortho.statistics import KINDS, AdapterStatistics, Moment  # noqa: E402
 from peft_ortho.tuners.block_lora.layout import block_span  # noqa: E402
 from peft_ortho.tuners.ortho_lora.layer import expected_basis  # noqa: E402

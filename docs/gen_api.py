@@ -17,8 +17,16 @@ import sys
 
 MODULES = (
     "peft_ortho",
-    "peft_ortho.compose",
-    "peft_ortho.compose.sequential",
+    "peft_ortho.merging",
+    "peft_ortho.merging.sequential",
+    "peft_ortho.diffusers_lora",
+    "peft_ortho.kohya_lora",
+    "peft_ortho.cards",
+    "peft_ortho.hub",
+    "peft_ortho.peft_types",
+    "peft_ortho.tuners.ortho_lora",
+    "peft_ortho.tuners.block_lora",
+    "peft_ortho.tuners.soda",
     "peft_ortho.bases",
     "peft_ortho.erasure",
     "peft_ortho.continual",

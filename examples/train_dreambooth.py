@@ -714,8 +714,8 @@ def export_soda(models: dict, rank: int | None, folder: str) -> dict:
     """The diffusers file of SODA adapters: per component ``peft_ortho.tuners.soda.soda_lora_state_dict`` (the best
     rank-``rank`` LoRA of each layer's dense delta, or the exact one for ``rank=None``), written with
     ``write_diffusers_file``. Returns ``{component: SodaExportReport}``."""
-    from peft_ortho.export import write_diffusers_file
-    from peft_ortho.tuners.soda.export import soda_lora_state_dict
+    from peft_ortho.diffusers_lora import write_diffusers_file
+    from peft_ortho.tuners.soda.lora_conversion import soda_lora_state_dict
 
     tensors, metadata, configs, reports = {}, {}, {}, {}
     for component, model in models.items():
@@ -726,7 +726,7 @@ def export_soda(models: dict, rank: int | None, folder: str) -> dict:
 
 
 def _soda_note(rank: int | None, reports: dict) -> str:
-    from peft_ortho.tuners.soda.export import SodaExportReport
+    from peft_ortho.tuners.soda.lora_conversion import SodaExportReport
 
     every = SodaExportReport(
         rank=rank, layers={f"{c}.{k}": v for c, r in reports.items() for k, v in r.layers.items()}

@@ -2,9 +2,18 @@
 
 ``import peft_ortho`` registers its tuners with peft, after which ``get_peft_model``,
 ``PeftModel.from_pretrained``, ``PeftConfig.from_pretrained`` and transformers' ``load_adapter`` know them.
+
+Where things are: each tuner in ``tuners/<name>/`` (config, layer, model, its facts); the diffusers LoRA file in
+``diffusers_lora``, the kohya file in ``kohya_lora``, LoRA file-format rules in ``lora_format``; model cards in
+``cards``, Hub uploads in ``hub``; merging in ``merging`` (whose entry point is ``compose``); input statistics in
+``statistics``; ``continual``, ``erasure`` and ``optim`` as named.
 """
 
-from ._registry import PeftOrthoType, register_all
+from . import continual, erasure, merging, optim, statistics
+from ._registry import register_all as register_all  # re-registers the tuners (notebook reloads)
+from ._version import __version__
+from .cards import model_card
+from .diffusers_lora import save_diffusers
 from .errors import (
     AdapterFileError,
     BasisError,
@@ -18,8 +27,10 @@ from .errors import (
     UnsupportedFeatureError,
     UnsupportedLayerError,
 )
-from .export import save_diffusers, save_kohya
-from .hub import model_card, push_to_hub
+from .hub import push_to_hub
+from .kohya_lora import save_kohya
+from .merging import MergedAdapter, compose
+from .peft_types import PeftOrthoType
 from .statistics import (
     KINDS,
     AdapterStatistics,
@@ -29,16 +40,11 @@ from .statistics import (
     compare_statistics,
     load_statistics,
 )
+
+# Importing a tuner's package registers it with peft (its __init__ declares its facts): one line per tuner.
 from .tuners.block_lora import BlockLoraConfig, BlockLoraModel
 from .tuners.ortho_lora import OrthoLoraConfig, OrthoLoraModel
 from .tuners.soda import SodaConfig, SodaModel
-
-register_all()
-
-from . import continual, erasure, optim, statistics  # noqa: E402
-from .compose import MergedAdapter, compose  # noqa: E402  (after registration: compose reads adapter configs)
-
-__version__ = "0.1.0.dev0"
 
 __all__ = [
     "KINDS",
@@ -75,6 +81,7 @@ __all__ = [
     "compose",
     "continual",
     "erasure",
+    "merging",
     "optim",
     "statistics",
 ]

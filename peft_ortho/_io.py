@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import json
 import os
@@ -19,10 +20,13 @@ import re
 import secrets
 import shutil
 import socket
+import sys
 from collections.abc import Iterable, Iterator
 
 import torch
+from safetensors import SafetensorError, safe_open
 
+from ._validate import validate_adapter_config
 from .errors import AdapterFileError, OutputExistsError, UnsafeOutputError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -132,9 +136,6 @@ def check_output(out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (
 
 def _exchange(a: str, b: str) -> bool:
     """Swap two names in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unavailable."""
-    import ctypes
-    import sys
-
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -294,8 +295,6 @@ def read_adapter_folder(folder: str, adapter: str | None = None) -> tuple[dict, 
     The config is checked by ``validate_adapter_config`` (types, ranks, finite scales, safe patterns). Pickled
     weights beside a missing safetensors file are refused by name, never read.
     """
-    from ._validate import validate_adapter_config
-
     if not os.path.isdir(folder):
         raise AdapterFileError(f"no such adapter folder: {folder}", adapter=adapter)
     config_path = os.path.join(folder, "adapter_config.json")
@@ -355,8 +354,6 @@ def mmap_safetensors(path: str, adapter: str | None = None) -> tuple[dict[str, t
     that streams layer by layer keeps only what it is working on in memory, and nothing written to a tensor reaches
     the file.
     """
-    from safetensors import SafetensorError, safe_open
-
     refuse_pickle(path, adapter)
     name = os.path.basename(path)
     try:

@@ -76,7 +76,14 @@ class _Stream:
 
 
 def num_layers(n: int) -> int:
-    """Butterfly depth for width ``n``: ``4 * ceil(log2 n) + 2``."""
+    """Butterfly depth for width ``n``.
+
+    Args:
+        n: the basis width.
+
+    Returns:
+        ``4 * ceil(log2 n) + 2``.
+    """
     return 4 * max(1, (n - 1).bit_length()) + 2
 
 
@@ -116,7 +123,16 @@ def _orthogonal_rows(seed: int, n: int, rows: list[int]) -> torch.Tensor:
 
 
 def gaussian_rows(seed: int, n: int, rows: list[int]) -> torch.Tensor:
-    """Near-Gaussian rows (Irwin-Hall of four uniforms, unit variance), float64 ``(len(rows), n)``."""
+    """Near-Gaussian rows (Irwin-Hall of four uniforms, unit variance) of the ``"gaussian"`` basis.
+
+    Args:
+        seed: the basis seed.
+        n: the basis width.
+        rows: which rows.
+
+    Returns:
+        float64 ``(len(rows), n)``.
+    """
     stream = _Stream(seed, n)
     total = None
     for k in range(4):
@@ -126,7 +142,17 @@ def gaussian_rows(seed: int, n: int, rows: list[int]) -> torch.Tensor:
 
 
 def basis_rows(kind: str, seed: int, n: int, rows: Sequence[int]) -> torch.Tensor:
-    """The float64 basis rows ``rows`` of the ``n``-wide basis ``kind`` drawn from ``seed``: ``(len(rows), n)``."""
+    """Rows of the ``n``-wide basis ``kind`` drawn from ``seed``, bit-identical on every machine.
+
+    Args:
+        kind: ``"orthogonal"`` or ``"gaussian"``.
+        seed: the basis seed.
+        n: the basis width (a layer's input width).
+        rows: which rows.
+
+    Returns:
+        float64 ``(len(rows), n)``.
+    """
     return _basis_rows_cached(kind, int(seed), int(n), tuple(int(i) for i in rows)).clone()
 
 
@@ -147,7 +173,17 @@ def _basis_rows_cached(kind: str, seed: int, n: int, rows: tuple[int, ...]) -> t
 
 
 def basis_checksum(kind: str, seed: int, n: int, rows: Sequence[int]) -> str:
-    """``checksum`` of ``basis_rows(kind, seed, n, rows)``, cached."""
+    """``checksum`` of ``basis_rows(kind, seed, n, rows)``, cached.
+
+    Args:
+        kind: ``"orthogonal"`` or ``"gaussian"``.
+        seed: the basis seed.
+        n: the basis width.
+        rows: which rows.
+
+    Returns:
+        The checksum an adapter config records.
+    """
     return _checksum_cached(kind, int(seed), int(n), tuple(int(i) for i in rows))
 
 
@@ -157,37 +193,95 @@ def _checksum_cached(kind: str, seed: int, n: int, rows: tuple[int, ...]) -> str
 
 
 def checksum(a: torch.Tensor) -> str:
-    """Short SHA-256 of float64 basis rows (little-endian bytes), recorded in adapter configs."""
+    """Short SHA-256 of float64 basis rows (little-endian bytes), recorded in adapter configs.
+
+    Args:
+        a: the rows.
+
+    Returns:
+        The first 16 hex digits of the digest.
+    """
     data = np.ascontiguousarray(a.detach().to(torch.float64).cpu().numpy(), dtype="<f8")
     return hashlib.sha256(data.tobytes()).hexdigest()[:16]
 
 
 def num_slots(n: int, r: int) -> int:
-    """How many disjoint rank-``r`` blocks fit in an ``n``-wide basis."""
+    """How many disjoint rank-``r`` blocks fit in an ``n``-wide basis.
+
+    Args:
+        n: the basis width.
+        r: the rank.
+
+    Returns:
+        ``n // r``.
+    """
     return n // r
 
 
 def concept_slot(concept_id: str, n: int, r: int) -> int:
-    """Deterministic block for ``concept_id`` on an ``n``-wide layer of rank ``r`` (SHA-256, not Python's hash)."""
+    """Deterministic block for ``concept_id`` on an ``n``-wide layer of rank ``r`` (SHA-256, not Python's hash).
+
+    Args:
+        concept_id: the concept's name.
+        n: the basis width.
+        r: the rank.
+
+    Returns:
+        A slot in ``[0, n // r)``.
+    """
     digest = hashlib.sha256(concept_id.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") % num_slots(n, r)
 
 
 def slot_rows(slot: int, r: int) -> list[int]:
+    """The rows of slot ``slot`` at rank ``r``.
+
+    Args:
+        slot: the slot index.
+        r: the rank.
+
+    Returns:
+        ``[slot·r, (slot + 1)·r)`` as a list.
+    """
     return list(range(slot * r, (slot + 1) * r))
 
 
 def random_rows(n: int, r: int, rng: random.Random | None = None) -> list[int]:
-    """``r`` distinct rows of ``n`` drawn at random (the paper's per-concept subset), sorted."""
+    """``r`` distinct rows of ``n`` drawn at random (the paper's per-concept subset), sorted.
+
+    Args:
+        n: the basis width.
+        r: the rank.
+        rng: the generator (default: system randomness).
+
+    Returns:
+        The sorted row indices.
+    """
     rng = rng or random.SystemRandom()
     return sorted(rng.sample(range(n), r))
 
 
 def shape_key(n: int, r: int) -> str:
-    """Config key of a (input width, rank) pair, e.g. ``"320/16"``."""
+    """Config key of an (input width, rank) pair.
+
+    Args:
+        n: the input width.
+        r: the rank.
+
+    Returns:
+        e.g. ``"320/16"``.
+    """
     return f"{n}/{r}"
 
 
 def expected_random_overlap(n: int, r: int) -> float:
-    """Expected ``‖A_i A_jᵀ‖_F² = |rows_i ∩ rows_j|`` for two random subsets: ``r² / n``."""
+    """Expected ``‖A_i A_jᵀ‖_F² = |rows_i ∩ rows_j|`` for two random subsets.
+
+    Args:
+        n: the basis width.
+        r: the rank.
+
+    Returns:
+        ``r² / n``.
+    """
     return r * r / n

@@ -7,9 +7,9 @@ import os
 import sys
 import warnings
 
-from .compose.merge import CALIBRATED_METHODS as _CALIBRATED
-from .compose.merge import METHODS as _METHODS
 from .errors import PeftOrthoError
+from .merging.merge import CALIBRATED_METHODS as _CALIBRATED
+from .merging.merge import METHODS as _METHODS
 
 
 def _positive_int(text: str) -> int:
@@ -86,7 +86,7 @@ def _format_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _merge_arguments(p: argparse.ArgumentParser) -> None:
-    from .compose.merge import PRIOR_TARGET, PRIOR_TARGETS, PRIOR_WEIGHT, RIDGE
+    from .merging.merge import PRIOR_TARGET, PRIOR_TARGETS, PRIOR_WEIGHT, RIDGE
 
     p.add_argument(
         "--method",
@@ -176,10 +176,11 @@ def _load_base(path: str):
 
 
 def _run(args) -> int:
-    from .compose import compose
+    from .merging import compose
 
     if args.command == "export":
-        from .export import save_diffusers, save_kohya
+        from .diffusers_lora import save_diffusers
+        from .kohya_lora import save_kohya
 
         save = save_kohya if args.format == "kohya" else save_diffusers
         path = save(args.adapter, args.out, component=args.component, overwrite=args.overwrite, dtype=args.dtype)

@@ -72,14 +72,15 @@ import torch
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import save_file
 from torch import nn
 
 from ._io import atomic_dir, mmap_safetensors, refuse_pickle
+from ._version import __version__
 from .errors import BasisError, PeftOrthoError, UnsupportedLayerError
 from .lora_format import PLAIN_LORA_REFUSALS, config_dict
 from .tuners.ortho_lora import OrthoLoraConfig
 
-STRATEGIES = ("naive", "merge_and_init", "merge_and_orthogonal_init", "magnitude", "orthogonal")
 STATE_FORMAT = "peft_ortho.continual/1"
 STATE_JSON = "continual_state.json"
 STATE_TENSORS = "continual_state.safetensors"
@@ -91,6 +92,7 @@ __all__ = [
     "ContinualLearner",
     "ContinualMetrics",
     "ContinualStateError",
+    "Strategy",
     "format_metrics_table",
     "orthogonal_init",
     "run_continual",
@@ -100,6 +102,212 @@ __all__ = [
 
 class ContinualStateError(PeftOrthoError, ValueError):
     """A continual state cannot be used as asked (other strategy, other base model, corrupt files, misuse)."""
+
+
+# ---------------------------------------------------------------------------------------------------------- strategies
+
+
+class Strategy:
+    """One continual strategy as a few small hooks (as peft's ``LoraVariant`` is for a LoRA layer).
+
+    The base class is ``merge_and_init``: peft's fresh init for every task, the merge ``W ← W + s·B A``, no state
+    besides the model. A strategy overrides what it changes: the init of a task's adapter (``init_adapter``), the
+    merge (``merged``), the state it keeps between tasks (``initial_extra``, ``after_merge``, saved under
+    ``saved_extra`` when it is not the base model itself), and what it refuses (``check_config``, ``check_layer``,
+    ``check_task``).
+    """
+
+    name = "merge_and_init"
+    fuses = True  # False: the adapter itself is carried from task to task (naive), nothing is fused
+    assigns_slots = False  # True: each task takes the next slot of the shared basis (orthogonal)
+    saved_extra: str | None = None  # name of the extra tensor per layer written to the state file, if any
+
+    def check_config(self, config: LoraConfig) -> None:
+        """Refuse a config this strategy cannot run (the checks every strategy makes are in ``_check_config``).
+
+        Args:
+            config: the learner's adapter config.
+        """
+
+    def check_layer(self, name: str, layer: LoraLayer, adapter_name: str) -> None:
+        """Refuse a targeted layer (read once, on the meta device, when the learner is created).
+
+        Args:
+            name: the layer's name in the base model.
+            layer: its peft LoRA layer.
+            adapter_name: the learner's adapter name.
+        """
+
+    def task_config(self, config: LoraConfig, first_slot: int, t: int) -> LoraConfig:
+        """The adapter config of task ``t``: a copy of the learner's.
+
+        Args:
+            config: the learner's adapter config.
+            first_slot: the config's integer slot, else 0.
+            t: the task index.
+
+        Returns:
+            A new config.
+        """
+        return copy.deepcopy(config)
+
+    def check_task(self, layers: dict[str, tuple[int, int]], first_slot: int, t: int, adapter_name: str) -> None:
+        """Refuse task ``t`` before its adapter is created.
+
+        Args:
+            layers: ``{layer name: (r, in)}`` of the targeted layers.
+            first_slot: the config's integer slot, else 0.
+            t: the task index.
+            adapter_name: the learner's adapter name.
+        """
+
+    def initial_extra(self, model: nn.Module, layers: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
+        """The extra state at the start.
+
+        Args:
+            model: the base model.
+            layers: ``{layer name: (r, in)}`` of the targeted layers.
+
+        Returns:
+            ``{layer name: tensor}`` (empty by default).
+        """
+        return {}
+
+    def init_adapter(self, layers: dict[str, LoraLayer], adapter_name: str, extra: dict[str, torch.Tensor]) -> None:
+        """Change a task's fresh adapter before it trains (default: keep peft's init).
+
+        Args:
+            layers: the adapter's LoRA layers by name.
+            adapter_name: the learner's adapter name.
+            extra: the extra state.
+        """
+
+    def merged(self, weight: torch.Tensor, delta: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+        """The layer's weight after the task, both in the wider of their dtypes: ``W + s·B A`` by default.
+
+        Args:
+            weight: the current weight ``W``.
+            delta: the task's update ``s·B A`` in the weight's layout.
+            extra: the layer's extra state (None when the strategy keeps none).
+
+        Returns:
+            The new weight, in the inputs' dtype.
+        """
+        return weight + delta
+
+    def after_merge(self, name: str, layer: LoraLayer, adapter_name: str, extra: dict[str, torch.Tensor]) -> None:
+        """Update the extra state once layer ``name`` is fused (its adapter still present).
+
+        Args:
+            name: the layer's name.
+            layer: its LoRA layer.
+            adapter_name: the learner's adapter name.
+            extra: the extra state, updated in place.
+        """
+
+
+class _Naive(Strategy):
+    """One adapter keeps training across tasks; the base weights are never touched (paper)."""
+
+    name = "naive"
+    fuses = False
+
+
+class _MergeAndOrthogonalInit(Strategy):
+    """Fuse after each task; each fresh ``A_t`` is orthogonal, column by column in rank space, to ``S = Σ_{s<t} A_s``
+    (paper's rule, product merge ours). Extra state: ``S`` per layer."""
+
+    name = "merge_and_orthogonal_init"
+    saved_extra = "sum_A"
+
+    def check_config(self, config: LoraConfig) -> None:
+        if isinstance(config, OrthoLoraConfig):
+            raise ValueError(
+                "merge_and_orthogonal_init re-initialises lora_A, which OrthoLoraConfig freezes to the shared basis; "
+                "use strategy 'orthogonal' with an OrthoLoraConfig, or a plain LoraConfig"
+            )
+
+    def check_layer(self, name: str, layer: LoraLayer, adapter_name: str) -> None:
+        if adapter_name not in layer.lora_A:
+            raise UnsupportedLayerError(
+                f"merge_and_orthogonal_init cannot adapt {type(layer.get_base_layer()).__name__}: peft initialises "
+                "embedding LoRAs with A = 0 and a random B, so there is no random down-projection to make orthogonal; "
+                "use another strategy or exclude this layer",
+                adapter=adapter_name,
+                layer=name,
+            )
+        if layer.lora_A[adapter_name].weight.shape[0] < 2:
+            raise ValueError(
+                f"merge_and_orthogonal_init needs rank >= 2 (at rank 1 the only vector orthogonal to a previous "
+                f"down-projection column is 0); layer {name!r} has rank 1"
+            )
+
+    def init_adapter(self, layers: dict[str, LoraLayer], adapter_name: str, extra: dict[str, torch.Tensor]) -> None:
+        if not extra:
+            return
+        with torch.no_grad():
+            for name, layer in layers.items():
+                a = _down_projection(layer, adapter_name)
+                a.copy_(orthogonal_init(a, extra[name]))
+
+    def after_merge(self, name: str, layer: LoraLayer, adapter_name: str, extra: dict[str, torch.Tensor]) -> None:
+        a = _down_projection(layer, adapter_name).detach()
+        extra[name] = extra[name].to(a.device) + a if name in extra else a.clone()
+
+
+class _Magnitude(Strategy):
+    """Fuse, then per weight keep the task vector of larger magnitude (paper). Extra state: ``W_0`` (in memory)."""
+
+    name = "magnitude"
+
+    def initial_extra(self, model: nn.Module, layers: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
+        return {name: _weight(model, name).detach().clone() for name in layers}
+
+    def merged(self, weight: torch.Tensor, delta: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+        w0 = extra.to(weight.dtype)
+        running = weight - w0  # τ_{t-1}
+        return torch.where(delta.abs() >= running.abs(), w0 + delta, weight)
+
+
+class _Orthogonal(Strategy):
+    """Task ``t`` takes slot ``k + t`` of the shared orthogonal basis and is fused (ours, with ``OrthoLoraConfig``)."""
+
+    name = "orthogonal"
+    assigns_slots = True
+
+    def check_config(self, config: LoraConfig) -> None:
+        if not isinstance(config, OrthoLoraConfig):
+            raise ValueError("strategy 'orthogonal' needs an OrthoLoraConfig (each task takes the next disjoint slot)")
+        if config.concept_id is not None:
+            raise ValueError(
+                "strategy 'orthogonal' assigns slots by task index: give `slot=<first slot>`, not concept_id"
+            )
+
+    def task_config(self, config: LoraConfig, first_slot: int, t: int) -> LoraConfig:
+        return dataclasses.replace(
+            copy.deepcopy(config), slot=first_slot + t, concept_id=None, basis_rows=None, basis_checksums=None
+        )
+
+    def check_task(self, layers: dict[str, tuple[int, int]], first_slot: int, t: int, adapter_name: str) -> None:
+        slot = first_slot + t
+        for name, (r, n) in layers.items():
+            if slot >= n // r:
+                raise BasisError(
+                    f"task {t} needs orthogonal slot {slot}, but this layer (input width {n}, rank {r}) has "
+                    f"{n // r} disjoint slots: the 'orthogonal' strategy holds at most {n // r - first_slot} tasks "
+                    "here. Lower r, or continue with merge_and_orthogonal_init.",
+                    adapter=adapter_name,
+                    layer=name,
+                )
+
+
+_STRATEGIES: dict[str, Strategy] = {
+    s.name: s for s in (_Naive(), Strategy(), _MergeAndOrthogonalInit(), _Magnitude(), _Orthogonal())
+}
+STRATEGIES = tuple(_STRATEGIES)
+
+
+# ------------------------------------------------------------------------------------------------------------- learner
 
 
 class ContinualLearner:
@@ -128,14 +336,15 @@ class ContinualLearner:
         seed: int = 0,
         adapter_name: str = "default",
     ) -> None:
-        if strategy not in STRATEGIES:
+        if strategy not in _STRATEGIES:
             raise ValueError(f"unknown continual strategy {strategy!r}; choose one of {STRATEGIES}")
         if isinstance(model, PeftModel) or any(isinstance(m, BaseTunerLayer) for m in model.modules()):
             raise ValueError(
                 "ContinualLearner needs the base model, not a model that already carries peft adapters: pass the "
                 "plain module (merge_and_unload() it first if the adapters belong in the base)"
             )
-        _check_config(strategy, lora_config)
+        self._rule = _STRATEGIES[strategy]
+        _check_config(self._rule, lora_config)
         self.strategy = strategy
         self.seed = int(seed)
         self.adapter_name = adapter_name
@@ -149,11 +358,10 @@ class ContinualLearner:
         self._layers = self._probe_layers()  # {layer name: (r, in)} in the order peft creates them
         self.fingerprint = _fingerprint(model, self._layers)
         # Extra state between tasks, besides the model: S = Σ A_s (orthogonal init) or W_0 (magnitude).
-        self._extra: dict[str, torch.Tensor] = {}
-        if strategy == "magnitude":
-            self._extra = {name: _weight(model, name).detach().clone() for name in self._layers}
+        self._extra: dict[str, torch.Tensor] = self._rule.initial_extra(model, self._layers)
 
-    # ------------------------------------------------------------------ task loop
+    # ------------------------------------------------------------------------------------------------------- task loop
+
     @property
     def model(self) -> nn.Module:
         """The current model: the ``PeftModel`` while a task is open (always, for ``naive``), else the fused module."""
@@ -165,22 +373,21 @@ class ContinualLearner:
         return list(self._layers)
 
     def begin_task(self) -> PeftModel:
-        """Return a peft model ready to train task ``tasks_done``: a fresh adapter (``B = 0``), or, for ``naive``,
-        the adapter as the previous task left it. Only the adapter's parameters require grad."""
+        """Open task ``tasks_done`` and return the peft model to train.
+
+        Returns:
+            A fresh adapter (``B = 0``; its init per the strategy), or, for ``naive``, the adapter as the previous
+            task left it. Only the adapter's parameters require grad.
+        """
         if self._in_task:
             raise ContinualStateError(f"task {self.tasks_done} is already open: call end_task() before begin_task()")
         t = self.tasks_done
-        if self.strategy == "naive" and self._peft_model is not None:
+        if not self._rule.fuses and self._peft_model is not None:
             self._in_task = True
             return self._peft_model
-        if self.strategy == "orthogonal":
-            self._check_slot_capacity(self._first_slot + t)
+        self._rule.check_task(self._layers, self._first_slot, t, self.adapter_name)
         peft_model = self._wrap(self._task_config(t), t)
-        if self.strategy == "merge_and_orthogonal_init" and self._extra:
-            with torch.no_grad():
-                for name, layer in _lora_layers(peft_model, self.adapter_name).items():
-                    a = _down_projection(layer, self.adapter_name)
-                    a.copy_(orthogonal_init(a, self._extra[name]))
+        self._rule.init_adapter(_lora_layers(peft_model, self.adapter_name), self.adapter_name, self._extra)
         self._peft_model = peft_model
         self._in_task = True
         return peft_model
@@ -190,10 +397,13 @@ class ContinualLearner:
 
         Merge strategies fuse each targeted layer in place, ``W ← W + s·B_t A_t`` (``magnitude``: the per-weight
         selection), then remove the adapter; ``merge_and_orthogonal_init`` adds the trained ``A_t`` to ``S``.
+
+        Returns:
+            The current model.
         """
         if not self._in_task:
             raise ContinualStateError("no task is open: call begin_task() first")
-        if self.strategy != "naive":
+        if self._rule.fuses:
             peft_model = self._peft_model
             layers = _lora_layers(peft_model, self.adapter_name)
             with torch.no_grad():
@@ -202,9 +412,7 @@ class ContinualLearner:
                 fused = {name: self._fused(name, layer) for name, layer in layers.items()}
                 for name, layer in layers.items():
                     layer.get_base_layer().weight.copy_(fused.pop(name))
-                    if self.strategy == "merge_and_orthogonal_init":
-                        a = _down_projection(layer, self.adapter_name).detach()
-                        self._extra[name] = self._extra[name].to(a.device) + a if name in self._extra else a.clone()
+                    self._rule.after_merge(name, layer, self.adapter_name, self._extra)
             self._base = peft_model.unload()
             for n, p in self._base.named_parameters():  # peft froze the base; hand the model back as it was given
                 p.requires_grad_(self._requires_grad.get(n, p.requires_grad))
@@ -224,14 +432,7 @@ class ContinualLearner:
                 layer=name,
             )
         dtype = torch.promote_types(weight.dtype, delta.dtype)  # add in the wider dtype, round once into the weight
-        if self.strategy == "magnitude":
-            w0 = self._extra[name].to(dtype)
-            running = weight.to(dtype) - w0  # τ_{t-1}
-            keep_new = delta.to(dtype).abs() >= running.abs()
-            new = torch.where(keep_new, w0 + delta.to(dtype), weight.to(dtype))
-        else:
-            new = weight.to(dtype) + delta.to(dtype)
-        new = new.to(weight.dtype)
+        new = self._rule.merged(weight.to(dtype), delta.to(dtype), self._extra.get(name)).to(weight.dtype)
         if not bool(torch.isfinite(new).all()):
             raise ContinualStateError(
                 f"fusing this task would make {int((~torch.isfinite(new)).sum())} weight(s) NaN/inf in "
@@ -241,57 +442,32 @@ class ContinualLearner:
             )
         return new
 
-    # ------------------------------------------------------------------ state
+    # ----------------------------------------------------------------------------------------------------------- state
+
     def extra_state(self) -> dict[str, torch.Tensor]:
-        """The tensors kept between tasks besides the model: ``S = Σ A_s`` per layer (``merge_and_orthogonal_init``),
-        ``W_0`` per targeted layer (``magnitude``), nothing otherwise. Its size does not depend on the task count."""
+        """The tensors kept between tasks besides the model.
+
+        Returns:
+            ``S = Σ A_s`` per layer (``merge_and_orthogonal_init``), ``W_0`` per targeted layer (``magnitude``),
+            nothing otherwise. Its size does not depend on the task count.
+        """
         return dict(self._extra)
 
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> str:
-        """Write the state between tasks to folder ``path`` (atomically) and return it.
+        """Write the state between tasks to folder ``path`` (atomically).
 
         Files: ``continual_state.json`` and ``continual_state.safetensors``. A folder holding exactly a previous
         continual state is replaced (so ``save`` can run after every task); any other non-empty folder needs
         ``overwrite=True``.
+
+        Args:
+            path: the folder.
+            overwrite: replace a non-empty folder that is not a continual state.
+
+        Returns:
+            ``path``.
         """
-        if self._in_task:
-            raise ContinualStateError(
-                f"task {self.tasks_done} is open: call end_task() before save() (mid-task adapters are not a state)"
-            )
-        path = os.fspath(path)
-        tensors: dict[str, torch.Tensor] = {}
-        if self.strategy == "naive":
-            if self._peft_model is not None:
-                for name, layer in _lora_layers(self._peft_model, self.adapter_name).items():
-                    tensors[f"adapter.{name}.lora_A"] = _down_projection(layer, self.adapter_name)
-                    tensors[f"adapter.{name}.lora_B"] = _up_projection(layer, self.adapter_name)
-        else:
-            for name in self._layers:
-                tensors[f"model.{name}.weight"] = _weight(self._base, name)
-            if self.strategy == "merge_and_orthogonal_init":
-                tensors.update({f"state.{name}.sum_A": s for name, s in self._extra.items()})
-        tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
-        meta = {
-            "format": STATE_FORMAT,
-            "strategy": self.strategy,
-            "tasks_done": self.tasks_done,
-            "seed": self.seed,
-            "adapter_name": self.adapter_name,
-            "lora_config": _config_dict(self._config),
-            "base_fingerprint": self.fingerprint,
-            "layers": [[name, *shape] for name, shape in self._layers.items()],  # [name, r, in], peft's order
-        }
-        from safetensors.torch import save_file
-
-        from . import __version__
-
-        meta["peft_ortho_version"] = __version__
-        replace = overwrite or (os.path.isdir(path) and set(os.listdir(path)) <= {STATE_JSON, STATE_TENSORS})
-        with atomic_dir(path, overwrite=replace) as tmp:
-            save_file(tensors, os.path.join(tmp, STATE_TENSORS), metadata={"format": STATE_FORMAT})
-            with open(os.path.join(tmp, STATE_JSON), "w") as f:
-                json.dump(meta, f, indent=2, sort_keys=True)
-        return path
+        return _State.save(self, os.fspath(path), overwrite)
 
     @classmethod
     def resume(
@@ -304,12 +480,124 @@ class ContinualLearner:
     ) -> ContinualLearner:
         """Rebuild the learner ``save`` wrote, on ``model`` = the **base** model the run started from.
 
-        ``strategy`` / ``lora_config``, when given, must match the saved ones; the base model must have the same
-        targeted weights (SHA-256 fingerprint). Anything else is refused with ``ContinualStateError``: applying one
-        strategy's update to weights another strategy fused, or fused deltas to another base, gives a model that
-        silently is neither.
+        Anything that does not match is refused with ``ContinualStateError``: applying one strategy's update to
+        weights another strategy fused, or fused deltas to another base, gives a model that silently is neither.
+
+        Args:
+            path: the folder ``save`` wrote.
+            model: the base model the run started from (same targeted weights: SHA-256 fingerprint).
+            strategy: when given, must be the saved one.
+            lora_config: when given, must match the saved one.
+
+        Returns:
+            The learner, ``tasks_done`` tasks in.
         """
-        path = os.fspath(path)
+        return _State.load(cls, os.fspath(path), model, strategy=strategy, lora_config=lora_config)
+
+    # ------------------------------------------------------------------------------------------------------- internals
+
+    def _task_config(self, t: int) -> LoraConfig:
+        return self._rule.task_config(self._config, self._first_slot, t)
+
+    def _wrap(self, config: LoraConfig, t: int, low_cpu_mem_usage: bool = False) -> PeftModel:
+        """``get_peft_model`` with the init RNG seeded from ``(seed, t)`` and the global RNG left untouched."""
+        digest = hashlib.sha256(f"peft_ortho.continual/{self.seed}/{t}".encode()).digest()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+            return get_peft_model(
+                self._base, config, adapter_name=self.adapter_name, low_cpu_mem_usage=low_cpu_mem_usage
+            )
+
+    def _probe_layers(self) -> dict[str, tuple[int, int]]:
+        """Which layers peft targets, and each one's ``(r, in)``: inject adapters on the meta device (no memory, no
+        init), read them, remove them. peft's own matching decides, so every ``target_modules`` form works."""
+        probe = self._wrap(self._task_config(0), -1, low_cpu_mem_usage=True)
+        try:
+            layers = {}
+            for name, layer in _lora_layers(probe, self.adapter_name).items():
+                base = layer.get_base_layer()
+                if not isinstance(getattr(base, "weight", None), torch.Tensor) or isinstance(
+                    base, nn.MultiheadAttention
+                ):
+                    raise UnsupportedLayerError(
+                        f"{type(base).__name__} is not supported by continual strategies (they fuse W + s·B A into "
+                        "a layer's `weight`)",
+                        adapter=self.adapter_name,
+                        layer=name,
+                    )
+                self._rule.check_layer(name, layer, self.adapter_name)
+                a = _down_projection(layer, self.adapter_name)
+                layers[name] = (a.shape[0], a[0].numel())
+            if not layers:
+                raise ValueError(f"the adapter config targets no layer of this model: {self._config.target_modules}")
+            return layers
+        finally:
+            probe.unload()
+            for n, p in self._base.named_parameters():
+                p.requires_grad_(self._requires_grad.get(n, p.requires_grad))
+
+
+# ----------------------------------------------------------------------------------------------------- the state files
+
+
+class _State:
+    """``continual_state.json`` + ``continual_state.safetensors``: writing a learner's state and rebuilding it.
+
+    The tensors: the targeted layers' fused weights ``model.<layer>.weight`` (merge strategies; never the whole
+    model) or the adapter ``adapter.<layer>.lora_A``/``lora_B`` (``naive``), plus the strategy's saved extra state
+    ``state.<layer>.<saved_extra>`` (``S`` of ``merge_and_orthogonal_init``). ``W_0`` of ``magnitude`` is not
+    stored: it is the base model given to ``resume``, verified by fingerprint.
+    """
+
+    @staticmethod
+    def tensors(learner: ContinualLearner) -> dict[str, torch.Tensor]:
+        rule, tensors = learner._rule, {}
+        if not rule.fuses:
+            if learner._peft_model is not None:
+                for name, layer in _lora_layers(learner._peft_model, learner.adapter_name).items():
+                    tensors[f"adapter.{name}.lora_A"] = _down_projection(layer, learner.adapter_name)
+                    tensors[f"adapter.{name}.lora_B"] = _up_projection(layer, learner.adapter_name)
+        else:
+            for name in learner._layers:
+                tensors[f"model.{name}.weight"] = _weight(learner._base, name)
+            if rule.saved_extra is not None:
+                tensors.update({f"state.{name}.{rule.saved_extra}": t for name, t in learner._extra.items()})
+        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+
+    @classmethod
+    def save(cls, learner: ContinualLearner, path: str, overwrite: bool) -> str:
+        if learner._in_task:
+            raise ContinualStateError(
+                f"task {learner.tasks_done} is open: call end_task() before save() (mid-task adapters are not a state)"
+            )
+        tensors = cls.tensors(learner)
+        meta = {
+            "format": STATE_FORMAT,
+            "strategy": learner.strategy,
+            "tasks_done": learner.tasks_done,
+            "seed": learner.seed,
+            "adapter_name": learner.adapter_name,
+            "lora_config": _config_dict(learner._config),
+            "base_fingerprint": learner.fingerprint,
+            "layers": [[name, *shape] for name, shape in learner._layers.items()],  # [name, r, in], peft's order
+            "peft_ortho_version": __version__,
+        }
+        replace = overwrite or (os.path.isdir(path) and set(os.listdir(path)) <= {STATE_JSON, STATE_TENSORS})
+        with atomic_dir(path, overwrite=replace) as tmp:
+            save_file(tensors, os.path.join(tmp, STATE_TENSORS), metadata={"format": STATE_FORMAT})
+            with open(os.path.join(tmp, STATE_JSON), "w") as f:
+                json.dump(meta, f, indent=2, sort_keys=True)
+        return path
+
+    @staticmethod
+    def load(
+        learner_cls: type[ContinualLearner],
+        path: str,
+        model: nn.Module,
+        *,
+        strategy: str | None,
+        lora_config: LoraConfig | None,
+    ) -> ContinualLearner:
         meta = _read_meta(path)
         saved = meta["strategy"]
         if strategy is not None and strategy != saved:
@@ -331,7 +619,7 @@ class ContinualLearner:
                 raise ContinualStateError(f"{path} was made with another adapter config ({details})")
         else:
             lora_config = PeftConfig.from_peft_type(**saved_config)
-        learner = cls(model, saved, lora_config, seed=meta["seed"], adapter_name=meta["adapter_name"])
+        learner = learner_cls(model, saved, lora_config, seed=meta["seed"], adapter_name=meta["adapter_name"])
         if (
             learner.fingerprint != meta["base_fingerprint"]
             or [[n, *rs] for n, rs in learner._layers.items()] != meta["layers"]
@@ -362,11 +650,12 @@ class ContinualLearner:
             return t
 
         # Everything is read and checked first; the model is changed only once all of it is known to be valid.
+        rule, started = learner._rule, meta["tasks_done"] > 0
         writes: list[tuple[torch.Tensor, torch.Tensor]] = []
         extra: dict[str, torch.Tensor] = {}
         try:
-            if saved == "naive":
-                if meta["tasks_done"] > 0:
+            if not rule.fuses:
+                if started:
                     learner._peft_model = learner._wrap(learner._task_config(0), 0)
                     for name, layer in _lora_layers(learner._peft_model, learner.adapter_name).items():
                         for key, p in (("lora_A", _down_projection(layer, learner.adapter_name)),
@@ -376,8 +665,8 @@ class ContinualLearner:
                 for name in learner._layers:
                     w = _weight(learner._base, name)
                     writes.append((w, get(f"model.{name}.weight", w)))
-                if saved == "merge_and_orthogonal_init" and meta["tasks_done"] > 0:
-                    extra = {name: get(f"state.{name}.sum_A") for name in learner._layers}
+                if rule.saved_extra is not None and started:
+                    extra = {name: get(f"state.{name}.{rule.saved_extra}") for name in learner._layers}
         except BaseException:
             if learner._peft_model is not None:  # remove the adapters injected to read the shapes
                 learner._peft_model.unload()
@@ -391,87 +680,21 @@ class ContinualLearner:
         learner.tasks_done = int(meta["tasks_done"])
         return learner
 
-    # ------------------------------------------------------------------ internals
-    def _task_config(self, t: int) -> LoraConfig:
-        config = copy.deepcopy(self._config)
-        if self.strategy == "orthogonal":
-            config = dataclasses.replace(
-                config, slot=self._first_slot + t, concept_id=None, basis_rows=None, basis_checksums=None
-            )
-        return config
 
-    def _wrap(self, config: LoraConfig, t: int, low_cpu_mem_usage: bool = False) -> PeftModel:
-        """``get_peft_model`` with the init RNG seeded from ``(seed, t)`` and the global RNG left untouched."""
-        digest = hashlib.sha256(f"peft_ortho.continual/{self.seed}/{t}".encode()).digest()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-            return get_peft_model(
-                self._base, config, adapter_name=self.adapter_name, low_cpu_mem_usage=low_cpu_mem_usage
-            )
-
-    def _probe_layers(self) -> dict[str, tuple[int, int]]:
-        """Which layers peft targets, and each one's ``(r, in)``: inject adapters on the meta device (no memory, no
-        init), read them, remove them. peft's own matching decides, so every ``target_modules`` form works."""
-        probe = self._wrap(self._task_config(0), -1, low_cpu_mem_usage=True)
-        try:
-            layers = {}
-            for name, layer in _lora_layers(probe, self.adapter_name).items():
-                base = layer.get_base_layer()
-                if not isinstance(getattr(base, "weight", None), torch.Tensor) or isinstance(
-                    base, nn.MultiheadAttention
-                ):
-                    raise UnsupportedLayerError(
-                        f"{type(base).__name__} is not supported by continual strategies (they fuse W + s·B A into "
-                        "a layer's `weight`)",
-                        adapter=self.adapter_name,
-                        layer=name,
-                    )
-                if self.strategy == "merge_and_orthogonal_init" and self.adapter_name not in layer.lora_A:
-                    raise UnsupportedLayerError(
-                        f"merge_and_orthogonal_init cannot adapt {type(base).__name__}: peft initialises embedding "
-                        "LoRAs with A = 0 and a random B, so there is no random down-projection to make orthogonal; "
-                        "use another strategy or exclude this layer",
-                        adapter=self.adapter_name,
-                        layer=name,
-                    )
-                a = _down_projection(layer, self.adapter_name)
-                layers[name] = (a.shape[0], a[0].numel())
-            if not layers:
-                raise ValueError(f"the adapter config targets no layer of this model: {self._config.target_modules}")
-            if self.strategy == "merge_and_orthogonal_init":
-                low = [n for n, (r, _) in layers.items() if r < 2]
-                if low:
-                    raise ValueError(
-                        f"merge_and_orthogonal_init needs rank >= 2 (at rank 1 the only vector orthogonal to a "
-                        f"previous down-projection column is 0); layer {low[0]!r} has rank 1"
-                    )
-            return layers
-        finally:
-            probe.unload()
-            for n, p in self._base.named_parameters():
-                p.requires_grad_(self._requires_grad.get(n, p.requires_grad))
-
-    def _check_slot_capacity(self, slot: int) -> None:
-        for name, (r, n) in self._layers.items():
-            if slot >= n // r:
-                raise BasisError(
-                    f"task {self.tasks_done} needs orthogonal slot {slot}, but this layer (input width {n}, rank {r}) "
-                    f"has {n // r} disjoint slots: the 'orthogonal' strategy holds at most {n // r - self._first_slot} "
-                    "tasks here. Lower r, or continue with merge_and_orthogonal_init.",
-                    adapter=self.adapter_name,
-                    layer=name,
-                )
-
-
-# ---------------------------------------------------------------------- the orthogonal init rule
+# -------------------------------------------------------------------------------------------- the orthogonal init rule
 def orthogonal_init(a: torch.Tensor, previous_sum: torch.Tensor) -> torch.Tensor:
     """Make each input column of ``a`` orthogonal, in rank space, to the same column of ``previous_sum``.
 
-    ``a``: a fresh down-projection, shape ``(r, ...)`` (``lora_A`` weight; trailing dims flattened to ``in``).
-    ``previous_sum``: ``S = Σ_{s<t} A_s``, same shape. For every column ``j``:
-    ``p_j = a_j − (a_j·s_j / s_j·s_j) s_j`` (``p_j = a_j`` where ``s_j = 0``), then ``p_j`` is rescaled to ``‖a_j‖``
-    so the init keeps peft's scale. Result: ``(p * S).sum(0) = 0`` to the precision of ``a``'s dtype (computed in
-    float64, rounded once). Returns a new tensor of ``a``'s shape, dtype and device.
+    For every column ``j``: ``p_j = a_j − (a_j·s_j / s_j·s_j) s_j`` (``p_j = a_j`` where ``s_j = 0``), then ``p_j``
+    is rescaled to ``‖a_j‖`` so the init keeps peft's scale. Result: ``(p * S).sum(0) = 0`` to the precision of
+    ``a``'s dtype (computed in float64, rounded once).
+
+    Args:
+        a: a fresh down-projection, shape ``(r, ...)`` (``lora_A`` weight; trailing dims flattened to ``in``).
+        previous_sum: ``S = Σ_{s<t} A_s``, same shape.
+
+    Returns:
+        A new tensor of ``a``'s shape, dtype and device.
     """
     r = a.shape[0]
     if previous_sum.numel() != a.numel():
@@ -486,7 +709,7 @@ def orthogonal_init(a: torch.Tensor, previous_sum: torch.Tensor) -> torch.Tensor
     return p.reshape(a.shape).to(a.dtype)
 
 
-# ---------------------------------------------------------------------- metrics
+# ------------------------------------------------------------------------------------------------------------- metrics
 @dataclasses.dataclass(frozen=True)
 class ContinualMetrics:
     """Summary of a task matrix. ``final_scores[s] = M[s, T-1]``; ``forgetting[s]`` for ``s < T-1``."""
@@ -500,8 +723,6 @@ class ContinualMetrics:
 def task_matrix_metrics(matrix: Any, convention: str = "final") -> ContinualMetrics:
     """Average score and average forgetting of a task matrix ``M[s, t]`` (score of task ``s`` after task ``t``).
 
-    ``matrix``: ``(T, T)``, higher is better; entries ``s > t`` (tasks not yet learned) are ignored and may be NaN.
-
     ``convention="final"`` (default; the standard definitions of Chaudhry et al. 2018, which the paper reports):
 
     - average score ``= (1/T) Σ_s M[s, T-1]``, every task scored by the final model;
@@ -512,6 +733,13 @@ def task_matrix_metrics(matrix: Any, convention: str = "final") -> ContinualMetr
     (github.com/luk-st/continual-lora, ``eval/metrics.py``), which differs: average score
     ``= (1/T) Σ_t mean_{s ≤ t} M[s, t]`` (mean over time of the mean over tasks seen so far), and forgetting of task
     ``s`` ``= max_{t' > s} (M[s, s] − M[s, t'])`` (largest drop from just after learning it, at any later time).
+
+    Args:
+        matrix: ``(T, T)``, higher is better; entries ``s > t`` (tasks not yet learned) are ignored and may be NaN.
+        convention: ``"final"`` or ``"released_code"``.
+
+    Returns:
+        A ``ContinualMetrics``.
     """
     if convention not in ("final", "released_code"):
         raise ValueError(f"unknown convention {convention!r}; choose 'final' or 'released_code'")
@@ -546,9 +774,19 @@ def run_continual(
 
     For each task ``t``: ``train(learner.begin_task(), tasks[t])``, ``learner.end_task()``, then
     ``M[s, t] = score(learner.model, tasks[s])`` for every ``s ≤ t`` (under ``torch.no_grad()``), and
-    ``learner.save(save_dir)`` when given. ``matrix``: when resuming, the matrix of the earlier tasks (``(k, k)``
-    with ``k ≤ T``, e.g. what the first call returned); it is copied into the top-left corner.
-    Returns ``M`` as a ``(T, T)`` float64 array, NaN where ``s > t``.
+    ``learner.save(save_dir)`` when given.
+
+    Args:
+        learner: the learner (fresh, or resumed).
+        tasks: every task of the sequence.
+        train: ``train(peft_model, task)``, your training loop.
+        score: ``score(model, task) -> float``, higher is better.
+        matrix: when resuming, the matrix of the earlier tasks (``(k, k)`` with ``k ≤ T``, e.g. what the first call
+            returned); it is copied into the top-left corner.
+        save_dir: save the learner there after every task.
+
+    Returns:
+        ``M`` as a ``(T, T)`` float64 array, NaN where ``s > t``.
     """
     n = len(tasks)
     m = np.full((n, n), np.nan)
@@ -572,7 +810,15 @@ def run_continual(
 
 
 def format_metrics_table(results: dict[str, ContinualMetrics], digits: int = 3) -> str:
-    """A Markdown table: one row per strategy with average score, average forgetting and the final scores."""
+    """A Markdown table: one row per strategy with average score, average forgetting and the final scores.
+
+    Args:
+        results: ``{strategy: ContinualMetrics}``.
+        digits: decimals shown.
+
+    Returns:
+        The table's text.
+    """
     lines = ["| strategy | average score ↑ | average forgetting ↓ | final score per task |", "|---|---:|---:|---|"]
     for name, r in results.items():
         finals = " ".join(f"{x:.{digits}f}" for x in r.final_scores)
@@ -580,23 +826,14 @@ def format_metrics_table(results: dict[str, ContinualMetrics], digits: int = 3) 
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------- helpers
-def _check_config(strategy: str, config: LoraConfig) -> None:
+# ------------------------------------------------------------------------------------------------------------- helpers
+def _check_config(strategy: Strategy, config: LoraConfig) -> None:
     if not isinstance(config, LoraConfig):
         raise ValueError(f"ContinualLearner needs a peft LoraConfig or OrthoLoraConfig, got {type(config).__name__}")
-    is_ortho = isinstance(config, OrthoLoraConfig)
-    if strategy == "orthogonal" and not is_ortho:
-        raise ValueError("strategy 'orthogonal' needs an OrthoLoraConfig (each task takes the next disjoint slot)")
-    if strategy == "orthogonal" and config.concept_id is not None:
-        raise ValueError("strategy 'orthogonal' assigns slots by task index: give `slot=<first slot>`, not concept_id")
-    if strategy == "merge_and_orthogonal_init" and is_ortho:
+    strategy.check_config(config)
+    if isinstance(config, OrthoLoraConfig) and not strategy.assigns_slots and config.slot == "random":
         raise ValueError(
-            "merge_and_orthogonal_init re-initialises lora_A, which OrthoLoraConfig freezes to the shared basis; "
-            "use strategy 'orthogonal' with an OrthoLoraConfig, or a plain LoraConfig"
-        )
-    if is_ortho and strategy != "orthogonal" and config.slot == "random":
-        raise ValueError(
-            f"strategy {strategy!r} with OrthoLoraConfig(slot='random'): the rows would be drawn from system "
+            f"strategy {strategy.name!r} with OrthoLoraConfig(slot='random'): the rows would be drawn from system "
             "randomness for every new adapter, so the run could not be resumed bit-identically; give slot=<int> or "
             "concept_id='...'"
         )
@@ -688,7 +925,7 @@ def _read_meta(path: str) -> dict:
         for k in ("strategy", "tasks_done", "seed", "adapter_name", "lora_config", "base_fingerprint", "layers")
         if k not in meta
     ]
-    if missing or meta["strategy"] not in STRATEGIES:
+    if missing or meta["strategy"] not in _STRATEGIES:
         raise ContinualStateError(
             f"{json_path} is incomplete or unknown (missing {missing}, strategy {meta.get('strategy')!r})"
         )

@@ -14,7 +14,7 @@ teacher prediction ``ŷ⁰`` (base model, adapters off, no gradient) the loss is
 
 Its gradient on an erased sample is ``2w/(B·D) · (ŷ_i − ŷ⁰_i)`` back through the adapter only: the adapter learns
 to produce ``ΔW x ≈ 0`` on foreign inputs, which is what removes prior-class drift and cross-talk between merged
-adapters (METHODS.md §2 and §5).
+adapters (docs/methods.md, "Randomized Output Erasure" and "A limit to plan around").
 
 Typical loop (``unet``, ``encode`` and the noise schedule are the caller's)::
 
@@ -44,6 +44,8 @@ from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from .errors import UnsupportedAdapterError
@@ -56,26 +58,23 @@ _CHECKED_MODELS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 def _peft_classes() -> tuple[type, ...]:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    classes: tuple[type, ...] = (BaseTunerLayer,)
-    try:
-        # modules_to_save / trainable-token wrappers are trained copies that peft also switches off with the adapters.
-        from peft.utils.other import AuxiliaryTrainingWrapper
-
-        classes += (AuxiliaryTrainingWrapper,)
-    except ImportError:  # pragma: no cover - older peft
-        pass
-    return classes
+    # modules_to_save / trainable-token wrappers are trained copies that peft also switches off with the adapters.
+    return (BaseTunerLayer, AuxiliaryTrainingWrapper)
 
 
 def adapter_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every peft adapter layer in ``model`` as ``(qualified name, module)``, in ``model.named_modules()`` order.
+    """Every peft adapter layer in ``model``, in ``model.named_modules()`` order.
 
     Finds ``BaseTunerLayer`` (LoRA, OrthoLoRA, BlockLoRA, LoHa, ...) and ``AuxiliaryTrainingWrapper``
-    (``modules_to_save``, trainable tokens) modules wherever peft put them: inside a ``PeftModel``, in a model
-    whose layers were injected in place (``inject_adapter_in_model``, diffusers' ``add_adapter``), or under a
-    wrapper that exposes ``named_modules()`` (DDP, FSDP, ``accelerator.prepare``, ``torch.compile``).
+    (``modules_to_save``, trainable tokens) modules wherever peft put them: inside a ``PeftModel``, in a model whose
+    layers were injected in place (``inject_adapter_in_model``, diffusers' ``add_adapter``), or under a wrapper that
+    exposes ``named_modules()`` (DDP, FSDP, ``accelerator.prepare``, ``torch.compile``).
+
+    Args:
+        model: the model to search.
+
+    Returns:
+        A list of ``(qualified name, module)``.
     """
     classes = _peft_classes()
     return [(name, module) for name, module in model.named_modules() if isinstance(module, classes)]
@@ -85,16 +84,19 @@ def adapter_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Context manager: run ``model`` as its frozen base, every peft adapter layer in it switched off.
 
-    Inside the block each adapter layer computes its base layer only (``y = W x``). On exit every layer gets back
-    the enabled/disabled state it had on entry, also when the block raises, so nested use and a model whose
-    adapters were already disabled behave. Only the layer's disable flag is touched: unlike peft's
-    ``enable_adapters``, no ``requires_grad`` flag changes (peft's toggle would re-enable gradients on frozen
-    factors such as OrthoLoRA's ``lora_A`` and, under DDP, change the set of parameters that expect a gradient
-    in the middle of a step).
+    Inside the block each adapter layer computes its base layer only (``y = W x``). On exit every layer gets back the
+    enabled/disabled state it had on entry, also when the block raises, so nested use and a model whose adapters were
+    already disabled behave. Only the layer's disable flag is touched: unlike peft's ``enable_adapters``, no
+    ``requires_grad`` flag changes (peft's toggle would re-enable gradients on frozen factors such as OrthoLoRA's
+    ``lora_A`` and, under DDP, change the set of parameters that expect a gradient in the middle of a step).
 
-    Raises ``ValueError`` when ``model`` holds no peft adapter layer (the "base" would be the trained model
-    itself) and :class:`~peft_ortho.errors.UnsupportedAdapterError` when an adapter is merged into the base
-    weights (disabling it would mean unmerging and re-merging the weights at every call; unmerge first).
+    Args:
+        model: a model holding peft adapter layers.
+
+    Raises:
+        ValueError: ``model`` holds no peft adapter layer (the "base" would be the trained model itself).
+        UnsupportedAdapterError: an adapter is merged into the base weights (disabling it would mean unmerging and
+            re-merging the weights at every call; unmerge first).
     """
     layers = adapter_layers(model)
     if not layers:
@@ -123,7 +125,7 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 class OutputErasure:
-    """Randomized Output Erasure (METHODS.md §2): swap prompts at random and regress erased samples on the base.
+    """Randomized Output Erasure (docs/methods.md): swap prompts at random and regress erased samples on the base.
 
     Args:
         p: probability, per sample, that its prompt is replaced by a foreign prompt, in ``[0, 1]``. ``p=0`` never
@@ -190,16 +192,21 @@ class OutputErasure:
             f"seed={self.seed})"
         )
 
-    # ----------------------------------------------------------------------------------------------- sampling
+    # -------------------------------------------------------------------------------------------------------- sampling
     def draw(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw the erased mask and the foreign prompt indices for a batch, without touching any prompt.
 
-        Returns ``(erased, index)``: ``erased`` a CPU ``torch.bool`` tensor of shape ``(batch_size,)``, each entry
-        ``True`` with probability ``p`` independently; ``index`` a CPU ``int64`` tensor ``(batch_size,)`` of
-        uniform indices into ``foreign_prompts`` (meaningful where ``erased``). Both are drawn for every sample, so
-        the generator advances by the same amount whatever ``p`` and the outcome: the draws of a later batch do
-        not depend on what an earlier batch erased. Use this to swap precomputed prompt embeddings instead of
-        strings (``emb[erased] = pool_emb[index[erased]]``).
+        Both are drawn for every sample, so the generator advances by the same amount whatever ``p`` and the outcome: the
+        draws of a later batch do not depend on what an earlier batch erased. Use this to swap precomputed prompt
+        embeddings instead of strings (``emb[erased] = pool_emb[index[erased]]``).
+
+        Args:
+            batch_size: the number of samples.
+
+        Returns:
+            ``(erased, index)``: ``erased`` a CPU ``torch.bool`` tensor ``(batch_size,)``, each entry ``True`` with
+            probability ``p`` independently; ``index`` a CPU ``int64`` tensor ``(batch_size,)`` of uniform indices into
+            ``foreign_prompts`` (meaningful where ``erased``).
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
             raise ValueError(f"OutputErasure.draw: batch_size must be an int >= 0, got {batch_size!r}")
@@ -230,7 +237,7 @@ class OutputErasure:
         ]
         return new, erased
 
-    # ----------------------------------------------------------------------------------------------- teacher
+    # --------------------------------------------------------------------------------------------------------- teacher
     def teacher(
         self, model: nn.Module, fn: Callable[..., T], *args: Any, erased: torch.Tensor | None = None, **kwargs: Any
     ) -> T | None:
@@ -290,7 +297,7 @@ class OutputErasure:
                 stacklevel=3,
             )
 
-    # ----------------------------------------------------------------------------------------------- loss
+    # ------------------------------------------------------------------------------------------------------------ loss
     def loss(
         self,
         pred: torch.Tensor,
@@ -344,7 +351,7 @@ class OutputErasure:
         per_sample = per_sample * torch.where(erased, self.weight, 1.0)
         return per_sample if reduction == "none" else per_sample.mean()
 
-    # ----------------------------------------------------------------------------------------------- state
+    # ----------------------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """The generator state and settings (a CPU ``uint8`` tensor and plain values), to resume the same masks."""
         return {
@@ -358,8 +365,11 @@ class OutputErasure:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the generator saved by :meth:`state_dict`; the next draws continue exactly where it stopped.
 
-        ``p``, ``weight`` and the pool are the constructor's: a pool of a different size would draw other prompts
-        from the same state, so that is refused.
+        ``p``, ``weight`` and the pool are the constructor's: a pool of a different size would draw other prompts from
+        the same state, so that is refused.
+
+        Args:
+            state: what ``state_dict()`` returned.
         """
         if "generator_state" not in state:
             raise ValueError("OutputErasure.load_state_dict: no 'generator_state' in the state")

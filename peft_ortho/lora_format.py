@@ -28,10 +28,7 @@ DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 PEFT_PREFIX = "base_model.model."
 
-# peft types whose adapters are plain lora_A/lora_B pairs and export as they are.
-LORA_LIKE_PEFT_TYPES = ("LORA", "ORTHO_LORA")
-# ... and those that become one exactly once their block factor is zero-padded to the whole layer.
-BLOCK_PEFT_TYPES = ("BLOCK_LORA",)
+# Which peft types are LoRA factors, and how each exports, is each tuner's own fact (peft_ortho.peft_types.TunerFacts).
 
 # init_lora_weights values that rewrite the *base* weights when the adapter is created: the saved lora_A/lora_B are
 # then a delta against a modified base, not against the published one.

@@ -33,7 +33,14 @@ STIEFEL_MARKER = ".stiefel."
 
 
 def is_stiefel_parameter(name: str) -> bool:
-    """Whether a parameter name (from ``model.named_parameters()``) is a SODA ``rotation="stiefel"`` factor."""
+    """Whether a parameter is a SODA ``rotation="stiefel"`` factor.
+
+    Args:
+        name: a name from ``model.named_parameters()``.
+
+    Returns:
+        True for names ``*.stiefel.*``.
+    """
     return STIEFEL_MARKER in name or name.startswith("stiefel.")
 
 
@@ -50,12 +57,25 @@ def _sym(a: torch.Tensor) -> torch.Tensor:
 def project_tangent(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Orthogonal projection of ``g`` onto the tangent space of the Stiefel manifold at ``x``: ``g − x sym(xᵀg)``.
 
-    Works on single ``n×p`` matrices and on stacks ``(B, n, p)``."""
+    Args:
+        x: a point, an ``n×p`` matrix with orthonormal columns, or a stack ``(B, n, p)``.
+        g: a gradient of the same shape.
+
+    Returns:
+        The tangent vector.
+    """
     return g - x @ _sym(x.mT @ g)
 
 
 def qr_retraction(y: torch.Tensor) -> torch.Tensor:
-    """The orthonormal Q factor of ``y`` (thin QR) with ``diag(R) > 0``: the closest-in-sign orthonormal matrix."""
+    """The orthonormal Q factor of ``y`` (thin QR) with ``diag(R) > 0``: the closest-in-sign orthonormal matrix.
+
+    Args:
+        y: an ``n×p`` matrix (or a stack).
+
+    Returns:
+        Q, of ``y``'s shape.
+    """
     q, r = torch.linalg.qr(y)
     sign = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
     sign = torch.where(sign == 0, torch.ones_like(sign), sign)
@@ -63,14 +83,30 @@ def qr_retraction(y: torch.Tensor) -> torch.Tensor:
 
 
 def cayley_retraction(x: torch.Tensor, d: torch.Tensor, lr: float) -> torch.Tensor:
-    """``(I + lr/2 W)⁻¹ (I − lr/2 W) x`` with ``W = d xᵀ − x dᵀ`` (skew): stays on the manifold, descends along ``d``."""
+    """``(I + lr/2 W)⁻¹ (I − lr/2 W) x`` with ``W = d xᵀ − x dᵀ`` (skew): stays on the manifold, descends along ``d``.
+
+    Args:
+        x: the current point.
+        d: the descent direction (tangent).
+        lr: the step size.
+
+    Returns:
+        The new point.
+    """
     w = d @ x.mT - x @ d.mT
     eye = torch.eye(x.shape[-2], dtype=x.dtype, device=x.device)
     return torch.linalg.solve(eye + (lr / 2) * w, (eye - (lr / 2) * w) @ x)
 
 
 def orthogonality_error(x: torch.Tensor) -> float:
-    """``‖xᵀx − I‖_F`` computed in float64."""
+    """``‖xᵀx − I‖_F`` computed in float64.
+
+    Args:
+        x: a matrix (or a stack).
+
+    Returns:
+        The error, as a float.
+    """
     x = x.detach().double()
     return torch.linalg.matrix_norm(x.T @ x - torch.eye(x.shape[1], dtype=x.dtype, device=x.device)).item()
 
@@ -123,8 +159,15 @@ class _StiefelBase(torch.optim.Optimizer):
 class StiefelSGD(_StiefelBase):
     """Riemannian SGD with momentum on the Stiefel manifold (groups with ``stiefel=False``: plain SGD).
 
-    ``params``: tensors or param groups; a group's ``stiefel`` (default ``True``) says whether its matrices are kept
-    orthonormal. ``momentum`` is transported by projection onto the new tangent space after each step.
+    ``momentum`` is transported by projection onto the new tangent space after each step.
+
+    Args:
+        params: tensors or param groups; a group's ``stiefel`` says whether its matrices are kept orthonormal.
+        lr: the learning rate.
+        momentum: the momentum factor.
+        weight_decay: weight decay (Euclidean groups).
+        retraction: ``"qr"`` or ``"cayley"``.
+        stiefel: the default of the groups' ``stiefel``.
     """
 
     def __init__(
@@ -186,8 +229,17 @@ class StiefelAdam(_StiefelBase):
     """Riemannian Adam on the Stiefel manifold (groups with ``stiefel=False``: AdamW, decoupled weight decay).
 
     Stiefel groups: the first moment accumulates Riemannian gradients and is re-projected onto the tangent space after
-    every step; the second moment is elementwise as in Adam (like most Riemannian Adam variants for matrix manifolds
-    it is not rotation-invariant); the step ``m̂ / (√v̂ + eps)`` is projected onto the tangent space and retracted.
+    every step; the second moment is elementwise as in Adam (like most Riemannian Adam variants for matrix manifolds it
+    is not rotation-invariant); the step ``m̂ / (√v̂ + eps)`` is projected onto the tangent space and retracted.
+
+    Args:
+        params: tensors or param groups; a group's ``stiefel`` says whether its matrices are kept orthonormal.
+        lr: the learning rate.
+        betas: Adam's moment decays.
+        eps: Adam's denominator term.
+        weight_decay: decoupled weight decay (Euclidean groups).
+        retraction: ``"qr"`` or ``"cayley"``.
+        stiefel: the default of the groups' ``stiefel``.
     """
 
     def __init__(
@@ -250,7 +302,14 @@ class StiefelAdam(_StiefelBase):
 
 
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """``(euclidean, stiefel)``: the model's trainable parameters, Stiefel factors (names ``*.stiefel.*``) apart."""
+    """The model's trainable parameters, Stiefel factors (names ``*.stiefel.*``) apart.
+
+    Args:
+        model: the model.
+
+    Returns:
+        ``(euclidean, stiefel)``: two lists of parameters.
+    """
     euclidean, stiefel = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -269,12 +328,25 @@ def make_optimizer(
     momentum: float = 0.0,
     retraction: str = "qr",
 ) -> torch.optim.Optimizer:
-    """One optimizer for a whole (SODA) model: AdamW (``kind="adam"``) or SGD (``kind="sgd"``) on the Euclidean
-    parameters (spectrum deltas, Cayley factors, anything else trainable), and the Stiefel optimizer of the same kind
-    on the ``rotation="stiefel"`` factors (learning rate ``stiefel_lr``, default ``lr``; no weight decay).
+    """One optimizer for a whole (SODA) model: AdamW or SGD on the Euclidean parameters, its Stiefel kind on the rest.
 
-    Returns a ``torch.optim.Optimizer`` (``StiefelAdam`` / ``StiefelSGD`` with two param groups: ``"euclidean"`` then
-    ``"stiefel"``), so LR schedulers, ``state_dict``/``load_state_dict`` and gradient clipping work as usual.
+    The Euclidean parameters are the spectrum deltas, the Cayley factors and anything else trainable; the Stiefel
+    optimizer of the same kind takes the ``rotation="stiefel"`` factors (no weight decay).
+
+    Args:
+        model: the model (a peft model holding SODA adapters, or any module).
+        lr: the learning rate.
+        stiefel_lr: the Stiefel factors' learning rate (default ``lr``).
+        weight_decay: decoupled weight decay of the Euclidean parameters.
+        kind: ``"adam"`` or ``"sgd"``.
+        betas: Adam's moment decays.
+        eps: Adam's denominator term.
+        momentum: SGD's momentum.
+        retraction: ``"qr"`` or ``"cayley"``.
+
+    Returns:
+        A ``torch.optim.Optimizer`` (``StiefelAdam`` / ``StiefelSGD`` with two param groups: ``"euclidean"`` then
+        ``"stiefel"``), so LR schedulers, ``state_dict``/``load_state_dict`` and gradient clipping work as usual.
     """
     euclidean, stiefel = split_parameters(model)
     if not euclidean and not stiefel:

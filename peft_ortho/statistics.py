@@ -997,7 +997,7 @@ def calibrate(
     flags too; the scheduler is copied). A target that already has adapters loaded is refused.
 
     Args:
-        adapter: a loaded ``peft_ortho.compose.load.Adapter`` (PEFT folder or diffusers / kohya file).
+        adapter: a loaded ``peft_ortho.merging.load.Adapter`` (PEFT folder or diffusers / kohya file).
         target: a Stable Diffusion style diffusers pipeline (``tokenizer``, ``text_encoder``, ``unet``,
             ``scheduler``), or a base model (a causal LM) whose module names are the adapter's layer names.
         prompt: the adapter's trigger prompt. Pipelines: a string (or list of strings). Causal LMs: a string or list

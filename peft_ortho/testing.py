@@ -7,21 +7,42 @@ small enough to run a denoising step in milliseconds on a CPU.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import string
 import tempfile
 
+import diffusers
 import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 def tiny_unet(seed: int = 0, cross_attention_dim: int = 32, sample_size: int = 8, block_out_channels=(32, 64)):
-    """A two-block ``UNet2DConditionModel`` (cross-attention in both blocks), random weights from ``seed``."""
-    from diffusers import UNet2DConditionModel
+    """A two-block ``UNet2DConditionModel`` (cross-attention in both blocks), random weights from ``seed``.
 
+    Args:
+        seed: seeds the random weights.
+        cross_attention_dim: the text embedding width.
+        sample_size: the latent size.
+        block_out_channels: the two blocks' widths.
+
+    Returns:
+        The UNet.
+    """
     torch.manual_seed(seed)
     return UNet2DConditionModel(
         sample_size=sample_size,
@@ -38,9 +59,16 @@ def tiny_unet(seed: int = 0, cross_attention_dim: int = 32, sample_size: int = 8
 
 
 def tiny_text_encoder(seed: int = 0, hidden_size: int = 32, vocab_size: int = 1000):
-    """A two-layer ``CLIPTextModel`` built from a config."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+    """A two-layer ``CLIPTextModel`` built from a config.
 
+    Args:
+        seed: seeds the random weights.
+        hidden_size: its width.
+        vocab_size: its vocabulary size.
+
+    Returns:
+        The text encoder.
+    """
     torch.manual_seed(seed)
     config = CLIPTextConfig(
         vocab_size=vocab_size,
@@ -83,9 +111,15 @@ def _write_tokenizer_files(folder: str) -> None:
 
 
 def tiny_tokenizer(folder: str | None = None, model_max_length: int = 16):
-    """A real ``CLIPTokenizer`` whose vocabulary (about 650 tokens) is written in code."""
-    from transformers import CLIPTokenizer
+    """A real ``CLIPTokenizer`` whose vocabulary (about 650 tokens) is written in code.
 
+    Args:
+        folder: where to write its files (default: a new temporary folder).
+        model_max_length: the padded length.
+
+    Returns:
+        The tokenizer.
+    """
     folder = folder or tempfile.mkdtemp(prefix="peft_ortho_tok_")
     _write_tokenizer_files(folder)
     return CLIPTokenizer(
@@ -97,8 +131,14 @@ def tiny_tokenizer(folder: str | None = None, model_max_length: int = 16):
 
 
 def tiny_vae(seed: int = 0):
-    from diffusers import AutoencoderKL
+    """A one-block ``AutoencoderKL`` with 4 latent channels, random weights from ``seed``.
 
+    Args:
+        seed: seeds the random weights.
+
+    Returns:
+        The VAE.
+    """
     torch.manual_seed(seed)
     return AutoencoderKL(
         block_out_channels=(8,),
@@ -113,9 +153,14 @@ def tiny_vae(seed: int = 0):
 
 
 def tiny_sd_pipeline(seed: int = 0):
-    """A complete ``StableDiffusionPipeline`` of tiny random models, no safety checker."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    """A complete ``StableDiffusionPipeline`` of tiny random models, no safety checker.
 
+    Args:
+        seed: seeds the random weights.
+
+    Returns:
+        The pipeline.
+    """
     pipe = StableDiffusionPipeline(
         unet=tiny_unet(seed),
         text_encoder=tiny_text_encoder(seed),
@@ -133,7 +178,17 @@ def tiny_sd_pipeline(seed: int = 0):
 
 
 def unet_inputs(unet, batch: int = 2, seq: int = 5, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Deterministic inputs for one UNet call: ``sample``, ``timestep``, ``encoder_hidden_states``."""
+    """Deterministic inputs for one UNet call: ``sample``, ``timestep``, ``encoder_hidden_states``.
+
+    Args:
+        unet: the UNet (its config gives the shapes).
+        batch: the batch size.
+        seq: the text length.
+        seed: seeds the inputs.
+
+    Returns:
+        The keyword arguments of ``unet(**inputs)``.
+    """
     g = torch.Generator().manual_seed(seed)
     cfg = unet.config
     return {
@@ -144,15 +199,19 @@ def unet_inputs(unet, batch: int = 2, seq: int = 5, seed: int = 0) -> dict[str, 
 
 
 def tiny_sdxl_pipeline(seed: int = 0):
-    """A complete ``StableDiffusionXLPipeline`` of tiny random models, shaped like diffusers' own SDXL pipeline test
-    (``get_dummy_components``): a UNet with ``text_time`` added conditioning (``addition_time_embed_dim=8``, pooled
-    width 32: ``projection_class_embeddings_input_dim = 6·8 + 32``), a ``CLIPTextModel`` and a
-    ``CLIPTextModelWithProjection`` of width 32 (cross-attention width 64 = 32 + 32), a two-block VAE (latents at
-    half the resolution) and an Euler scheduler. Tokenizers: :func:`tiny_tokenizer`.
-    """
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    """A complete ``StableDiffusionXLPipeline`` of tiny random models, shaped like diffusers' own SDXL pipeline test.
 
+    As ``get_dummy_components``: a UNet with ``text_time`` added conditioning (``addition_time_embed_dim=8``, pooled
+    width 32: ``projection_class_embeddings_input_dim = 6·8 + 32``), a ``CLIPTextModel`` and a
+    ``CLIPTextModelWithProjection`` of width 32 (cross-attention width 64 = 32 + 32), a two-block VAE (latents at half
+    the resolution) and an Euler scheduler. Tokenizers: :func:`tiny_tokenizer`.
+
+    Args:
+        seed: seeds the random weights.
+
+    Returns:
+        The pipeline.
+    """
     unet = tiny_sdxl_unet(seed, layers_per_block=1, transformer_layers_per_block=(1, 1), norm_num_groups=8)
     torch.manual_seed(seed)
     vae = AutoencoderKL(
@@ -213,10 +272,18 @@ def tiny_sdxl_unet(
     transformer_layers_per_block: tuple[int, int] = (1, 2),
     norm_num_groups: int = 1,
 ):
-    """An SDXL-shaped ``UNet2DConditionModel`` (text-time embedding, linear projections; 2 layers per block unless
-    told otherwise), cross-attention width 64 and 80-wide added-condition embeddings."""
-    from diffusers import UNet2DConditionModel
+    """An SDXL-shaped ``UNet2DConditionModel``: text-time embedding, linear projections, cross-attention width 64 and
+    80-wide added-condition embeddings.
 
+    Args:
+        seed: seeds the random weights.
+        layers_per_block: layers per block.
+        transformer_layers_per_block: transformer layers in each of the two blocks.
+        norm_num_groups: group-norm groups.
+
+    Returns:
+        The UNet.
+    """
     torch.manual_seed(seed)
     return UNet2DConditionModel(
         block_out_channels=(32, 64),
@@ -238,9 +305,14 @@ def tiny_sdxl_unet(
 
 
 def tiny_flux_transformer(seed: int = 0):
-    """A ``FluxTransformer2DModel`` with one double and one single block (inner width 32)."""
-    from diffusers import FluxTransformer2DModel
+    """A ``FluxTransformer2DModel`` with one double and one single block (inner width 32).
 
+    Args:
+        seed: seeds the random weights.
+
+    Returns:
+        The transformer.
+    """
     torch.manual_seed(seed)
     return FluxTransformer2DModel(
         patch_size=1,
@@ -256,9 +328,15 @@ def tiny_flux_transformer(seed: int = 0):
 
 
 def tiny_sd3_transformer(seed: int = 0, sample_size: int = 8):
-    """An ``SD3Transformer2DModel`` with one joint block (inner width 32); ``sample_size`` sets its position grid."""
-    from diffusers import SD3Transformer2DModel
+    """An ``SD3Transformer2DModel`` with one joint block (inner width 32).
 
+    Args:
+        seed: seeds the random weights.
+        sample_size: the side of its position grid.
+
+    Returns:
+        The transformer.
+    """
     torch.manual_seed(seed)
     return SD3Transformer2DModel(
         sample_size=sample_size,
@@ -275,7 +353,16 @@ def tiny_sd3_transformer(seed: int = 0, sample_size: int = 8):
 
 
 def family_inputs(model, batch: int = 2, seed: int = 0) -> dict:
-    """Deterministic inputs for one call of a tiny SD / SDXL UNet or Flux / SD3 transformer."""
+    """Deterministic inputs for one call of a tiny SD / SDXL UNet or Flux / SD3 transformer.
+
+    Args:
+        model: the model (or a peft model around it).
+        batch: the batch size.
+        seed: seeds the inputs.
+
+    Returns:
+        The keyword arguments of ``model(**inputs)``.
+    """
     g = torch.Generator().manual_seed(seed)
     cls = type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__
     cfg = model.config
@@ -307,22 +394,35 @@ def family_inputs(model, batch: int = 2, seed: int = 0) -> dict:
 
 
 def family_output(model, inputs: dict) -> torch.Tensor:
+    """The model's output on ``inputs``, without gradients.
+
+    Args:
+        model: a tiny UNet or transformer.
+        inputs: from ``family_inputs``.
+
+    Returns:
+        ``model(**inputs).sample``.
+    """
     with torch.no_grad():
         return model(**inputs).sample
 
 
 def empty_pipeline(family: str, **components):
-    """The family's diffusers pipeline holding only ``components`` (e.g. ``transformer=...``), for LoRA loading."""
-    import diffusers
+    """The family's diffusers pipeline holding only ``components``, for LoRA loading.
 
+    Args:
+        family: ``"sd"``, ``"sdxl"``, ``"flux"`` or ``"sd3"``.
+        **components: the parts to hold (e.g. ``transformer=...``); the others are None.
+
+    Returns:
+        The pipeline.
+    """
     cls = {
         "sd": diffusers.StableDiffusionPipeline,
         "sdxl": diffusers.StableDiffusionXLPipeline,
         "flux": diffusers.FluxPipeline,
         "sd3": diffusers.StableDiffusion3Pipeline,
     }[family]
-    import inspect
-
     names = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
     kwargs = {n: components.get(n) for n in names if n not in ("requires_safety_checker", "image_encoder")}
     if "requires_safety_checker" in names:

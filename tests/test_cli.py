@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 import peft_ortho
 from peft_ortho import OrthoLoraConfig, testing
 from peft_ortho.cli import main
-from peft_ortho.compose import compose
+from peft_ortho.merging import compose
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(peft_ortho.__file__)))
 LAYER = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"

@@ -35,7 +35,7 @@ from peft_ortho import (
     PeftOrthoError,
     testing,
 )
-from peft_ortho.compose import CollisionWarning, compose
+from peft_ortho.merging import CollisionWarning, compose
 
 UNET_LAYER = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
 UNET_LAYER_2 = "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"  # (32 out, 32 in)
@@ -727,7 +727,7 @@ def exploding_save_file(tensors, filename, *args, **kwargs):
 
 
 def test_interrupted_save_leaves_nothing(ad, tmp_path, monkeypatch):
-    from peft_ortho.compose import export
+    from peft_ortho.merging import save as export
 
     merged = compose([ad["o0"], ad["o1"]])
     parent = tmp_path / "outputs"
@@ -787,15 +787,15 @@ def test_inputs_never_modified(unet0, ad, tmp_path):
 
 
 def test_interrupted_diffusers_save_leaves_nothing(ad, tmp_path, monkeypatch):
-    import peft_ortho.export
-    from peft_ortho.compose import export
+    import peft_ortho.diffusers_lora
+    from peft_ortho.merging import save as export
 
     merged = compose([ad["o0"], ad["l0"]])
     parent = tmp_path / "outputs"
     parent.mkdir()
 
     monkeypatch.setattr(export, "save_file", exploding_save_file)
-    monkeypatch.setattr(peft_ortho.export, "save_file", exploding_save_file)
+    monkeypatch.setattr(peft_ortho.diffusers_lora, "save_file", exploding_save_file)
     with pytest.raises(RuntimeError, match="disk full"):
         merged.save_diffusers(str(parent / "out"))
     assert os.listdir(parent) == []

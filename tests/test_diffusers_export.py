@@ -13,8 +13,9 @@ from peft import LoHaConfig, LoraConfig, get_peft_model, get_peft_model_state_di
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from peft_ortho import AdapterFileError, OrthoLoraConfig, export, save_diffusers, testing
-from peft_ortho.export import UnsupportedAdapterError, to_diffusers_state_dict, write_diffusers_file
+from peft_ortho import AdapterFileError, OrthoLoraConfig, save_diffusers, testing
+from peft_ortho import diffusers_lora as export
+from peft_ortho.diffusers_lora import UnsupportedAdapterError, to_diffusers_state_dict, write_diffusers_file
 
 # lora_alpha != r everywhere (and per-layer patterns on the text encoder), so a lost scale changes the outputs.
 UNET_CONFIG = dict(r=4, lora_alpha=6, target_modules=testing.UNET_TARGETS, concept_id="alice/rex")

@@ -16,9 +16,9 @@ import torch
 from peft.utils import get_peft_model_state_dict
 
 from peft_ortho import InputStatistics, OrthoLoraConfig, testing
-from peft_ortho.compose.load import load_adapter
-from peft_ortho.compose.resolve import resolve
-from peft_ortho.export import diffusers_lora_metadata
+from peft_ortho.diffusers_lora import diffusers_lora_metadata
+from peft_ortho.merging.load import load_adapter
+from peft_ortho.merging.resolve import resolve
 
 # train_dreambooth_lora_flux.py's default --lora_layers.
 FLUX_TARGETS = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj"]

@@ -33,6 +33,41 @@ def _rel(path: str) -> str:
     return os.path.relpath(path, ROOT)
 
 
+def _inside_repo(path: str) -> bool:
+    return os.path.commonpath([os.path.abspath(path), ROOT]) == ROOT
+
+
+# What ships: the package, its docs, examples, benchmarks and studies, the README and the changelog.
+SHIPPED_DIRS = ("peft_ortho", "docs", "examples", "benchmarks", "studies")
+SHIPPED = sorted(
+    [os.path.join(ROOT, f) for f in ("README.md", "CHANGELOG.md", "pyproject.toml")]
+    + [
+        os.path.join(folder, f)
+        for d in SHIPPED_DIRS
+        for folder, _, files in os.walk(os.path.join(ROOT, d))
+        for f in files
+        if f.endswith((".py", ".md", ".toml", ".txt", ".json", ".sh"))
+    ]
+)
+# Internal notes that live outside the repository, and absolute paths of the machines it was written on.
+FOREIGN = re.compile(r"METHODS\.md|DESIGN\.md|\.\./shared\b|(?<![\w.])/(?:work|home|tmp|Users|mnt|root)/\w")
+RELATIVE = re.compile(r"(?<![\w/.@])((?:\.\./)+[\w.\-/]*)")  # not after "@": a refused Hub revision
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=_rel)
+def test_no_shipped_file_references_a_path_outside_the_repository(path):
+    """Shipped code and docs stand alone: no internal notes (METHODS.md, DESIGN.md, ../shared), no absolute paths of
+    a developer's machine, no relative path that climbs out of the repository."""
+    text = open(path, encoding="utf-8").read()
+    found = [m.group(0) for m in FOREIGN.finditer(text)]
+    found += [
+        m.group(1)
+        for m in RELATIVE.finditer(text)
+        if not _inside_repo(os.path.normpath(os.path.join(os.path.dirname(path), m.group(1))))
+    ]
+    assert not found, f"{_rel(path)} references paths outside the repository: {sorted(set(found))}"
+
+
 @pytest.mark.parametrize("page", PAGES, ids=_rel)
 def test_relative_links_resolve(page):
     text = open(page, encoding="utf-8").read()
@@ -44,7 +79,9 @@ def test_relative_links_resolve(page):
             continue
         file_part, _, anchor = target.partition("#")
         path = os.path.normpath(os.path.join(os.path.dirname(page), file_part)) if file_part else page
-        if not os.path.exists(path):
+        if not _inside_repo(path):
+            broken.append(f"{target} (outside the repository)")
+        elif not os.path.exists(path):
             broken.append(f"{target} (no such file)")
         elif anchor and path.endswith(".md") and anchor not in _anchors(path):
             broken.append(f"{target} (no heading '#{anchor}')")

@@ -26,7 +26,6 @@ from peft_ortho import (
     save_kohya,
     testing,
 )
-from peft_ortho.compose import UnknownScaleWarning
 from peft_ortho.lora_format import (
     community_format,
     find_module,
@@ -34,6 +33,7 @@ from peft_ortho.lora_format import (
     normalise_text_encoder_key,
     with_text_model_level,
 )
+from peft_ortho.merging import UnknownScaleWarning
 
 ATOL = 1e-5
 
@@ -81,12 +81,52 @@ def test_train_export_with_defaults_load_lora_weights_reproduces(family, tuner, 
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
 
 
-def test_soda_has_no_lora_file_and_says_so_in_one_line(tmp_path):
+def test_soda_folder_has_no_lora_file_and_says_so_in_one_line(tmp_path):
+    """A saved SODA adapter's update depends on the base weights: from its folder alone there is no LoRA to write;
+    the message says to pass the live model (which ``save_diffusers`` converts by SVD, tests below)."""
     soda = get_peft_model(testing.tiny_flux_transformer(), _tuner_config("soda"))
+    soda.save_pretrained(str(tmp_path / "folder"))
     with pytest.raises(UnsupportedAdapterError) as info:
-        save_diffusers(soda, tmp_path / "out")
-    assert "SODA" in str(info.value) and "\n" not in str(info.value)
+        save_diffusers(str(tmp_path / "folder"), tmp_path / "out")
+    assert "SODA" in str(info.value) and "\n" not in str(info.value) and "live model" in str(info.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_soda_save_diffusers_exact_loads_with_load_lora_weights_and_reproduces(family, tmp_path):
+    """save_diffusers dispatches per tuner: SODA through its LoRA conversion (svd_rank=None: exact, full rank)."""
+    name, component, build = family
+    peft_model = get_peft_model(build(), _tuner_config("soda"))
+    inputs = testing.family_inputs(peft_model)
+    _train_step(peft_model, inputs)
+    expected = testing.family_output(peft_model, inputs)
+
+    path = save_diffusers(peft_model, tmp_path / "out", svd_rank=None)
+    with safe_open(path, "pt") as f:
+        assert {k.split(".", 1)[0] for k in f.keys()} == {component}
+        provenance = json.loads(f.metadata()["peft_ortho_adapter_config"])
+    assert provenance[component]["peft_type"] == "SODA"
+    assert provenance[component]["soda_export"]["relative_error"] == 0.0
+    pipe = testing.empty_pipeline(name, **{component: build()})
+    base_out = testing.family_output(getattr(pipe, component), inputs)
+    pipe.load_lora_weights(str(tmp_path / "out"))
+    got = testing.family_output(getattr(pipe, component), inputs)
+    assert (expected - base_out).abs().max() > 1e-4  # the adapter changes the output: the check can fail
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+def test_soda_save_diffusers_low_rank_reports_its_error_in_the_card(tmp_path):
+    from peft_ortho.tuners.soda import soda_lora_state_dict
+
+    soda = get_peft_model(testing.tiny_flux_transformer(), _tuner_config("soda"))
+    _train_step(soda, testing.family_inputs(soda))
+    path = save_diffusers(soda, tmp_path / "out", svd_rank=2)
+    _, _, report = soda_lora_state_dict(soda, rank=2)
+    assert 0 < report.relative_error < 1
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "rank-2" in card and f"{report.relative_error:.3g}" in card and "SODA" in card
+    with safe_open(path, "pt") as f:
+        provenance = json.loads(f.metadata()["peft_ortho_adapter_config"])
+    assert provenance["transformer"]["soda_export"]["relative_error"] == pytest.approx(report.relative_error)
 
 
 def test_dit_adapter_named_unet_is_refused(tmp_path):

@@ -582,7 +582,7 @@ def test_bad_repo_ids_are_refused_by_the_hubs_rules_before_any_download(tmp_path
 
 
 def test_a_repo_id_needs_its_owner():
-    from peft_ortho.compose.resolve import check_repo_id
+    from peft_ortho.merging.resolve import check_repo_id
 
     assert check_repo_id("alice/rex-v1.2_x") == "alice/rex-v1.2_x"
     for bare in ("rex", "a/b/c"):

@@ -113,7 +113,7 @@ def test_forward_conv2d_matches_reference(mlp, name):
     a = layer.lora_A["default"].weight  # (r, C_in, k, k)
     b = layer.lora_B["default"].weight  # (out, r, 1, 1)
     assert a.shape[1:] == base.weight.shape[1:]
-    # ΔW = B @ A with the kernel flattened, as peft (and METHODS.md) define it for a k×k conv
+    # ΔW = B @ A with the kernel flattened, as peft (and docs/methods.md) define it for a k×k conv
     delta = (b.flatten(1) @ a.flatten(1)).reshape(base.weight.shape)
     img = torch.randn(2, base.in_channels, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -54,15 +54,33 @@ def ids(seed=0):
 # --------------------------------------------------------------------------------------------- registration
 
 
-def test_registered_in_all_four_tables():
+def test_registered_in_peft_tables():
     assert peft_ortho._registry.is_registered(PeftOrthoType.ORTHO_LORA)
     assert mapping.PEFT_TYPE_TO_CONFIG_MAPPING["ORTHO_LORA"] is OrthoLoraConfig
     assert mapping.PEFT_TYPE_TO_TUNER_MAPPING["ORTHO_LORA"] is OrthoLoraModel
-    assert mapping.PEFT_TYPE_TO_MIXED_MODEL_MAPPING["ORTHO_LORA"] is OrthoLoraModel
     assert mapping.PEFT_TYPE_TO_PREFIX_MAPPING["ORTHO_LORA"] == "lora_"
+    # the mixed-model table only where the tuner's facts say PeftMixedModel works (test below): none today
+    for peft_type, tuner in peft_ortho._registry.tuners().items():
+        assert (peft_type in mapping.PEFT_TYPE_TO_MIXED_MODEL_MAPPING) == tuner.facts.mixed_model
     # a plain string read from adapter_config.json finds the entry (str-Enum hashing)
     assert "ORTHO_LORA" in mapping.PEFT_TYPE_TO_CONFIG_MAPPING
     assert str(PeftOrthoType.ORTHO_LORA) == "ORTHO_LORA"
+
+
+@pytest.mark.parametrize("peft_type", list(PeftOrthoType), ids=str)
+def test_mixed_model_refuses_every_tuner_not_registered_there(peft_type):
+    """peft 0.21's PeftMixedModel accepts only peft's own LoRA-family types, so no peft-ortho tuner is registered in
+    PEFT_TYPE_TO_MIXED_MODEL_MAPPING (TunerFacts.mixed_model=False); get_peft_model(mixed=True) refuses it."""
+    tuner = peft_ortho._registry.tuners()[peft_type.value]
+    assert not tuner.facts.mixed_model
+    kwargs = {
+        PeftOrthoType.ORTHO_LORA: dict(r=2, slot=0),
+        PeftOrthoType.BLOCK_LORA: dict(r=2, num_blocks=2, block_index=0),
+        PeftOrthoType.SODA: {},
+    }[peft_type]
+    config = tuner.config_cls(target_modules=["0"], **kwargs)
+    with pytest.raises(ValueError, match="not compatible with the `PeftMixedModel`"):
+        get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 8)), config, mixed=True)
 
 
 def test_register_all_is_idempotent_in_process():
@@ -97,10 +115,13 @@ import importlib, sys, tempfile
 import torch
 import peft_ortho
 import peft_ortho._registry as reg
+import peft_ortho.peft_types as types
 from peft import PeftConfig, PeftModel, get_peft_model, mapping
-old_enum = reg.PeftOrthoType
-importlib.reload(reg)                     # a notebook re-running its imports
-assert reg.PeftOrthoType is not old_enum  # the reload really happened
+old_enum = types.PeftOrthoType
+importlib.reload(types)                     # a notebook re-running its imports
+importlib.reload(reg)
+assert types.PeftOrthoType is not old_enum  # the reload really happened
+assert sorted(reg.tuners()) == ["BLOCK_LORA", "ORTHO_LORA", "SODA"]  # the tuners' facts survive the reload
 reg.register_all()
 reg.register_all()
 importlib.reload(peft_ortho)              # and `import peft_ortho` re-executed

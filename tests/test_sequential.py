@@ -1,4 +1,4 @@
-"""``peft_ortho.compose.sequential``: layer-by-layer output matching through the partly merged model.
+"""``peft_ortho.merging.sequential``: layer-by-layer output matching through the partly merged model.
 
 References are computed independently: adapters' deltas from peft's own LoRA layers (``get_delta_weight``), layer
 inputs by hand in float64, and the least squares with ``torch.linalg.lstsq`` on stacked, weighted rows (not the
@@ -16,10 +16,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from peft_ortho import IncompatibleAdaptersError, UnsupportedLayerError
-from peft_ortho.compose import MergedAdapter
-from peft_ortho.compose.load import load_adapter
-from peft_ortho.compose.resolve import resolve
-from peft_ortho.compose.sequential import sequential_merge
+from peft_ortho.merging import MergedAdapter
+from peft_ortho.merging.load import load_adapter
+from peft_ortho.merging.resolve import resolve
+from peft_ortho.merging.sequential import sequential_merge
 
 
 class TwoLayer(nn.Module):
@@ -171,7 +171,7 @@ def test_fused_and_svd_exported_merges_load(base, tmp_path):
     g = torch.Generator().manual_seed(5)
     inputs = [[torch.randn(20, 6, generator=g)], [torch.randn(20, 6, generator=g)]]
     merged = MergedAdapter([a, b], [1.0, 1.0], "sequential", svd_rank=2)
-    merged.__dict__["layers"] = sequential_merge([a, b], [1.0, 1.0], base, inputs)
+    merged.kept_layers = sequential_merge([a, b], [1.0, 1.0], base, inputs)
     assert not merged.exact
     x = torch.randn(7, 6, generator=g)
     model = merged.fuse(copy.deepcopy(base))
@@ -192,7 +192,7 @@ def test_fused_and_svd_exported_merges_load(base, tmp_path):
         assert merged.layers[(None, name)].svd_error == pytest.approx(err, rel=1e-4) and err > 1e-3
     # ...and at full rank the exported file reproduces the fused model.
     full = MergedAdapter([a, b], [1.0, 1.0], "sequential", svd_rank=8)
-    full.__dict__["layers"] = merged.layers
+    full.kept_layers = merged.layers
     out = full.save_pretrained(str(tmp_path / "full"))
     with torch.no_grad():
         torch.testing.assert_close(PeftModel.from_pretrained(copy.deepcopy(base), out)(x), expected, atol=1e-5, rtol=0)
@@ -236,7 +236,7 @@ def test_one_adapter_on_gpt2_conv1d_reproduces_the_single_model(tiny_gpt2, tmp_p
     layers = sequential_merge([adapter], [1.0], tiny_gpt2, [[{"input_ids": ids}]], lam=0.0)
     assert len(layers) == 4
     merged = MergedAdapter([adapter], [1.0], "sequential")
-    merged.__dict__["layers"] = layers
+    merged.kept_layers = layers
     model = merged.fuse(copy.deepcopy(tiny_gpt2))
     with torch.no_grad():
         want = single(input_ids=ids).logits
@@ -287,7 +287,7 @@ def test_refinement_lowers_the_end_to_end_mismatch(base, tiny_gpt2, tmp_path):
     results = []
     for steps in (0, 10):
         merged = MergedAdapter(adapters, [1.0, 1.0], "sequential")
-        merged.__dict__["layers"] = sequential_merge(adapters, [1.0, 1.0], tiny_gpt2, inputs, refine_steps=steps)
+        merged.kept_layers = sequential_merge(adapters, [1.0, 1.0], tiny_gpt2, inputs, refine_steps=steps)
         results.append(_mismatch(merged.fuse(copy.deepcopy(tiny_gpt2)), singles, inputs, logits=True))
     assert results[1] < results[0]
     assert all(p.grad is None for p in tiny_gpt2.parameters())  # the base model's own gradients are untouched

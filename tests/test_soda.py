@@ -486,3 +486,34 @@ def test_export_loads_in_diffusers_and_matches(tmp_path):
         provenance = json.loads(f.metadata()["peft_ortho_adapter_config"])
     assert provenance["unet"]["peft_type"] == "SODA"
     assert provenance["unet"]["soda_export"]["relative_error"] == pytest.approx(low.relative_error)
+
+
+# ------------------------------------------------------------------------------------------------- LAPACK threads
+
+
+def test_lapack_runs_single_threaded_only_when_asked_or_oversubscribed(monkeypatch):
+    """CPU SVD/QR drop to one thread only where the cores are measured oversubscribed (or the variable asks)."""
+    from peft_ortho.tuners.soda import layer
+
+    cpu = torch.device("cpu")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.delenv(layer.LAPACK_THREADS_ENV, raising=False)
+        monkeypatch.setattr(layer.os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # idle machine: keep the threads
+        with layer._lapack_threads(cpu):
+            assert torch.get_num_threads() == 2
+        monkeypatch.setattr(layer.os, "getloadavg", lambda: (1e6, 0.0, 0.0))  # far more runnable than cores
+        with layer._lapack_threads(cpu):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2  # restored
+        monkeypatch.setenv(layer.LAPACK_THREADS_ENV, "0")  # never, even when oversubscribed
+        with layer._lapack_threads(cpu):
+            assert torch.get_num_threads() == 2
+        monkeypatch.setattr(layer.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+        monkeypatch.setenv(layer.LAPACK_THREADS_ENV, "1")  # always
+        with layer._lapack_threads(cpu):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -26,8 +26,8 @@ from torch import nn
 
 import peft_ortho
 from peft_ortho import AdapterFileError, InputStatistics, Moment, OrthoLoraConfig, load_statistics, testing
-from peft_ortho.compose.load import load_adapter
-from peft_ortho.compose.resolve import resolve
+from peft_ortho.merging.load import load_adapter
+from peft_ortho.merging.resolve import resolve
 from peft_ortho.statistics import (
     STATISTICS_NAME,
     AdapterStatistics,

@@ -124,7 +124,7 @@ ALL_METHODS = [
 def merge_available(merge: str) -> bool:
     """Whether this checkout has the merge (the statistics and sequential merges land separately)."""
     if merge.startswith("compose-regmean"):
-        from peft_ortho.compose import merge as compose_merge
+        from peft_ortho.merging import merge as compose_merge
 
         ok = hasattr(peft_ortho, "InputStatistics") and "regmean" in getattr(compose_merge, "METHODS", ())
         if merge.endswith("-calibrated"):
@@ -134,7 +134,7 @@ def merge_available(merge: str) -> bool:
         return ok
     if merge == "sequential":
         try:
-            from peft_ortho.compose.sequential import sequential_merge  # noqa: F401
+            from peft_ortho.merging.sequential import sequential_merge  # noqa: F401
         except ImportError:
             return False
     return True

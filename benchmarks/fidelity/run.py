@@ -396,8 +396,8 @@ class Benchmark:
     def calibrated(self, folder: str, index: int) -> str:
         """A copy of the adapter in ``folder`` whose statistics are computed by ``peft_ortho.statistics.calibrate``
         from the concept's prompt alone (what a user with a third-party file has), not recorded in training."""
-        from peft_ortho.compose.load import load_adapter
-        from peft_ortho.compose.resolve import resolve
+        from peft_ortho.merging.load import load_adapter
+        from peft_ortho.merging.resolve import resolve
         from peft_ortho.statistics import calibrate
 
         out = folder + "-calibrated"

@@ -7,15 +7,11 @@ import contextlib
 from collections.abc import Iterator
 
 from torch import nn
+from transformers.pytorch_utils import Conv1D  # GPT-2 style linear layer (weight stored as in × out)
 
 from ..errors import UnsupportedFeatureError, UnsupportedLayerError
 
-try:  # transformers' GPT-2 style linear layer (weight stored as in × out)
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a dependency, but keep the tuners importable
-    Conv1D = ()
-
-SUPPORTED_LAYERS: tuple[type, ...] = (nn.Linear, nn.Conv2d) + ((Conv1D,) if Conv1D else ())
+SUPPORTED_LAYERS: tuple[type, ...] = (nn.Linear, nn.Conv2d, Conv1D)
 
 
 def check_supported_layer(base_layer: nn.Module, adapter_name: str, layer_name: str, config_name: str) -> None:

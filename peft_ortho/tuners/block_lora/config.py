@@ -7,7 +7,7 @@ from typing import Optional, Union
 
 from peft.config import PeftConfig
 
-from ..._registry import PeftOrthoType
+from ...peft_types import PeftOrthoType
 from .layout import AXES
 
 
@@ -68,6 +68,13 @@ class BlockLoraConfig(PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PeftOrthoType.BLOCK_LORA
+        # Per-process state of this config object, never saved: plain attributes, not dataclass fields, so neither
+        # to_dict() nor adapter_config.json sees them. Whether block_index="random" drew the block in this
+        # process (then only state dicts it saved itself may be loaded: their digests), and the adapters an overlap
+        # warning was already given for.
+        self.block_drawn_here: bool = False
+        self.saved_digests: set[str] = set()
+        self.overlap_warned: set[str] = set()
         name = type(self).__name__
         self.target_modules = (
             set(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules

@@ -16,6 +16,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from ...errors import AdapterFileError
 from .._layers import Conv1D
 
 
@@ -36,6 +37,10 @@ class BlockLoraLayer(nn.Module, BaseTunerLayer):
     Per adapter: ``lora_A[name]`` (``Linear(in | block_in → r)`` or the conv ``Conv2d(C_in | block_in → r, k×k)``),
     ``lora_B[name]`` (``Linear(r → out | block_out)`` or ``1×1 Conv2d``), ``scaling[name] = lora_alpha / r``,
     ``block_span[name] = (start, end)`` and ``block_axis[name]``.
+
+    Args:
+        base_layer: the layer to adapt.
+        **kwargs: ignored (peft's tuner-layer signature).
     """
 
     adapter_layer_names = ("lora_A", "lora_B")
@@ -96,22 +101,30 @@ class BlockLoraLayer(nn.Module, BaseTunerLayer):
 
     @torch.no_grad()
     def reset_parameters(self, adapter_name: str, init_lora_weights: bool = True) -> None:
-        """LoRA's initialisation: ``A`` Kaiming-uniform, ``B = 0`` so the adapted layer starts equal to the base."""
+        """LoRA's initialisation: ``A`` Kaiming-uniform, ``B = 0`` so the adapted layer starts equal to the base.
+
+        Args:
+            adapter_name: the adapter.
+            init_lora_weights: False draws ``B`` at random too (for tests).
+        """
         nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=math.sqrt(5))
         if init_lora_weights:
             nn.init.zeros_(self.lora_B[adapter_name].weight)
         else:  # for tests: a non-trivial adapter from the start
             nn.init.normal_(self.lora_B[adapter_name].weight, std=1.0 / self.r[adapter_name])
 
-    # ----------------------------------------------------------------------------------------------------------------
-    # the update as weights
-    # ----------------------------------------------------------------------------------------------------------------
+    # ------------------------------------------------------------------------------------------- the update as weights
 
     def block_delta(self, adapter_name: str) -> tuple[tuple[slice, ...], torch.Tensor]:
-        """``(index, delta)`` with ``weight[index] += delta`` applying the adapter: only the block is materialised.
+        """The adapter's update as ``weight[index] += delta``: only the block is materialised.
 
-        ``delta`` is ``s · B A`` in the base weight's layout: ``(block_out, in)`` / ``(out, block_in)`` for Linear,
-        transposed for Conv1D, ``(block_out, C_in, kh, kw)`` / ``(out, block_in, kh, kw)`` for Conv2d.
+        Args:
+            adapter_name: the adapter.
+
+        Returns:
+            ``(index, delta)``: ``delta`` is ``s · B A`` in the base weight's layout: ``(block_out, in)`` /
+            ``(out, block_in)`` for Linear, transposed for Conv1D, ``(block_out, C_in, kh, kw)`` /
+            ``(out, block_in, kh, kw)`` for Conv2d.
         """
         A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
         start, end = self.block_span[adapter_name]
@@ -125,7 +138,14 @@ class BlockLoraLayer(nn.Module, BaseTunerLayer):
         return index, delta
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """The full-size ``ΔW`` in the base weight's layout, zero outside the block (for inspection and conversion)."""
+        """The full-size ``ΔW`` in the base weight's layout, zero outside the block (for inspection and conversion).
+
+        Args:
+            adapter_name: the adapter.
+
+        Returns:
+            ``ΔW``, shaped like the base weight.
+        """
         weight = self.get_base_layer().weight
         index, delta = self.block_delta(adapter_name)
         full = torch.zeros(weight.shape, dtype=delta.dtype, device=delta.device)
@@ -133,7 +153,12 @@ class BlockLoraLayer(nn.Module, BaseTunerLayer):
         return full
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Add the adapters' blocks into the base weight (only the block's entries are written)."""
+        """Add the adapters' blocks into the base weight (only the block's entries are written).
+
+        Args:
+            safe_merge: check the merged weights are finite before writing them.
+            adapter_names: the adapters to merge (default: the active ones).
+        """
         adapter_names = check_adapters_to_merge(self, adapter_names)
         weight = self.get_base_layer().weight
         for name in adapter_names:
@@ -144,7 +169,9 @@ class BlockLoraLayer(nn.Module, BaseTunerLayer):
             if safe_merge:
                 merged = weight.data[index] + delta
                 if not torch.isfinite(merged).all():
-                    raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+                    raise AdapterFileError(
+                        "NaNs detected in the merged weights: the adapter seems to be broken", adapter=name
+                    )
                 weight.data[index] = merged
             else:
                 weight.data[index] += delta
@@ -161,9 +188,7 @@ class BlockLoraLayer(nn.Module, BaseTunerLayer):
                 index, delta = self.block_delta(name)
                 weight.data[index] -= delta.to(weight.dtype)
 
-    # ----------------------------------------------------------------------------------------------------------------
-    # forward
-    # ----------------------------------------------------------------------------------------------------------------
+    # --------------------------------------------------------------------------------------------------------- forward
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:

@@ -41,7 +41,7 @@ def resolve_block(config) -> int:
         block = config.resolved_block
         if block is None:
             block = random.SystemRandom().randrange(config.num_blocks)
-            config.__dict__["_block_drawn_here"] = True  # see BlockLoraModel._remap_adapter_state_dict_for_load
+            config.block_drawn_here = True  # see BlockLoraModel._remap_adapter_state_dict_for_load
     else:
         block = int(config.block_index)
     if config.resolved_block is not None and config.resolved_block != block:
@@ -148,9 +148,9 @@ class BlockLoraModel(BaseTuner):
                 recorded is not None
                 and other.block_axis == config.block_axis
                 and spans_overlap(tuple(recorded[1:]), span)
-                and not config.__dict__.setdefault("_overlap_warned", set()) >= {other_name}
+                and other_name not in config.overlap_warned
             ):
-                config.__dict__["_overlap_warned"].add(other_name)
+                config.overlap_warned.add(other_name)
                 warnings.warn(
                     f"adapter {adapter_name!r} uses the same block as adapter {other_name!r} (layer {layer_name!r}, "
                     f"channels [{span[0]}, {span[1]})): they train the same weights and cannot be merged exactly. "
@@ -159,7 +159,7 @@ class BlockLoraModel(BaseTuner):
                     stacklevel=5,
                 )
 
-    # ------------------------------------------------------------------------------------------- provenance on load
+    # ---------------------------------------------------------------------------------------------- provenance on load
     #
     # A BlockLoRA state dict does not record its block: the factors of every block have the same shapes. Loaded into
     # an adapter whose block was given (block_index=int, concept_id) or read from a saved config (resolved_block), the
@@ -170,16 +170,14 @@ class BlockLoraModel(BaseTuner):
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         out = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        if config.__dict__.get("_block_drawn_here"):
+        if config.block_drawn_here:
             keyed = {cls._remove_adapter_name_from_key(k, adapter_name): v for k, v in out.items()}
-            config.__dict__.setdefault("_saved_digests", set()).add(_factors_digest(keyed))
+            config.saved_digests.add(_factors_digest(keyed))
         return out
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        if config.__dict__.get("_block_drawn_here") and _factors_digest(state_dict) not in config.__dict__.get(
-            "_saved_digests", ()
-        ):
+        if config.block_drawn_here and _factors_digest(state_dict) not in config.saved_digests:
             layers = sorted(_layer_of(k) for k in state_dict if ".lora_A." in k)
             raise BlockError(
                 f"this adapter drew block {config.resolved_block} at random when it was created, and a state dict "

@@ -7,8 +7,8 @@ from typing import Optional, Union
 
 from peft import LoraConfig
 
-from ..._registry import PeftOrthoType
 from ...bases import ALGORITHM_VERSION, BASIS_KINDS
+from ...peft_types import PeftOrthoType
 
 
 @dataclass
@@ -56,6 +56,11 @@ class OrthoLoraConfig(LoraConfig):
         super().__post_init__()
         # LoraConfig.__post_init__ forces peft_type = LORA.
         self.peft_type = PeftOrthoType.ORTHO_LORA
+        # Per-process state of this config object, never saved: plain attributes, not dataclass fields, so neither
+        # to_dict() nor adapter_config.json sees them. slot="random" draws rows once per config: the first adapter
+        # that used them, and whether reusing them for another adapter was already warned about.
+        self.random_rows_owner: tuple[int, str] | None = None
+        self.random_rows_warned: bool = False
         if self.basis not in BASIS_KINDS:
             raise ValueError(f"OrthoLoraConfig: unknown basis {self.basis!r}; choose one of {BASIS_KINDS}")
         if self.basis_algorithm != ALGORITHM_VERSION:

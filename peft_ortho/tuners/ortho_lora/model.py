@@ -60,9 +60,10 @@ class OrthoLoraModel(LoraModel):
         if config.slot != "random":
             return
         owner = (id(self.model), adapter_name)
-        previous = config.__dict__.setdefault("_random_rows_owner", owner)
-        if previous != owner and not config.__dict__.get("_random_rows_warned"):
-            config.__dict__["_random_rows_warned"] = True
+        if config.random_rows_owner is None:
+            config.random_rows_owner = owner
+        if config.random_rows_owner != owner and not config.random_rows_warned:
+            config.random_rows_warned = True
             warnings.warn(
                 f"adapter {adapter_name!r}: this OrthoLoraConfig(slot='random') already drew its rows for another "
                 "adapter, so both get the same rows and collide completely when merged. Create a new "

@@ -7,7 +7,7 @@ from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
-from ..._registry import PeftOrthoType
+from ...peft_types import PeftOrthoType
 
 DECOMPOSITIONS = ("svd", "lq")
 ROTATIONS = ("cayley", "stiefel")
@@ -108,6 +108,9 @@ class SodaConfig(PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PeftOrthoType.SODA
+        # Per-process state of this config object, never saved: plain attributes, not dataclass fields, so neither
+        # to_dict() nor adapter_config.json sees them. Whether the Stiefel drift warning was given.
+        self.stiefel_warned: bool = False
         self.target_modules = (
             set(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
         )

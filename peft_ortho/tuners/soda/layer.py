@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -36,9 +37,7 @@ from ...errors import BasisError, UnsupportedLayerError
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Kronecker factors
-# --------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------- Kronecker factors
 
 
 def auto_factors(n: int, num_factors: int = 2) -> list[int]:
@@ -46,6 +45,13 @@ def auto_factors(n: int, num_factors: int = 2) -> list[int]:
 
     Greedy: the largest divisor of ``n`` not above ``n^(1/m)`` for ``m`` factors left, e.g. 320 → [16, 20],
     768 → [24, 32], 1280 → [32, 40]. A prime ``n`` gets one factor ``[n]`` (a dense rotation: O(n²) per token).
+
+    Args:
+        n: the rotated width.
+        num_factors: how many factors at most.
+
+    Returns:
+        The sizes.
     """
     if n < 1 or num_factors < 1:
         raise ValueError(f"auto_factors: need n >= 1 and num_factors >= 1, got {n}, {num_factors}")
@@ -78,11 +84,18 @@ def resolve_factors(config, n: int, adapter_name: str, layer_name: str) -> list[
 
 
 def kron_apply(x: torch.Tensor, mats: list[torch.Tensor]) -> torch.Tensor:
-    """``(M_1 ⊗ … ⊗ M_m) x`` for every row of ``x`` (shape ``(..., n)``, ``n = Π d_j``), without forming the product.
+    """``(M_1 ⊗ … ⊗ M_m) x`` for every row of ``x``, without forming the product.
 
     Row-major: index ``i = (i_1, …, i_m)`` of a row, so ``(A ⊗ B) vec(X) = vec(A X Bᵀ)``. Each step contracts the
     last axis with one factor (one GEMM of ``(N·n/d, d) × (d, d)``) and moves it to the front, so after ``m`` steps
     the axes are back in order: ``O(N · n · Σ d_j)`` work instead of ``O(N · n²)``.
+
+    Args:
+        x: shape ``(..., n)``, ``n = Π d_j``.
+        mats: the factors ``M_j`` (``d_j × d_j``).
+
+    Returns:
+        A tensor of ``x``'s shape.
     """
     if not mats:
         return x
@@ -136,8 +149,14 @@ def inverse_cayley(r: torch.Tensor) -> torch.Tensor:
 
 
 class KroneckerRotation(nn.Module):
-    """``R = R_1 ⊗ … ⊗ R_m``: Cayley-parametrised (``skew``, ``d(d−1)/2`` parameters per factor) or raw orthogonal
-    factors (``stiefel``, ``d²`` parameters, kept orthogonal by ``peft_ortho.optim``). Factors of size 1 are dropped.
+    """``R = R_1 ⊗ … ⊗ R_m``, Cayley-parametrised or raw orthogonal factors. Factors of size 1 are dropped.
+
+    Args:
+        sizes: the factor sizes ``d_j``.
+        mode: ``"cayley"`` (``skew``, ``d(d−1)/2`` parameters per factor) or ``"stiefel"`` (``d²`` parameters, kept
+            orthogonal by ``peft_ortho.optim``).
+        init_identity: start at ``R = I`` (else a random rotation, for tests).
+        generator: the random generator of a random start.
     """
 
     def __init__(self, sizes: list[int], mode: str, init_identity: bool = True, generator=None):
@@ -175,21 +194,39 @@ class KroneckerRotation(nn.Module):
         return err
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# decomposition
-# --------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------- decomposition
+
+
+LAPACK_THREADS_ENV = "PEFT_ORTHO_SINGLE_THREAD_LAPACK"
+
+
+def _oversubscribed() -> bool:
+    """Whether CPU SVD/QR should run on one thread: ``PEFT_ORTHO_SINGLE_THREAD_LAPACK=1`` always, ``=0`` never; by
+    default only when the CPUs are measured oversubscribed (1-minute load average above the cores this process may
+    run on)."""
+    setting = os.environ.get(LAPACK_THREADS_ENV, "").strip().lower()
+    if setting in ("1", "true", "yes"):
+        return True
+    if setting in ("0", "false", "no"):
+        return False
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average on this platform: assume the cores are free
+        return False
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return load > cores
 
 
 @contextlib.contextmanager
-def _single_threaded(device: torch.device) -> Iterator[None]:
-    """Run CPU LAPACK (SVD/QR) on one intra-op thread, restoring the thread count afterwards.
+def _lapack_threads(device: torch.device) -> Iterator[None]:
+    """Run CPU LAPACK (SVD/QR) on one intra-op thread when the cores are oversubscribed, restoring the count after.
 
-    Measured on the project's shared 2-core machine under load: a 1280×1280 float32 SVD took 0.6 s on one thread and
-    34 s on two (LAPACK's many OpenMP barriers stall when the cores are oversubscribed); QR 0.1 s vs 0.9 s. On 2 cores
-    the best case for two threads is a 2× gain, so one thread is the robust choice. (A stacked, batched
-    ``torch.linalg.svd`` over same-shape layers was also ~10× slower than this per-layer loop on CPU.)
+    Measured on a shared 2-core machine under load: a 1280×1280 float32 SVD took 0.6 s on one thread and 34 s on
+    two (LAPACK's many OpenMP barriers stall when the cores are oversubscribed); QR 0.1 s vs 0.9 s. On free cores
+    the threads help, so this applies only where ``_oversubscribed`` measures contention (or is asked to). (A
+    stacked, batched ``torch.linalg.svd`` over same-shape layers was also ~10× slower than the per-layer loop.)
     """
-    if device.type != "cpu" or torch.get_num_threads() == 1:
+    if device.type != "cpu" or torch.get_num_threads() == 1 or not _oversubscribed():
         yield
         return
     threads = torch.get_num_threads()
@@ -210,9 +247,7 @@ def decompose(
     made non-negative (the sign is moved into ``Q``) so the factorisation is unique for full-rank ``W0``.
     """
     if weight2d.is_meta:
-        raise ValueError(
-            f"adapter {adapter!r}, layer {layer!r}: SODA needs the base weights to decompose (meta tensor)"
-        )
+        raise BasisError("SODA needs the base weights to decompose (meta tensor)", adapter=adapter, layer=layer)
     w = weight2d.detach().to(dtype)
     if not torch.isfinite(w).all():
         bad = (~torch.isfinite(w)).sum().item()
@@ -231,11 +266,11 @@ def decompose(
         )
     k = p if rank is None else rank
     if decomposition == "svd":
-        with _single_threaded(w.device):
+        with _lapack_threads(w.device):
             u, s, vh = torch.linalg.svd(w, full_matrices=False)
         return u[:, :k].contiguous(), vh[:k].contiguous(), s[:k].contiguous()
     # LQ from the QR of W0ᵀ: W0ᵀ = Q' R'  =>  W0 = R'ᵀ Q'ᵀ = L Q.
-    with _single_threaded(w.device):
+    with _lapack_threads(w.device):
         q, r = torch.linalg.qr(w.T)
     diag = torch.diagonal(r)
     sign = torch.where(diag < 0, -torch.ones_like(diag), torch.ones_like(diag))
@@ -243,9 +278,7 @@ def decompose(
     return None, right.contiguous(), (diag * sign)[:k].contiguous()
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# layers
-# --------------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------------------- layers
 
 
 class SodaLayer(BaseTunerLayer):
@@ -257,6 +290,10 @@ class SodaLayer(BaseTunerLayer):
       from the base weights when the adapter is created or loaded; shared between adapters with the same settings);
     - ``soda_sigma[a]``: the base spectrum ``σ_1..σ_k`` (frozen, saved: ``k`` numbers, used to check at load time that
       the base weights are those the adapter was trained on).
+
+    Args:
+        base_layer: the layer to adapt.
+        **kwargs: ignored (peft's tuner-layer signature).
     """
 
     adapter_layer_names = ("soda_spectrum", "soda_rotation")
@@ -298,7 +335,14 @@ class SodaLayer(BaseTunerLayer):
     # -- creation ----------------------------------------------------------------------------------------------------
 
     def update_layer(self, adapter_name: str, config, layer_name: str = "?", inference_mode: bool = False) -> None:
-        """Decompose ``W0`` (or reuse another adapter's identical decomposition) and create the trainable tensors."""
+        """Decompose ``W0`` (or reuse another adapter's identical decomposition) and create the trainable tensors.
+
+        Args:
+            adapter_name: the adapter.
+            config: its ``SodaConfig``.
+            layer_name: the layer's name, for messages.
+            inference_mode: freeze the new tensors.
+        """
         sizes = resolve_factors(config, self._rotated_width(), adapter_name, layer_name)
         out_f, in_f = self._weight2d_shape()
         p = min(out_f, in_f)
@@ -364,7 +408,15 @@ class SodaLayer(BaseTunerLayer):
         return self.soda_spectrum[adapter].dtype
 
     def dense_rotation(self, adapter: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """``R`` as a dense ``in×in`` matrix (for tests and analysis only; the forward never forms it)."""
+        """``R`` as a dense ``in×in`` matrix (for tests and analysis only; the forward never forms it).
+
+        Args:
+            adapter: the adapter.
+            dtype: of the matrix.
+
+        Returns:
+            ``R``.
+        """
         mats = [m.detach().to(dtype) for m in self._rotation_mats(adapter)]
         r = torch.ones(1, 1, dtype=dtype, device=self.soda_spectrum[adapter].device)
         for m in mats:
@@ -375,7 +427,15 @@ class SodaLayer(BaseTunerLayer):
         return torch.kron(r.contiguous(), torch.eye(kk, dtype=dtype, device=r.device)) if kk > 1 else r
 
     def spectral_delta(self, adapter: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """Dense ``S`` (``out×in``): ``U_k diag(Δσ) V_kᵀ`` (SVD) or ``E_k diag(Δ) Q_k`` (LQ)."""
+        """Dense ``S`` (``out×in``): ``U_k diag(Δσ) V_kᵀ`` (SVD) or ``E_k diag(Δ) Q_k`` (LQ).
+
+        Args:
+            adapter: the adapter.
+            dtype: of the matrix.
+
+        Returns:
+            ``S``.
+        """
         delta = self.soda_spectrum[adapter].detach().to(dtype)
         right = self.soda_right[adapter].to(dtype)
         if adapter in self.soda_left:
@@ -391,9 +451,14 @@ class SodaLayer(BaseTunerLayer):
 
     @torch.no_grad()
     def get_delta_weight(self, adapter: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """``W − W0 = (W0 + S) R − W0``, shaped like the base weight, in ``dtype`` (default: the base weight's).
+        """``W − W0 = (W0 + S) R − W0``, computed in float64 from the original ``W0`` (even while adapters are merged).
 
-        Computed in float64 from the original ``W0`` (even while adapters are merged).
+        Args:
+            adapter: the adapter.
+            dtype: of the result (default: the base weight's).
+
+        Returns:
+            ``ΔW``, shaped like the base weight.
         """
         w0 = self.original_weight()
         out_f, in_f = self._weight2d_shape()
@@ -413,11 +478,11 @@ class SodaLayer(BaseTunerLayer):
         if count % every:
             return
         config = settings["config"]
-        if config.__dict__.get("_stiefel_warned"):
+        if config.stiefel_warned:
             return
         err = self.soda_rotation[adapter].orthogonality_error()
         if err > settings["tolerance"]:
-            config.__dict__["_stiefel_warned"] = True
+            config.stiefel_warned = True
             warnings.warn(
                 f"adapter {adapter!r}, layer {settings['layer']!r}: the rotation factors are no longer orthogonal "
                 f"(‖RᵀR − I‖_F = {err:.3g} > {settings['tolerance']:g}). rotation='stiefel' factors must be trained "
@@ -435,6 +500,10 @@ class SodaLayer(BaseTunerLayer):
 
         ``W0`` is kept (in the base weight's dtype and device) until ``unmerge``, which restores it bit for bit; the
         merged weight is always recomputed from ``W0`` in float64, so merging in several calls rounds only once.
+
+        Args:
+            safe_merge: check the merged weight is finite before writing it.
+            adapter_names: the adapters to merge (default: the active ones).
         """
         adapter_names = check_adapters_to_merge(self, adapter_names)
         adapter_names = [a for a in adapter_names if a in self.soda_spectrum]

@@ -17,6 +17,7 @@ from torch import nn
 from ...errors import AdapterFileError, BasisMismatchError, IncompatibleAdaptersError
 from .._layers import refuse_mixed_batches
 from .layer import SodaLayer, cayley, create_soda_module, inverse_cayley
+from .lora_conversion import SodaExportReport, soda_lora_state_dict
 
 _HALF = (torch.float16, torch.bfloat16)
 # Rotation keys as earlier development versions wrote them, with the adapter name: ``….soda_rotation.<name>.skew.<j>``.
@@ -70,7 +71,7 @@ class SodaModel(BaseTuner):
                 if any(p.dtype in _HALF for p in rotation.parameters()):
                     rotation.float()
 
-    # ----------------------------------------------------------------------------------------------------- loading
+    # --------------------------------------------------------------------------------------------------------- loading
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
@@ -148,7 +149,7 @@ class SodaModel(BaseTuner):
                 )
         return remapped
 
-    # ------------------------------------------------------------------------------------------------ extras
+    # ---------------------------------------------------------------------------------------------------------- extras
 
     def soda_layers(self) -> dict[str, SodaLayer]:
         """``{module name: SODA layer}`` of the wrapped model."""
@@ -158,7 +159,15 @@ class SodaModel(BaseTuner):
     def delta_weights(
         self, adapter_name: str = "default", dtype: Optional[torch.dtype] = None
     ) -> dict[str, torch.Tensor]:
-        """``{module name: W − W0}`` for every layer holding ``adapter_name`` (dense, shaped like the base weight)."""
+        """The dense update ``W − W0`` of every layer holding ``adapter_name``.
+
+        Args:
+            adapter_name: the adapter.
+            dtype: of the deltas (default: each base weight's).
+
+        Returns:
+            ``{module name: W − W0}``, each shaped like its base weight.
+        """
         if adapter_name not in self.peft_config:
             raise ValueError(f"no adapter named {adapter_name!r} (have {sorted(self.peft_config)})")
         return {
@@ -166,6 +175,21 @@ class SodaModel(BaseTuner):
             for name, layer in self.soda_layers().items()
             if adapter_name in layer.soda_spectrum
         }
+
+    def lora_state_dict(
+        self, adapter_name: str = "default", *, rank: Optional[int] = 16, dtype: Optional[torch.dtype] = None
+    ) -> tuple[dict[str, torch.Tensor], dict, SodaExportReport]:
+        """The adapter as LoRA factors (SODA's ``LoraExport.SVD``): ``soda_lora_state_dict(self, ...)``.
+
+        Args:
+            adapter_name: the adapter to convert.
+            rank: each layer's LoRA rank (best rank-``k`` approximation); None for exact.
+            dtype: of the tensors (default: each base weight's dtype).
+
+        Returns:
+            ``(tensors, metadata, report)``, as ``peft_ortho.save_diffusers`` writes them.
+        """
+        return soda_lora_state_dict(self, adapter_name=adapter_name, rank=rank, dtype=dtype)
 
     @torch.no_grad()
     def add_spectral_combination(self, adapters: list[str], combination_name: str) -> None:
@@ -178,7 +202,11 @@ class SodaModel(BaseTuner):
         result is an ordinary SODA adapter (same config as ``adapters[0]``), exactly. It is not the sum of weight deltas
         (the default combination, ``set_adapter([...])``): the spectral deltas are rotated by every adapter's rotation.
         Cayley adapters need each composed factor without eigenvalue −1 (true unless the rotations are large).
-        Requires the same decomposition, spectrum rank and factor sizes on every layer.
+
+        Args:
+            adapters: the adapters to combine, in order; the same decomposition, spectrum rank and factor sizes on every
+                layer.
+            combination_name: the new adapter's name.
         """
         if len(adapters) < 1 or len(set(adapters)) != len(adapters):
             raise ValueError(f"give distinct adapter names, got {adapters!r}")
@@ -204,7 +232,6 @@ class SodaModel(BaseTuner):
                     f"the adapters use different Kronecker factor sizes here {sorted(sizes)}", layer=name
                 )
         config = dataclasses.replace(configs[0], init_weights=True, target_modules=sorted(layers))
-        config.__dict__.pop("_stiefel_warned", None)
         self.peft_config[combination_name] = config
         self.inject_adapter(self.model, combination_name)
         for name, layer in layers.items():

@@ -316,8 +316,15 @@ class Report:
         }
 
     def to_json(self, path: str | None = None, *, overwrite: bool = False) -> str:
-        """The report as JSON text; with ``path``, also written there (atomically; an existing file only with
-        ``overwrite``; never over or inside one of the adapters it describes)."""
+        """The report as JSON text, optionally written to a file.
+
+        Args:
+            path: also write it there (atomically; never over or inside one of the adapters it describes).
+            overwrite: replace an existing ``path``.
+
+        Returns:
+            The JSON text.
+        """
         text = json.dumps(self.to_dict(), indent=2, default=float)
         if path is not None:
             with atomic_file(path, overwrite, inputs=self.input_paths) as tmp, open(tmp, "w", encoding="utf-8") as f:
@@ -382,10 +389,16 @@ class Report:
         return "\n".join(lines)
 
     def plot(self, path: str, *, overwrite: bool = False) -> str:
-        """Heatmap PNG: predicted output change per concept and layer (with statistics) and the pairwise basis
-        response (needs matplotlib: ``pip install peft-ortho[plot]``).
+        """Heatmap PNG: predicted output change per concept and layer (with statistics), pairwise basis response.
 
-        Written atomically; an existing ``path`` is replaced only with ``overwrite``, never an input adapter.
+        Needs matplotlib (``pip install peft-ortho[plot]``). Written atomically; never over an input adapter.
+
+        Args:
+            path: the PNG to write.
+            overwrite: replace an existing ``path``.
+
+        Returns:
+            ``path``.
         """
         try:
             import matplotlib

@@ -120,12 +120,11 @@ def shared_rows(adapters: list[Adapter]) -> dict[tuple[str, str], dict[str, int]
 
 def _layers_by_width(adapter: Adapter) -> dict[int, set]:
     """The adapter's layers grouped by input width (from shapes; cached on the adapter)."""
-    index = adapter.__dict__.get("_layers_by_width")
-    if index is None:
-        index = adapter._layers_by_width = {}
+    if adapter.width_index is None:
+        adapter.width_index = {}
         for layer in adapter.layers():
-            index.setdefault(adapter.delta_shape(layer)[1], set()).add(layer)
-    return index
+            adapter.width_index.setdefault(adapter.delta_shape(layer)[1], set()).add(layer)
+    return adapter.width_index
 
 
 def pair_basis_response(a: Adapter, b: Adapter, weights: tuple[float, float], widths: set[int]) -> float:
@@ -193,10 +192,10 @@ def check_adapter_finite(adapter: Adapter) -> None:
 
 
 def _basis_spec(adapter: Adapter) -> SimpleNamespace:
-    spec = adapter.__dict__.get("_basis_spec")
+    spec = adapter.basis_spec
     if spec is None:
         cfg = adapter.config
-        spec = adapter._basis_spec = SimpleNamespace(
+        spec = adapter.basis_spec = SimpleNamespace(
             basis=cfg.get("basis", "orthogonal"),
             basis_seed=cfg.get("basis_seed", 0),
             basis_algorithm=cfg.get("basis_algorithm"),

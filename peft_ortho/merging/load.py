@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .._io import mmap_safetensors, read_adapter_folder
-from .._registry import PeftOrthoType
+from .._registry import lora_types, tuner_facts
 from .._validate import check_name, check_scale, validate_adapter_config
 from ..errors import AdapterFileError
 from ..lora_format import (
@@ -35,6 +35,7 @@ from ..lora_format import (
     normalise_text_encoder_key,
     pair_lora_keys,
 )
+from ..peft_types import LoraExport, PeftOrthoType
 from ..statistics import (
     STATISTICS_NAME,
     STATISTICS_SUFFIX,
@@ -46,8 +47,6 @@ from ..statistics import (
 )
 from ..tuners.block_lora.layout import block_entry, check_block_factor, pad_factor, stored_dim
 from .resolve import Source
-
-KNOWN_PEFT_TYPES = ("LORA", PeftOrthoType.ORTHO_LORA.value, PeftOrthoType.BLOCK_LORA.value)
 
 
 class UnknownScaleWarning(UserWarning):
@@ -86,6 +85,9 @@ class Adapter:
     # Per-layer input statistics (recorded by the trainer, or computed by ``compose(..., calibrate=...)``); the
     # statistics merge (``method="regmean"``) and the report's predictions need them.
     statistics: AdapterStatistics | None = field(default=None, repr=False)
+    # Caches of the checks (``merging.check``): the basis the config names, and the layers by input width.
+    basis_spec: object | None = field(default=None, repr=False, compare=False)
+    width_index: dict[int, set] | None = field(default=None, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -97,7 +99,9 @@ class Adapter:
 
     @property
     def is_block(self) -> bool:
-        return self.peft_type == PeftOrthoType.BLOCK_LORA.value
+        """True for an adapter stored as one block of each layer (BlockLoRA): its factors are padded to read them."""
+        facts = tuner_facts(self.peft_type)
+        return facts is not None and facts.lora_export is LoraExport.PADDED_BLOCKS
 
     def block(self, layer: tuple[str | None, str]) -> tuple[str, int, int, int] | None:
         """``(axis, width, start, end)`` of a BlockLoRA adapter's block on ``layer`` (from its config); else None."""
@@ -121,6 +125,7 @@ class Adapter:
         if self.statistics is not None and any(c is None for c, _ in self.layer_keys):
             self.statistics = self.statistics.with_prefix(component)
         self.layer_keys = {(c if c is not None else component, n): v for (c, n), v in self.layer_keys.items()}
+        self.width_index = None
         self.scales = {(c if c is not None else component, n): v for (c, n), v in self.scales.items()}
 
     def delta_shape(self, layer: tuple[str | None, str]) -> tuple[int, int]:
@@ -227,9 +232,11 @@ def _load_peft_folder(source: Source) -> Adapter:
     folder, name = source.path, source.name
     config, weights = read_adapter_folder(folder, adapter=name)
     peft_type = str(config.get("peft_type"))
-    if peft_type not in KNOWN_PEFT_TYPES:
+    facts = tuner_facts(peft_type)
+    if facts is None or not facts.stores_lora_factors:  # an SVD-exported tuner's update needs its base weights
+        supported = lora_types(LoraExport.AS_IS, LoraExport.PADDED_BLOCKS)
         raise AdapterFileError(
-            f"peft_type {peft_type!r} cannot be merged (supported: {', '.join(KNOWN_PEFT_TYPES)})", adapter=name
+            f"peft_type {peft_type!r} cannot be merged (supported: {', '.join(supported)})", adapter=name
         )
     tensors, _ = mmap_safetensors(weights, adapter=name)
     for key in tensors:

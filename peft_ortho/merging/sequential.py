@@ -57,7 +57,7 @@ from torch import nn
 
 from ..errors import IncompatibleAdaptersError, UnsupportedLayerError
 from ..lora_format import find_module
-from .export import fuse_targets
+from .fuse import fuse_targets
 from .load import Adapter
 from .merge import MergedLayer, iter_merged_layers
 

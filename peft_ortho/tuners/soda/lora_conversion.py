@@ -1,4 +1,4 @@
-"""Export a SODA adapter as a standard LoRA that plain diffusers (or any LoRA loader) can load.
+"""SODA → LoRA conversion: a SODA adapter as a standard LoRA that plain diffusers (or any LoRA loader) can load.
 
 A SODA adapter changes each layer by a dense ``ΔW = (W0 + S) R − W0`` that is in general full-rank, and diffusers has
 no path for full-rank deltas. So the export writes, per layer,
@@ -10,8 +10,11 @@ no path for full-rank deltas. So the export writes, per layer,
   ``B = ΔW`` when ``in ≤ out``; ``A = ΔW``, ``B = I`` otherwise). No SVD, no approximation; the file is about the
   size of the adapted weights.
 
-Scale 1 everywhere (``lora_alpha = r``, per-layer ranks in ``rank_pattern``/``alpha_pattern``). The file is written
-with ``peft_ortho.export.write_diffusers_file`` (atomic, finite tensors, metadata diffusers' ``LoraConfig`` accepts).
+Scale 1 everywhere (``lora_alpha = r``, per-layer ranks in ``rank_pattern``/``alpha_pattern``).
+``peft_ortho.save_diffusers`` calls this conversion for SODA adapters (through ``SodaModel.lora_state_dict``, as
+SODA's facts say: ``LoraExport.SVD``); ``export_lora`` is the same export returning the error report. The file is
+written with ``peft_ortho.diffusers_lora.write_diffusers_file`` (atomic, finite tensors, metadata diffusers'
+``LoraConfig`` accepts).
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from typing import Optional
 
 import torch
 
-from ...export import DIFFUSERS_WEIGHT_NAME, write_diffusers_file
+from ...diffusers_lora import convert_by_svd, write_diffusers_file
+from ...lora_format import DIFFUSERS_WEIGHT_NAME
 
 
 @dataclass
@@ -79,14 +83,21 @@ def _lora_factors(delta: torch.Tensor, rank: Optional[int]) -> tuple[torch.Tenso
 def soda_lora_state_dict(
     model, adapter_name: str = "default", rank: Optional[int] = 16, dtype: Optional[torch.dtype] = None
 ) -> tuple[dict[str, torch.Tensor], dict, SodaExportReport]:
-    """``(tensors, metadata, report)``: component-relative ``<module>.lora_A.weight``/``lora_B.weight`` tensors in
-    peft's LoRA shapes (convs: ``A`` ``(r, C_in, kh, kw)``, ``B`` ``(out, r, 1, 1)``), plain ``LoraConfig`` fields, and
-    the error report. ``model``: a ``PeftModel`` or ``SodaModel`` holding the SODA adapter ``adapter_name``.
-    ``dtype``: of the written tensors (default: each base weight's dtype)."""
-    from .model import SodaModel
+    """A SODA adapter's layers as LoRA factors, and the error report.
 
-    tuner = model.base_model if hasattr(model, "base_model") and isinstance(model.base_model, SodaModel) else model
-    if not isinstance(tuner, SodaModel):
+    Args:
+        model: a ``PeftModel`` or ``SodaModel`` holding the SODA adapter ``adapter_name``.
+        adapter_name: the adapter to convert.
+        rank: each layer's LoRA rank (best rank-``k`` approximation); None for exact (rank ``min(out, in)``).
+        dtype: of the written tensors (default: each base weight's dtype).
+
+    Returns:
+        ``(tensors, metadata, report)``: component-relative ``<module>.lora_A.weight``/``lora_B.weight`` tensors in
+        peft's LoRA shapes (convs: ``A`` ``(r, C_in, kh, kw)``, ``B`` ``(out, r, 1, 1)``), plain ``LoraConfig``
+        fields, and the :class:`SodaExportReport`.
+    """
+    tuner = getattr(model, "base_model", model)
+    if not callable(getattr(tuner, "soda_layers", None)):  # SodaModel (its module imports this one)
         raise TypeError(f"expected a PeftModel/SodaModel with SODA adapters, got {type(model).__name__}")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"rank must be a positive int or None (exact), got {rank!r}")
@@ -133,17 +144,26 @@ def export_lora(
     """Write ``out_dir/pytorch_lora_weights.safetensors`` (for ``pipe.load_lora_weights(out_dir)``) from a SODA
     adapter and return the :class:`SodaExportReport` (also stored in the file's ``peft_ortho_adapter_config``).
 
-    ``rank=k``: best rank-``k`` LoRA per layer, error reported; ``rank=None``: exact (rank ``min(out, in)``).
-    ``component``: the pipeline attribute the model is (``"unet"``, ``"transformer"``, ``"text_encoder"``); inferred
-    from the model when None (``peft_ortho.lora_format.infer_component``), and checked against it when given. A
-    truncated export (``rank=k``) is lossy: the report holds each layer's relative error.
-    """
-    from ...lora_format import infer_component
+    ``peft_ortho.save_diffusers(model, out_dir, svd_rank=rank)`` writes the same file (and a model card); this
+    function returns the report instead of the path.
 
-    component = infer_component(model, given=component, adapter=adapter_name)
-    tensors, metadata, report = soda_lora_state_dict(model, adapter_name=adapter_name, rank=rank, dtype=dtype)
-    config = model.peft_config[adapter_name]
-    provenance = {**config.to_dict(), "soda_export": report.to_dict()}
+    Args:
+        model: a ``PeftModel`` (or ``SodaModel``) holding the SODA adapter, on its base weights.
+        out_dir: the folder to write (empty or absent unless ``overwrite``).
+        adapter_name: the adapter to export.
+        rank: ``k``: best rank-``k`` LoRA per layer, error reported (lossy); ``None``: exact (rank ``min(out, in)``).
+        component: the pipeline attribute the model is (``"unet"``, ``"transformer"``, ``"text_encoder"``); inferred
+            from the model when None (``peft_ortho.lora_format.infer_component``), and checked against it when given.
+        dtype: of the written tensors (default: each base weight's dtype).
+        overwrite: replace a non-empty ``out_dir``.
+        weight_name: the file name.
+
+    Returns:
+        The report, with ``path`` set to the written file.
+    """
+    tensors, metadata, provenance, component, report = convert_by_svd(
+        model, component, adapter_name=adapter_name, svd_rank=rank, dtype=dtype
+    )
     report.path = write_diffusers_file(
         out_dir,
         {component: tensors},

@@ -1,19 +1,24 @@
 """Hub-aware merging of adapters by name: ``compose(["alice/rex-ortho", "bob/mia@v1.2", "./style"])``.
 
 Data flows one way: names → resolved local files (``resolve``) → adapters read lazily (``load``) → one pass that
-checks and merges each layer (``check``, ``merge``) → an exported artifact (``export``) + a report (``report``).
+checks and merges each layer (``check``, ``merge``) → a saved artifact (``save``) or fused weights (``fuse``) + a
+report (``report``). ``compose`` (also ``peft_ortho.compose``) is the entry point; ``sequential`` is the
+output-matching merge.
 """
 
 from __future__ import annotations
 
-from functools import cached_property
-
+import torch
 from torch import nn
 
 from .._io import check_output
-from ..errors import IncompatibleAdaptersError, PeftOrthoError
+from ..cards import model_card
+from ..errors import IncompatibleAdaptersError
+from ..lora_format import component_kind, family_of_pipeline, infer_component
 from ..statistics import AdapterStatistics
+from ..statistics import calibrate as run_calibration
 from .check import CollisionWarning, check_configs, check_weights, warn_collisions
+from .fuse import check_fusable, fuse_layer, fuse_targets
 from .load import Adapter, UnknownScaleWarning, load_adapter
 from .merge import (
     DELTA_METHODS,
@@ -30,6 +35,8 @@ from .merge import (
 )
 from .report import Report, base_energies
 from .resolve import Source, resolve, resolve_all
+from .save import save_diffusers_file, save_kohya_file, save_peft
+from .sequential import sequential_merge
 
 __all__ = ["CollisionWarning", "MergedAdapter", "Report", "Source", "UnknownScaleWarning", "compose", "resolve"]
 
@@ -41,6 +48,15 @@ class MergedAdapter:
     ``"unet"``/``"text_encoder"``/… for diffusers files. ``compose`` builds it in its one checking pass, unless
     ``stream=True``: then nothing is kept and ``fuse`` re-reads one layer at a time from the memory maps, so fusing
     N adapters needs memory for one layer's factors, not for all of them.
+
+    Args:
+        adapters: the loaded adapters (``merging.load.Adapter``).
+        weights: one per adapter.
+        method: the resolved merge method.
+        svd_rank: the rank of re-factored deltas (lossy methods); None for ``Σ r_i``.
+        requested_method: the method the caller asked for (``"auto"`` is resolved into ``method``).
+        calibrated: the adapters whose statistics ``compose`` computed (``calibrate=``).
+        **merge_options: the method's options (``density``, ``prior_weight``, ``ridge``...).
     """
 
     def __init__(
@@ -61,6 +77,9 @@ class MergedAdapter:
         self._merge_options = merge_options
         # tr(W G_0 Wᵀ) per layer of the base model, when one was given (base=, calibrate=, fuse): the report's drift
         self._base_energy: dict | None = None
+        # The merged layers when kept (compose builds them unless stream=True), and the report once computed.
+        self.kept_layers: dict[tuple[str | None, str], MergedLayer] | None = None
+        self._report: Report | None = None
         bases = {a.base_model for a in adapters if a.base_model}
         self.base_model = bases.pop() if len(bases) == 1 else None
 
@@ -70,9 +89,9 @@ class MergedAdapter:
             for _ in iter_merged_layers(self.adapters, self.weights, self.method, merge=False, **self._merge_options):
                 pass
             for adapter in self.adapters:  # verified; keep nothing that grows with the number of adapters
-                adapter.__dict__.pop("_basis_spec", None)
+                adapter.basis_spec = None
         else:
-            self.__dict__["layers"] = dict(self.iter_layers(check=True))
+            self.kept_layers = dict(self.iter_layers(check=True))
 
     @property
     def sources(self) -> list[Source]:
@@ -163,27 +182,36 @@ class MergedAdapter:
         return text
 
     def iter_layers(self, *, check: bool = False):
-        """``((component, layer), MergedLayer)`` one at a time, each read and merged on the fly.
+        """The merged layers one at a time, each read and merged on the fly.
 
-        Checks already ran in ``compose``; ``check=True`` repeats them.
+        Args:
+            check: repeat the checks ``compose`` already ran.
+
+        Returns:
+            An iterator of ``((component, layer), MergedLayer)``.
         """
         return iter_merged_layers(self.adapters, self.weights, self.method, check=check, **self._merge_options)
 
-    @cached_property
+    @property
     def layers(self) -> dict[tuple[str | None, str], MergedLayer]:
-        return dict(self.iter_layers())
+        """Every merged layer, computed once (``compose`` keeps them, unless ``stream=True``)."""
+        if self.kept_layers is None:
+            self.kept_layers = dict(self.iter_layers())
+        return self.kept_layers
 
-    @cached_property
+    @property
     def report(self) -> Report:
         """Predicted output change per concept (from statistics) and basis relations; see ``Report``."""
-        kept = self.__dict__.get("layers")
-        layers = kept.items() if kept is not None else self.iter_layers()
-        return Report(self.adapters, self.weights, self.method, layers=layers, base_energy=self._base_energy)
+        if self._report is None:
+            kept = self.kept_layers
+            layers = kept.items() if kept is not None else self.iter_layers()
+            self._report = Report(
+                self.adapters, self.weights, self.method, layers=layers, base_energy=self._base_energy
+            )
+        return self._report
 
     def _fuse_targets(self, model, component: str | None = None) -> dict:
         """``{component: {layer: (weight, transposed)}}`` in ``model`` (module or pipeline), every shape checked."""
-        from ..lora_format import infer_component
-        from .export import fuse_targets
 
         def module_for(comp, names):
             if hasattr(model, "components") and not isinstance(model, nn.Module):  # a diffusers pipeline
@@ -210,13 +238,17 @@ class MergedAdapter:
         """Measure ``‖W X_0‖`` on ``model``'s weights for the report's drift (cheap: products with the statistics).
 
         Called by ``compose(..., base=model)`` / ``calibrate=`` and by ``fuse`` before it changes any weight.
+
+        Args:
+            model: the base model or pipeline.
+            component: the pipeline attribute PEFT-adapter layers belong to (inferred when None).
         """
         if not any(a.statistics is not None for a in self.adapters):
             return
         targets = self._fuse_targets(model, component)
         views = {(comp, name): t for comp, by_name in targets.items() for name, t in by_name.items()}
         self._base_energy = base_energies(self.adapters, views)
-        self.__dict__.pop("report", None)  # recomputed with the drift relative to the base
+        self._report = None  # recomputed with the drift relative to the base
 
     def by_component(self) -> dict[str | None, dict[str, MergedLayer]]:
         out: dict = {}
@@ -225,8 +257,6 @@ class MergedAdapter:
         return out
 
     def card(self, *, diffusion: bool | None = None) -> str:
-        from ..hub import model_card
-
         rows = [
             {
                 "name": s.name,
@@ -278,8 +308,6 @@ class MergedAdapter:
     @property
     def dtype(self):
         """The sources' stored dtype when they agree (float32 otherwise): the default precision of exports."""
-        import torch
-
         dtypes = {t.dtype for a in self.adapters for t in a.tensors.values() if t.is_floating_point()}
         return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
@@ -287,10 +315,15 @@ class MergedAdapter:
         """A PEFT LoRA adapter (plain ``LoraConfig``; loads with ``PeftModel.from_pretrained``) + model card.
 
         The config keeps the sources' ``task_type``, so ``AutoPeftModelForCausalLM`` loads an LLM merge.
-        ``dtype``: ``"fp16"``, ``"bf16"`` or ``"fp32"`` (default: the sources' dtype).
-        """
-        from .export import save_peft
 
+        Args:
+            out_dir: the folder to write; empty or absent unless ``overwrite``.
+            overwrite: replace a non-empty ``out_dir``.
+            dtype: ``"fp16"``, ``"bf16"`` or ``"fp32"`` (default: the sources' dtype).
+
+        Returns:
+            The absolute path of ``out_dir``.
+        """
         fan_in_fan_out = any(a.config.get("fan_in_fan_out") for a in self.adapters)  # GPT-2 style Conv1D targets
         check_output(out_dir, self.input_paths)  # before the merge is computed for it
         return save_peft(
@@ -311,13 +344,18 @@ class MergedAdapter:
     ) -> str:
         """``pytorch_lora_weights.safetensors`` (+ model card) for ``pipe.load_lora_weights``; returns its path.
 
-        PEFT-adapter layers go to ``component``, inferred from their names when None (``unet`` for UNet layers,
-        ``transformer`` for Flux/SD3 ones). Components ``pipeline`` (a pipeline class, instance, name or family;
-        inferred when None) would not load, and T5 text-encoder parts, are refused. ``dtype``: ``"fp16"``,
-        ``"bf16"`` or ``"fp32"`` (default: the sources' dtype).
-        """
-        from .export import save_diffusers_file
+        Args:
+            out_dir: the folder to write; empty or absent unless ``overwrite``.
+            component: where PEFT-adapter layers go, inferred from their names when None (``unet`` for UNet layers,
+                ``transformer`` for Flux/SD3 ones).
+            overwrite: replace a non-empty ``out_dir``.
+            pipeline: a pipeline class, instance, name or family (inferred when None); components it would not load, and
+                T5 text-encoder parts, are refused.
+            dtype: ``"fp16"``, ``"bf16"`` or ``"fp32"`` (default: the sources' dtype).
 
+        Returns:
+            The absolute path of the written file.
+        """
         check_output(out_dir, self.input_paths)
         return save_diffusers_file(
             out_dir,
@@ -335,11 +373,17 @@ class MergedAdapter:
         """One kohya-format ``.safetensors`` (A1111 / ComfyUI / Civitai) for SD1.x / SDXL; returns its path.
 
         Written with ``diffusers.utils.convert_state_dict_to_kohya`` (``lora_unet_…``, ``lora_te_…`` /
-        ``lora_te1_``/``lora_te2_`` keys, ``lora_down``/``lora_up`` and an ``alpha`` per layer that carries the
-        scale). ``dtype``: ``"fp16"``, ``"bf16"``, ``"fp32"`` (default: the sources' dtype).
-        """
-        from .export import save_kohya_file
+        ``lora_te1_``/``lora_te2_`` keys, ``lora_down``/``lora_up`` and an ``alpha`` per layer that carries the scale).
 
+        Args:
+            out_dir: the folder to write; empty or absent unless ``overwrite``.
+            overwrite: replace a non-empty ``out_dir``.
+            dtype: ``"fp16"``, ``"bf16"``, ``"fp32"`` (default: the sources' dtype).
+            component: where PEFT-adapter layers go (inferred when None).
+
+        Returns:
+            The absolute path of the written file.
+        """
         check_output(out_dir, self.input_paths)
         return save_kohya_file(
             out_dir,
@@ -355,14 +399,19 @@ class MergedAdapter:
     def fuse(self, model: nn.Module, *, component: str | None = None) -> nn.Module:
         """Fold the merged update into ``model``'s weights in place (one GEMM per layer) and return it.
 
-        ``model`` may be a diffusers pipeline: each component of the merge is fused into the pipeline's attribute of
-        that name (``unet``, ``transformer``, ``text_encoder``...). For PEFT-adapter sources, ``component`` picks the
-        pipeline attribute, inferred from the layer names when None (``transformer`` for Flux/SD3 layers).
-        """
-        from .export import check_fusable, fuse_layer
+        Every layer is found and checked (shapes, a finite result in the weight's dtype) before the first changes.
 
+        Args:
+            model: a module, or a diffusers pipeline: each component of the merge is fused into the pipeline's attribute
+                of that name (``unet``, ``transformer``, ``text_encoder``...).
+            component: for PEFT-adapter sources, the pipeline attribute, inferred from the layer names when None
+                (``transformer`` for Flux/SD3 layers).
+
+        Returns:
+            ``model``.
+        """
         targets = self._fuse_targets(model, component)  # all checked first
-        kept = self.__dict__.get("layers")
+        kept = self.kept_layers
 
         def layers():
             return kept.items() if kept is not None else self.iter_layers()
@@ -442,7 +491,7 @@ def compose(
         inputs: for ``method="sequential"``: ``{adapter name: [batch, ...]}``, each adapter's calibration batches
             (tensors, dicts of keyword arguments or tuples for ``calibrate``, the base model); ``prior_inputs``:
             ordinary batches on which the base's outputs are kept (weight ``prior_weight``; ``ridge`` is λ);
-            ``refine_steps``: end-to-end output-matching steps after the closed form (``compose.sequential``).
+            ``refine_steps``: end-to-end output-matching steps after the closed form (``merging.sequential``).
 
     Returns:
         A ``MergedAdapter``. Raises, naming the adapter and the layer, on anything it cannot merge correctly; warns
@@ -462,8 +511,6 @@ def compose(
     family, unet_config = _family_of_base(base, family)
     sources = resolve_all(list(names), token=token, cache_dir=cache_dir, progress=progress)
     adapters = [load_adapter(s, family=family, unet_config=unet_config) for s in sources]
-    from ..lora_format import component_kind, infer_component
-
     folder_kinds = {
         component_kind(modules=[n for c, n in a.layers() if c is None])
         for a in adapters
@@ -486,13 +533,11 @@ def compose(
                     f"statistics= needs AdapterStatistics, got {type(stats).__name__}", adapter=name
                 )
             by_name[name].statistics = stats
-    if method == "sequential":  # layer by layer through the partly merged model (compose.sequential)
+    if method == "sequential":  # layer by layer through the partly merged model (merging.sequential)
         if calibrate is None or not inputs or stream or prompts is not None:
             raise ValueError("method='sequential' needs calibrate=<base model> and inputs={adapter: [batches]}")
-        from .sequential import sequential_merge
-
         merged = MergedAdapter(adapters, weights, method, svd_rank=svd_rank)
-        merged.__dict__["layers"] = sequential_merge(
+        merged.kept_layers = sequential_merge(
             adapters,
             weights,
             calibrate,
@@ -573,10 +618,6 @@ def _calibrate(adapters: list[Adapter], target, prompts: dict[str, str] | None) 
     todo = [a for a in adapters if a.statistics is None and a.name in prompts]
     if not todo:
         return []
-    try:
-        from ..statistics import calibrate as run_calibration
-    except ImportError as e:
-        raise PeftOrthoError("this peft-ortho has no calibration (peft_ortho.statistics.calibrate)") from e
     for adapter in todo:
         adapter.statistics = run_calibration(adapter, target, prompts[adapter.name])
     return [a.name for a in todo]
@@ -586,8 +627,6 @@ def _family_of_base(base, family: str | None):
     """``(family, unet_config)`` from a diffusers pipeline (or its UNet) and/or an explicit family."""
     if base is None:
         return family, None
-    from ..lora_format import component_kind, family_of_pipeline
-
     unet = getattr(base, "unet", base if isinstance(base, nn.Module) and component_kind(base) == "unet" else None)
     unet_config = getattr(unet, "config", None)
     inferred = family_of_pipeline(base)

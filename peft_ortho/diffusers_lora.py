@@ -1,8 +1,13 @@
-"""Export LoRA-type adapters to the single-file layout diffusers' ``load_lora_weights`` reads.
+"""The diffusers LoRA file: what ``pipe.load_lora_weights`` reads, and ``save_diffusers``, which writes one.
 
-An orthogonal adapter *is* a standard LoRA (``ΔW = s · B A`` with ``A`` frozen), so the export is lossless: the
-``lora_A``/``lora_B`` tensors are written bit-for-bit, and the scale ``s`` (``lora_alpha / r``, per-layer patterns,
-rsLoRA) travels in the file's metadata exactly as diffusers itself writes it.
+Each tuner says how it becomes a LoRA (``TunerFacts.lora_export``), and ``save_diffusers`` follows it:
+
+- as is (LoRA, OrthoLoRA): an orthogonal adapter *is* a standard LoRA (``ΔW = s · B A`` with ``A`` frozen), so the
+  export is lossless: the ``lora_A``/``lora_B`` tensors are written bit-for-bit, and the scale ``s``
+  (``lora_alpha / r``, per-layer patterns, rsLoRA) travels in the file's metadata exactly as diffusers writes it;
+- padded blocks (BlockLoRA): each stored block is zero-padded to the whole layer, also exact;
+- SVD (SODA): the dense update ``ΔW`` of each layer is factored by its tuner's LoRA conversion
+  (``peft_ortho.tuners.soda.lora_conversion``), rank ``svd_rank`` or exactly, the error in the card.
 
 The file (``pytorch_lora_weights.safetensors`` by default) holds:
 
@@ -29,15 +34,18 @@ import os
 from collections.abc import Iterable, Mapping
 
 import torch
+from diffusers.loaders.lora_base import _pack_dict_with_prefix
+from peft import LoraConfig, get_peft_model_state_dict
+from peft.tuners.tuners_utils import check_target_module_exists
 from safetensors.torch import save_file
 
 from ._io import atomic_dir, check_finite, check_output, mmap_safetensors, read_adapter_folder, refuse_pickle
+from ._registry import lora_types, tuner_facts
+from .cards import model_card
 from .errors import AdapterFileError, UnsupportedAdapterError
 from .lora_format import (
-    BLOCK_PEFT_TYPES,
     DIFFUSERS_WEIGHT_NAME,
     LORA_ADAPTER_METADATA_KEY,
-    LORA_LIKE_PEFT_TYPES,
     PEFT_PREFIX,
     check_loadable,
     config_dict,
@@ -48,15 +56,27 @@ from .lora_format import (
     module_rank_alpha,
     parse_lora_key,
     plain_lora_refusal,
-    with_text_model_level,
 )
+from .peft_types import LoraExport
 from .tuners.block_lora.layout import lora_config_dict, pad_state_dict
 
-PEFT_ORTHO_METADATA_KEY = "peft_ortho_adapter_config"
+__all__ = [
+    "PEFT_ORTHO_METADATA_KEY",
+    "collect_diffusers_lora",
+    "convert_by_svd",
+    "diffusers_lora_metadata",
+    "resolve_dtype",
+    "save_diffusers",
+    "to_diffusers_state_dict",
+    "write_diffusers_file",
+]
 
-# --------------------------------------------------------------------------------------------------------------------
-# state dicts and metadata
-# --------------------------------------------------------------------------------------------------------------------
+PEFT_ORTHO_METADATA_KEY = "peft_ortho_adapter_config"
+# The rank of an SVD export (SODA) when none is given; None exports exactly.
+SVD_RANK = 16
+
+
+# -------------------------------------------------------------------------------------------- state dicts and metadata
 
 
 def _check_component(component: str) -> str:
@@ -77,12 +97,19 @@ def to_diffusers_state_dict(
 ) -> dict[str, torch.Tensor]:
     """peft adapter tensors → diffusers keys: ``<component>.<module>.lora_A.weight`` (tensors unchanged).
 
-    Accepts the keys of ``adapter_model.safetensors`` / ``get_peft_model_state_dict`` (``base_model.model.<module>.
-    lora_A.weight``) and those of a live model's ``state_dict()`` restricted to LoRA tensors (``<module>.lora_A.
-    <adapter_name>.weight``). With adapter names in the keys, only ``adapter_name``'s tensors are kept (required when
-    several adapters are present). Any other tensor (``modules_to_save``, DoRA magnitudes, embedding LoRAs, base
-    weights) is refused: diffusers could not load it and dropping it silently would change the model.
-    ``adapter`` only names the adapter in error messages.
+    Any tensor that is not a LoRA factor (``modules_to_save``, DoRA magnitudes, embedding LoRAs, base weights) is
+    refused: diffusers could not load it and dropping it silently would change the model.
+
+    Args:
+        peft_state_dict: the keys of ``adapter_model.safetensors`` / ``get_peft_model_state_dict``
+            (``base_model.model.<module>.lora_A.weight``), or a live model's ``state_dict()`` restricted to LoRA tensors
+            (``<module>.lora_A.<adapter_name>.weight``).
+        component: the pipeline attribute (``unet``, ``text_encoder``, ``transformer``...).
+        adapter_name: with adapter names in the keys, only this adapter's tensors are kept (required when several are).
+        adapter: names the adapter in error messages.
+
+    Returns:
+        ``{"<component>.<module>.lora_A.weight": tensor, ...}``, detached, on the CPU, contiguous.
     """
     _check_component(component)
     parsed = []
@@ -115,28 +142,43 @@ def to_diffusers_state_dict(
 def diffusers_lora_metadata(config, *, adapter: str | None = None) -> dict:
     """The plain ``peft.LoraConfig`` keyword arguments diffusers needs to rebuild ``config``'s LoRA exactly.
 
-    ``config``: a ``LoraConfig``/``OrthoLoraConfig`` or its ``to_dict()`` (an ``adapter_config.json``). Returns the
-    fields of ``dataclasses.fields(peft.LoraConfig)`` only — ``r``, ``lora_alpha``, ``rank_pattern``,
-    ``alpha_pattern``, ``use_rslora``, ``target_modules``, ``lora_dropout``... — so that diffusers'
-    ``LoraConfig(**metadata)`` works and gives every layer the same scale (``lora_alpha / r``, or ``/ √r`` with
-    rsLoRA) as the original. ``peft_type`` is left out (``LoraConfig`` sets ``LORA``) and so are peft-ortho's basis
-    fields; ``init_lora_weights`` is set to ``True`` because the loader overwrites every factor from the file anyway.
-    Refuses (``UnsupportedAdapterError``) what a plain LoRA cannot reproduce: other peft types, DoRA,
-    ``modules_to_save``, trainable tokens, target parameters, layer replication, base-modifying initialisations.
-    """
-    from peft import LoraConfig
+    ``peft_type`` is left out (``LoraConfig`` sets ``LORA``) and so are peft-ortho's basis fields;
+    ``init_lora_weights`` is set to ``True`` because the loader overwrites every factor from the file anyway. A
+    BlockLoRA config becomes the config of its zero-padded LoRA.
 
+    Args:
+        config: a ``LoraConfig``/``OrthoLoraConfig``/``BlockLoraConfig`` or its ``to_dict()`` (an
+            ``adapter_config.json``).
+        adapter: names the adapter in error messages.
+
+    Returns:
+        The fields of ``dataclasses.fields(peft.LoraConfig)`` only (``r``, ``lora_alpha``, ``rank_pattern``,
+        ``alpha_pattern``, ``use_rslora``, ``target_modules``, ``lora_dropout``...), so that diffusers'
+        ``LoraConfig(**metadata)`` works and gives every layer the same scale (``lora_alpha / r``, or ``/ √r`` with
+        rsLoRA) as the original.
+
+    Raises:
+        UnsupportedAdapterError: for what a plain LoRA cannot reproduce: other peft types (a SODA config says to pass
+            the live model), DoRA, ``modules_to_save``, trainable tokens, target parameters, layer replication,
+            base-modifying initialisations.
+    """
     if config is None:
         raise ValueError("a LoRA config (PeftConfig or its dict) is required")
     d = config_dict(config)
-    if d["peft_type"] in BLOCK_PEFT_TYPES:
+    facts = tuner_facts(d["peft_type"])
+    if facts is not None and facts.lora_export is LoraExport.PADDED_BLOCKS:
         d = lora_config_dict(d)
-    peft_type = d["peft_type"]
-    if peft_type not in LORA_LIKE_PEFT_TYPES:
+    elif facts is None or facts.lora_export is not LoraExport.AS_IS:
+        if facts is not None and facts.lora_export is LoraExport.SVD:
+            why = (
+                "its update depends on the base weights; pass the live model (PeftModel on its base) to "
+                "save_diffusers, which converts it by SVD (svd_rank=)"
+            )
+        else:
+            why = f"only LoRA-type adapters ({', '.join(lora_types(LoraExport.AS_IS, LoraExport.PADDED_BLOCKS))}) are"
+            why += " lora_A/lora_B pairs diffusers can load"
         raise UnsupportedAdapterError(
-            f"peft_type {peft_type!r} cannot be exported to diffusers: only LoRA-type adapters "
-            f"({', '.join(LORA_LIKE_PEFT_TYPES + BLOCK_PEFT_TYPES)}) are lora_A/lora_B pairs diffusers can load",
-            adapter=adapter,
+            f"peft_type {d['peft_type']!r} cannot be exported to diffusers from its config: {why}", adapter=adapter
         )
     refusal = plain_lora_refusal(d)
     if refusal is not None:
@@ -164,7 +206,7 @@ def diffusers_lora_metadata(config, *, adapter: str | None = None) -> dict:
     return meta
 
 
-def _group_modules(tensors: Mapping[str, torch.Tensor], component: str) -> dict[str, dict[str, str]]:
+def group_lora_modules(tensors: Mapping[str, torch.Tensor], component: str) -> dict[str, dict[str, str]]:
     """``{module: {"lora_A.weight": key, "lora_B.weight": key, ...}}`` for component-relative keys, else an error."""
     modules: dict[str, dict[str, str]] = {}
     for key in tensors:
@@ -178,16 +220,13 @@ def _group_modules(tensors: Mapping[str, torch.Tensor], component: str) -> dict[
     return modules
 
 
-def _checked_component(component: str, tensors: Mapping[str, torch.Tensor], meta: dict, adapter: str | None) -> dict:
+def checked_metadata(component: str, tensors: Mapping[str, torch.Tensor], meta: dict, adapter: str | None) -> dict:
     """Validate one component's tensors against its metadata; return the metadata diffusers will use.
 
     Every module needs both factors with matching rank, the rank the config gives it, and must be targeted by the
     config (otherwise the config's ``target_modules`` is replaced by the exact module list).
     """
-    from peft import LoraConfig
-    from peft.tuners.tuners_utils import check_target_module_exists
-
-    modules = _group_modules(tensors, component)
+    modules = group_lora_modules(tensors, component)
     config = LoraConfig(**meta)
     for module, keys in sorted(modules.items()):
         layer = f"{component}.{module}"
@@ -219,10 +258,10 @@ def _checked_component(component: str, tensors: Mapping[str, torch.Tensor], meta
     return meta
 
 
-def _bake_scale(tensors: dict[str, torch.Tensor], meta: dict, component: str) -> tuple[dict, dict]:
+def fold_scale(tensors: dict[str, torch.Tensor], meta: dict, component: str) -> tuple[dict, dict]:
     """Multiply each ``lora_B`` by its layer's scale and return metadata with scale 1 (``lora_alpha = r``)."""
     out = dict(tensors)
-    for module, keys in _group_modules(tensors, component).items():
+    for module, keys in group_lora_modules(tensors, component).items():
         r, alpha = module_rank_alpha(meta, module)
         scale = lora_scale(meta, module, r)
         for k in ("lora_B.weight", "lora_B.bias"):
@@ -249,22 +288,32 @@ def write_diffusers_file(
 ) -> str:
     """Write one diffusers LoRA file into ``out_dir`` (atomically) and return its path.
 
-    ``tensors_by_component``: ``{"unet": {"<module>.lora_A.weight": A, "<module>.lora_B.weight": B, ...}, ...}``
-    with keys relative to the component (diffusers' layout minus the component prefix) and peft's stored shapes.
-    ``metadata_by_component``: per component, a ``LoraConfig``, an ``OrthoLoraConfig`` or a config dict; it is
-    reduced to plain ``LoraConfig`` fields with ``diffusers_lora_metadata`` and checked against the tensors (rank per
-    layer, targeting), so a file diffusers would load with a wrong scale is never written. ``adapter_configs``:
-    optional full configs per component, stored for provenance under ``peft_ortho_adapter_config``. Tensors must be
-    finite. ``out_dir`` must be empty or absent unless ``overwrite``; it is replaced in one rename on success and
-    left untouched on failure. ``adapter`` (one name, or one per component) names the adapter in errors.
+    Each component's metadata is reduced to plain ``LoraConfig`` fields with ``diffusers_lora_metadata`` and checked
+    against the tensors (rank per layer, targeting), so a file diffusers would load with a wrong scale is never
+    written. Tensors must be finite. ``out_dir`` is replaced in one rename on success and left untouched on failure.
 
-    ``pipeline``: the diffusers pipeline (class, instance, class name, or family ``"sd"``/``"sdxl"``/``"flux"``/
-    ``"sd3"``) the file is for; every component must be one its ``load_lora_weights`` reads
-    (``_lora_loadable_modules``), else the file is refused, naming the component. When None it is inferred from the
-    layer names where they tell (Flux's single blocks, SDXL's second text encoder); T5 text-encoder parts are always
-    refused. ``dtype``: ``"fp16"``, ``"bf16"``, ``"fp32"`` (or a torch dtype) to write; default the tensors' own.
-    Values a narrower dtype cannot hold are refused by layer. ``card``: text of a ``README.md`` written beside it.
-    ``inputs``: paths the tensors were read from; ``out_dir`` may not be, contain or lie inside any of them.
+    Args:
+        out_dir: the folder to write; empty or absent unless ``overwrite``.
+        tensors_by_component: ``{"unet": {"<module>.lora_A.weight": A, "<module>.lora_B.weight": B, ...}, ...}``,
+            keys relative to the component (diffusers' layout minus the component prefix), peft's stored shapes.
+        metadata_by_component: per component, a ``LoraConfig``, an ``OrthoLoraConfig`` or a config dict.
+        overwrite: replace a non-empty ``out_dir``.
+        weight_name: the file name (a plain ``*.safetensors`` name).
+        adapter_configs: optional full configs per component, stored for provenance under
+            ``peft_ortho_adapter_config``.
+        adapter: one name, or one per component, naming the adapter in errors.
+        pipeline: the diffusers pipeline (class, instance, class name, or family ``"sd"``/``"sdxl"``/``"flux"``/
+            ``"sd3"``) the file is for; every component must be one its ``load_lora_weights`` reads
+            (``_lora_loadable_modules``), else the file is refused, naming the component. When None it is inferred
+            from the layer names where they tell (Flux's single blocks, SDXL's second text encoder); T5 text-encoder
+            parts are always refused.
+        dtype: ``"fp16"``, ``"bf16"``, ``"fp32"`` (or a torch dtype) to write; default the tensors' own. Values a
+            narrower dtype cannot hold are refused by layer.
+        card: text of a ``README.md`` written beside the file.
+        inputs: paths the tensors were read from; ``out_dir`` may not be, contain or lie inside any of them.
+
+    Returns:
+        The absolute path of the written file.
     """
     check_output(out_dir, inputs)
     if not tensors_by_component:
@@ -274,8 +323,6 @@ def write_diffusers_file(
             f"metadata components {sorted(metadata_by_component)} do not match tensor components "
             f"{sorted(tensors_by_component)}"
         )
-    from diffusers.loaders.lora_base import _pack_dict_with_prefix
-
     names = adapter if isinstance(adapter, Mapping) else {}
     one_name = None if isinstance(adapter, Mapping) else adapter
     check_loadable(
@@ -293,7 +340,7 @@ def write_diffusers_file(
             raise ValueError(f"component {component!r} has no tensors")
         check_finite({f"{component}.{k}": v for k, v in tensors.items()}, adapter=name)
         meta = diffusers_lora_metadata(metadata_by_component[component], adapter=name)
-        meta = _checked_component(component, tensors, meta, name)
+        meta = checked_metadata(component, tensors, meta, name)
         flat_meta.update(_pack_dict_with_prefix(meta, component))  # diffusers' "<component>.<field>" layout
         part = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         if target_dtype is not None:
@@ -318,7 +365,14 @@ _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """``"fp16"`` / ``"bf16"`` / ``"fp32"`` (or a floating torch dtype) → the torch dtype; None stays None."""
+    """The torch dtype a ``dtype=`` argument names.
+
+    Args:
+        dtype: ``"fp16"`` / ``"bf16"`` / ``"fp32"``, a floating torch dtype, or None.
+
+    Returns:
+        The torch dtype; None stays None.
+    """
     if dtype is None or isinstance(dtype, torch.dtype) and dtype.is_floating_point:
         return dtype
     if isinstance(dtype, str) and dtype in _DTYPES:
@@ -326,9 +380,7 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     raise ValueError(f"dtype must be one of {sorted(_DTYPES)} (or a floating torch dtype), got {dtype!r}")
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# reading adapters: live models and saved folders
-# --------------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------- reading adapters: models and folders
 
 
 def _read_adapter_folder(folder: str, adapter_name: str) -> tuple[dict, dict[str, torch.Tensor], str]:
@@ -347,8 +399,6 @@ def _read_adapter_folder(folder: str, adapter_name: str) -> tuple[dict, dict[str
 
 
 def _read_live_adapter(model, adapter_name: str) -> tuple[object, dict[str, torch.Tensor], str]:
-    from peft import get_peft_model_state_dict
-
     configs = getattr(model, "peft_config", None)
     if not isinstance(configs, Mapping):
         raise TypeError(
@@ -366,12 +416,18 @@ def _read_live_adapter(model, adapter_name: str) -> tuple[object, dict[str, torc
 def collect_diffusers_lora(
     model_or_dir, component: str | None = None, *, adapter_name: str = "default"
 ) -> tuple[dict[str, torch.Tensor], object, str, str]:
-    """One adapter's tensors in component-relative diffusers keys, its config, its name, and its component.
+    """One lossless adapter's tensors in component-relative diffusers keys (a BlockLoRA block zero-padded).
 
-    ``model_or_dir``: a ``PeftModel``, a model with injected adapters (``get_peft_model``/``add_adapter``), or a
-    saved adapter folder. Tensors are the adapter's own (bit-exact), keyed ``<module>.lora_A.weight``.
-    ``component``: the pipeline attribute; inferred from the model (or the folder's layer names) when None, and
-    checked against them when given (``lora_format.infer_component``).
+    Args:
+        model_or_dir: a ``PeftModel``, a model with injected adapters (``get_peft_model``/``add_adapter``), or a saved
+            adapter folder.
+        component: the pipeline attribute; inferred from the model (or the folder's layer names) when None, and
+            checked against them when given (``lora_format.infer_component``).
+        adapter_name: the adapter to read.
+
+    Returns:
+        ``(tensors, config, name, component)``: the adapter's own tensors (bit-exact), keyed
+        ``<module>.lora_A.weight``; its config; its name for messages; its component.
     """
     if isinstance(model_or_dir, (str, os.PathLike)):
         config, peft_state_dict, name = _read_adapter_folder(os.fspath(model_or_dir), adapter_name)
@@ -382,12 +438,59 @@ def collect_diffusers_lora(
         config, peft_state_dict, name = _read_live_adapter(model_or_dir, adapter_name)
         component = infer_component(model_or_dir, given=component, adapter=name)
     as_dict = config_dict(config)
-    if as_dict["peft_type"] in BLOCK_PEFT_TYPES:  # stored as blocks; diffusers needs the whole layers' factors
+    facts = tuner_facts(as_dict["peft_type"])
+    if facts is not None and facts.lora_export is LoraExport.PADDED_BLOCKS:  # diffusers needs whole layers' factors
         peft_state_dict = pad_state_dict(as_dict, peft_state_dict, adapter=name)
     prefixed = to_diffusers_state_dict(peft_state_dict, component, adapter=name)
     check_finite(prefixed, adapter=name)
     tensors = {k.removeprefix(f"{component}."): v for k, v in prefixed.items()}
     return tensors, config, name, component
+
+
+def _live_facts(source, adapter_name: str):
+    """The facts of a live model's adapter ``adapter_name`` (None for a folder, or a model without that adapter)."""
+    configs = getattr(source, "peft_config", None)
+    if isinstance(source, (str, os.PathLike)) or not isinstance(configs, Mapping) or adapter_name not in configs:
+        return None
+    return tuner_facts(config_dict(configs[adapter_name]).get("peft_type"))
+
+
+def convert_by_svd(
+    model,
+    component: str | None = None,
+    *,
+    adapter_name: str = "default",
+    svd_rank: int | None = SVD_RANK,
+    dtype: torch.dtype | None = None,
+) -> tuple[dict[str, torch.Tensor], dict, dict, str, object]:
+    """A live adapter whose tuner exports by SVD (SODA), as LoRA factors: ``(tensors, metadata, provenance,
+    component, report)``.
+
+    Args:
+        model: a ``PeftModel`` (or the tuner model) holding the adapter, on the base weights it was trained on.
+        component: the pipeline attribute; inferred from the model when None, checked against it when given.
+        adapter_name: the adapter to convert.
+        svd_rank: the rank of each layer's LoRA (its best rank-k approximation); None for an exact full-rank LoRA.
+        dtype: of the tensors (rounded once from the float64 factors); default each base weight's dtype.
+
+    Returns:
+        Component-relative tensors, plain ``LoraConfig`` fields (scale 1), the config stored for provenance (with
+        the error report under ``"<peft_type>_export"``, e.g. ``"soda_export"``), the component, and the tuner's
+        report (``relative_error``, ``max_layer_error``, per layer). The tuner does the conversion: its model class
+        has ``lora_state_dict(adapter_name, rank=..., dtype=...)`` (``SodaModel.lora_state_dict``).
+    """
+    component = infer_component(model, given=component, adapter=adapter_name)
+    tuner = getattr(model, "base_model", model)
+    if not callable(getattr(tuner, "lora_state_dict", None)):
+        raise UnsupportedAdapterError(
+            "this adapter exports by SVD through its peft model (its tuner's lora_state_dict); wrap the model with "
+            "get_peft_model / PeftModel.from_pretrained instead of injecting the adapter in place",
+            adapter=adapter_name,
+        )
+    tensors, metadata, report = tuner.lora_state_dict(adapter_name, rank=svd_rank, dtype=dtype)
+    config = config_dict(model.peft_config[adapter_name])
+    provenance = {**config, f"{str(config['peft_type']).lower()}_export": report.to_dict()}
+    return tensors, metadata, provenance, component, report
 
 
 def save_diffusers(
@@ -402,38 +505,62 @@ def save_diffusers(
     pipeline=None,
     dtype: str | torch.dtype | None = None,
     card: bool = True,
+    svd_rank: int | None = SVD_RANK,
 ) -> str:
     """Write ``out_dir/pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights(out_dir)``; return its path.
 
-    ``model_or_dir``: a ``PeftModel`` (e.g. ``get_peft_model(pipe.unet, OrthoLoraConfig(...))``), a model with
-    injected adapters, a saved adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``; pickled
-    weights are refused), or a mapping ``{component: model_or_dir}`` to put e.g. the UNet's and the text encoder's
-    adapters into one file (``component`` is then ignored). ``component`` is inferred from the model when None (a
-    ``UNet2DConditionModel`` is the ``unet``, a ``FluxTransformer2DModel`` / ``SD3Transformer2DModel`` the
-    ``transformer``, a ``CLIPTextModel`` the ``text_encoder``) and checked against it when given; language-model
-    adapters are refused. Every component must be one ``pipeline`` (inferred from the layers when None) loads LoRAs
-    into, and T5 text-encoder parts are refused (see ``write_diffusers_file``). ``dtype``: ``"fp16"``, ``"bf16"``
-    or ``"fp32"`` to write (default: the adapter's own). ``card``: also write a ``README.md`` model card following
-    the Hub's diffusers-LoRA conventions. Works for ``OrthoLoraConfig`` and plain ``LoraConfig``
-    adapters; other peft types, NaN/Inf weights and missing files raise peft-ortho errors naming the adapter (and
-    layer). The tensors are written unchanged and the scale travels in the metadata, so the loaded pipeline computes
-    exactly what the peft model does; ``bake_scale=True`` instead folds each layer's scale into ``lora_B`` for
-    loaders that ignore the metadata (diffusers < 0.35, other tools), at the cost of one rounding per weight.
-    Written atomically: an interrupted export leaves ``out_dir`` as it was.
+    Each tuner is exported as its facts say (``TunerFacts.lora_export``). Plain ``LoraConfig`` and ``OrthoLoraConfig``
+    adapters: the tensors are written unchanged and the scale travels in the metadata, so the loaded pipeline computes
+    exactly what the peft model does. ``BlockLoraConfig``: each block zero-padded to its layer, exact. ``SodaConfig``
+    (a live model only: its update depends on the base weights): each layer's ``ΔW`` factored by ``convert_by_svd``,
+    the error per layer in the card and the file's provenance. Other peft types, NaN/Inf weights and missing files
+    raise peft-ortho errors naming the adapter (and layer). Written atomically: an interrupted export leaves
+    ``out_dir`` as it was.
+
+    Args:
+        model_or_dir: a ``PeftModel`` (e.g. ``get_peft_model(pipe.unet, OrthoLoraConfig(...))``), a model with
+            injected adapters, a saved adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``; pickled
+            weights are refused), or a mapping ``{component: model_or_dir}`` to put e.g. the UNet's and the text
+            encoder's adapters into one file.
+        out_dir: the folder to write; empty or absent unless ``overwrite``.
+        component: the pipeline attribute (ignored for a mapping). Inferred from the model when None (a
+            ``UNet2DConditionModel`` is the ``unet``, a ``FluxTransformer2DModel`` / ``SD3Transformer2DModel`` the
+            ``transformer``, a ``CLIPTextModel`` the ``text_encoder``) and checked against it when given;
+            language-model adapters are refused.
+        adapter_name: the adapter to export.
+        overwrite: replace a non-empty ``out_dir``.
+        weight_name: the file name.
+        bake_scale: fold each layer's scale into ``lora_B`` for loaders that ignore the metadata (diffusers < 0.35,
+            other tools), at the cost of one rounding per weight.
+        pipeline: the pipeline the file is for (inferred from the layers when None); every component must be one it
+            loads LoRAs into, and T5 text-encoder parts are refused (see ``write_diffusers_file``).
+        dtype: ``"fp16"``, ``"bf16"`` or ``"fp32"`` to write (default: the adapter's own).
+        card: also write a ``README.md`` model card following the Hub's diffusers-LoRA conventions.
+        svd_rank: for tuners exported by SVD (SODA): each layer's best rank-``k`` LoRA, or None for exact (full rank).
+
+    Returns:
+        The absolute path of the written file.
     """
     sources = list(model_or_dir.items()) if isinstance(model_or_dir, Mapping) else [(component, model_or_dir)]
     if not sources:
         raise ValueError("nothing to export: the mapping of components is empty")
     inputs = [os.fspath(s) for _, s in sources if isinstance(s, (str, os.PathLike))]
     check_output(out_dir, inputs)  # before anything is read
-    tensors_by_component, metadata_by_component, configs, names = {}, {}, {}, {}
+    tensors_by_component, metadata_by_component, configs, names, reports = {}, {}, {}, {}, {}
     for comp, source in sources:
-        tensors, config, name, comp = collect_diffusers_lora(source, comp, adapter_name=adapter_name)
+        facts = _live_facts(source, adapter_name)
+        if facts is not None and facts.lora_export is LoraExport.SVD:
+            tensors, meta, config, comp, reports[comp] = convert_by_svd(
+                source, comp, adapter_name=adapter_name, svd_rank=svd_rank
+            )
+            name = adapter_name  # scale 1: bake_scale changes nothing
+        else:
+            tensors, config, name, comp = collect_diffusers_lora(source, comp, adapter_name=adapter_name)
+            meta = diffusers_lora_metadata(config, adapter=name)
+            if bake_scale:
+                tensors, meta = fold_scale(tensors, meta, comp)
         if comp in tensors_by_component:
             raise ValueError(f"two adapters are for component {comp!r}; pass a mapping {{component: adapter}}")
-        meta = diffusers_lora_metadata(config, adapter=name)
-        if bake_scale:
-            tensors, meta = _bake_scale(tensors, meta, comp)
         tensors_by_component[comp], metadata_by_component[comp] = tensors, meta
         configs[comp], names[comp] = config, name
     return write_diffusers_file(
@@ -446,111 +573,25 @@ def save_diffusers(
         adapter=names,
         pipeline=pipeline,
         dtype=dtype,
-        card=_single_adapter_card(configs, names) if card else None,
+        card=_single_adapter_card(configs, reports, weight_name) if card else None,
         inputs=inputs,
     )
 
 
-def _single_adapter_card(configs: Mapping, names: Mapping) -> str:
-    from .hub import model_card
-
-    (config, *_) = configs.values()
+def _single_adapter_card(configs: Mapping, reports: Mapping, weight_name: str) -> str:
+    (component, *_) = configs
     if len(configs) > 1:  # one card for the pipeline's parts: describe the denoiser's adapter
-        config = configs.get("unet", configs.get("transformer", config))
-    return str(model_card(config, diffusers_weight_name=DIFFUSERS_WEIGHT_NAME, diffusion=True))
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# kohya (A1111 / ComfyUI / Civitai)
-# --------------------------------------------------------------------------------------------------------------------
-
-KOHYA_WEIGHT_NAME = "lora.safetensors"
-_KOHYA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-
-
-def write_kohya_file(
-    out_dir: str | os.PathLike,
-    tensors_by_component: Mapping[str, Mapping[str, torch.Tensor]],
-    *,
-    overwrite: bool = False,
-    weight_name: str = KOHYA_WEIGHT_NAME,
-    dtype: str | torch.dtype | None = None,
-    card: str | None = None,
-    inputs: Iterable[str | os.PathLike] = (),
-) -> str:
-    """Write scale-1 LoRA factors as one kohya-format file (``out_dir/lora.safetensors``) and return its path.
-
-    ``tensors_by_component``: ``{"unet": {"<module>.lora_A.weight": A, ...}, "text_encoder": {...}}`` whose scale
-    is 1 (``ΔW = B A``: merged factors, or ``bake_scale``'d ones). Keys are converted with diffusers'
-    ``convert_state_dict_to_kohya`` (``lora_unet_<module>.lora_down.weight`` / ``lora_up`` and ``.alpha = r``),
-    after two fix-ups the kohya readers need: CLIP layers get their ``text_model.`` level back, and a single text
-    encoder (SD1.x) is ``lora_te_`` as sd-scripts writes it (``lora_te1_``/``lora_te2_`` are SDXL's two).
-    Only SD1.x / SDXL parts (``unet``, ``text_encoder``, ``text_encoder_2``) have a kohya layout here; others are
-    refused. ``dtype``: ``"fp16"``, ``"bf16"``, ``"fp32"`` (default the tensors' own). ``inputs``: paths the
-    tensors were read from, which ``out_dir`` may not be, contain or lie inside.
-    """
-    from diffusers.utils import convert_state_dict_to_kohya
-
-    check_output(out_dir, inputs)
-    target_dtype = resolve_dtype(dtype)
-    peft_keys: dict[str, torch.Tensor] = {}
-    for component, tensors in tensors_by_component.items():
-        if component not in _KOHYA_COMPONENTS:
-            raise UnsupportedAdapterError(
-                f"component {component!r} has no kohya SD/SDXL layout (kohya export covers {_KOHYA_COMPONENTS}); "
-                "export it with save_diffusers",
-                layer=component,
+        component = next((c for c in ("unet", "transformer") if c in configs), component)
+    summary = None
+    if reports:
+        parts = []
+        for comp, report in sorted(reports.items()):
+            mode = "exactly, at full rank" if report.rank is None else f"by its best rank-{report.rank} LoRA per layer"
+            parts.append(
+                f"`{comp}`: converted {mode}; relative Frobenius error of ΔW {report.relative_error:.3g} overall, "
+                f"{report.max_layer_error:.3g} in the worst layer."
             )
-        _group_modules(tensors, component)  # lora_A/lora_B keys only
-        for key, value in tensors.items():
-            value = value.detach().to("cpu")
-            peft_keys[with_text_model_level(f"{component}.{key}")] = (
-                value.to(target_dtype) if target_dtype else value
-            ).contiguous()
-    check_finite(peft_keys)
-    kohya = convert_state_dict_to_kohya(peft_keys)
-    if "text_encoder_2" not in tensors_by_component:
-        kohya = {
-            k.replace("lora_te1_", "lora_te_", 1) if k.startswith("lora_te1_") else k: v for k, v in kohya.items()
-        }
-    value_dtype = next(iter(peft_keys.values())).dtype
-    kohya = {k: (v.to(value_dtype) if k.endswith(".alpha") else v).contiguous() for k, v in kohya.items()}
-    if os.path.basename(weight_name) != weight_name or not weight_name.endswith(".safetensors"):
-        raise ValueError(f"weight_name must be a plain '*.safetensors' file name, got {weight_name!r}")
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        save_file(
-            kohya, os.path.join(tmp, weight_name), metadata={"format": "pt", "ss_network_module": "networks.lora"}
+        summary = f"`{weight_name}` approximates the adapter by SVD (the peft adapter itself is exact). " + " ".join(
+            parts
         )
-        if card is not None:
-            with open(os.path.join(tmp, "README.md"), "w") as f:
-                f.write(card)
-    return os.path.join(os.path.abspath(os.fspath(out_dir)), weight_name)
-
-
-def save_kohya(
-    model_or_dir,
-    out_dir: str | os.PathLike,
-    component: str | None = None,
-    *,
-    adapter_name: str = "default",
-    overwrite: bool = False,
-    weight_name: str = KOHYA_WEIGHT_NAME,
-    dtype: str | torch.dtype | None = None,
-) -> str:
-    """Write one adapter (or ``{component: adapter}``) as a kohya-format file for A1111 / ComfyUI / Civitai.
-
-    Same sources and component rules as ``save_diffusers`` (SD1.x / SDXL UNet and CLIP text encoders). Each layer's
-    scale is folded into ``lora_up`` (kohya's ``alpha`` is then ``r``), at the cost of one rounding per weight.
-    Returns the path of ``out_dir/lora.safetensors``.
-    """
-    sources = list(model_or_dir.items()) if isinstance(model_or_dir, Mapping) else [(component, model_or_dir)]
-    inputs = [os.fspath(s) for _, s in sources if isinstance(s, (str, os.PathLike))]
-    check_output(out_dir, inputs)  # before anything is read
-    tensors_by_component = {}
-    for comp, source in sources:
-        tensors, config, name, comp = collect_diffusers_lora(source, comp, adapter_name=adapter_name)
-        meta = _checked_component(comp, tensors, diffusers_lora_metadata(config, adapter=name), name)
-        tensors_by_component[comp], _ = _bake_scale(tensors, meta, comp)
-    return write_kohya_file(
-        out_dir, tensors_by_component, overwrite=overwrite, weight_name=weight_name, dtype=dtype, inputs=inputs
-    )
+    return str(model_card(configs[component], diffusers_weight_name=weight_name, diffusion=True, summary=summary))

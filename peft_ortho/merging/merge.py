@@ -33,7 +33,7 @@ from .load import Adapter
 
 EXACT_METHODS = ("auto", "linear", "cat")
 DELTA_METHODS = ("ties", "dare_linear", "dare_ties", "svd", "sequential")
-# Solved from calibration forward passes of a base model (``compose.sequential``), not from the files alone.
+# Solved from calibration forward passes of a base model (``merging.sequential``), not from the files alone.
 CALIBRATED_METHODS = ("sequential",)
 STATISTICS_METHODS = ("regmean",)
 METHODS = EXACT_METHODS + DELTA_METHODS + STATISTICS_METHODS
@@ -44,7 +44,7 @@ PRIOR_TARGETS = ("own", "base")
 PRIOR_WEIGHT = 0.3  # μ: weight of the ordinary ("prior") inputs against the concepts' own
 RIDGE = 1e-3  # λ, relative to the mean eigenvalue tr(G)/in of the matrix being inverted
 PRIOR_TARGET = "base"
-SEQUENTIAL_PRIOR_WEIGHT = 1.0  # μ of method="sequential" (compose.sequential), which has its own default
+SEQUENTIAL_PRIOR_WEIGHT = 1.0  # μ of method="sequential" (merging.sequential), which has its own default
 RIDGE_FLOOR = 1e-9  # added to λ: keeps the factorisation defined at ridge=0 (→ the minimum-norm solution)
 _FACTOR_CACHE_BYTES = 128 << 20  # factorisations of G kept for layers that share it (bound independent of N)
 
@@ -120,7 +120,7 @@ def iter_merged_layers(
     if method not in METHODS:
         raise ValueError(f"unknown merge method {method!r}; choose one of {METHODS}")
     if method in CALIBRATED_METHODS and merge:
-        raise ValueError(f"method {method!r} needs calibration forward passes: see peft_ortho.compose.sequential")
+        raise ValueError(f"method {method!r} needs calibration forward passes: see peft_ortho.merging.sequential")
     if check:
         for adapter in adapters:
             check_adapter_finite(adapter)
