@@ -599,6 +599,8 @@ def cached_evaluation(bench, method, lr, folders, singles, ctx) -> tuple[list[di
             continue
         key = cfg.eval_key(method.family, lr, (*method.options, ("n", n)))
         cached = os.path.join(bench.dir, "results", f"{method.name}-N{n}-{key}.json")
+        if not os.path.isfile(cached) and os.environ.get("FIDELITY_CACHED_ONLY"):
+            continue  # --cached-only: the docs from what was evaluated before, nothing new measured
         if not os.path.isfile(cached):
             start = time.perf_counter()
             r, g = evaluate_method(
@@ -945,7 +947,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--probe-only", nargs="*", type=int, metavar="K", help="train and measure recipe K of the probe"
     )
+    parser.add_argument(
+        "--cached-only", action="store_true", help="report only the (method, N) evaluations already in the cache"
+    )
     args = parser.parse_args(argv)
+    if args.cached_only:
+        os.environ["FIDELITY_CACHED_ONLY"] = "1"
     torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
 
@@ -976,6 +983,7 @@ def main(argv: list[str] | None = None) -> dict:
         command = "python -m benchmarks.fidelity.run" + (" --quick" if args.quick else "")
         command += (" --methods " + " ".join(args.methods)) if args.methods else ""
         command += (" --ns " + " ".join(map(str, args.ns))) if args.ns else ""
+        command += " --cached-only" if args.cached_only else ""
         results["note"] = args.note
         # The docs' hand-written part (rows of earlier instruments kept for reference) lives beside the code, so a
         # rerun from the cache regenerates the whole section.
