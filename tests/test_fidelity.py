@@ -370,6 +370,8 @@ def test_training_records_each_kind_and_calibration_copies_the_adapter(tmp_path)
     calibrated = load_statistics(out, adapter="c01")
     states = bench.base.encode([bench.concept(1).prompt])[0].double()  # (tokens, 32): what every to_k reads
     reference = states.T @ states / len(states)
-    assert torch.allclose(calibrated.moment(layer, "concept").dense(), reference, rtol=1e-5, atol=1e-8)
+    # Products of float32 inputs are taken in float32 (summed in float64): within 1e-6 of the float64 reference.
+    dense = calibrated.moment(layer, "concept").dense()
+    assert torch.linalg.matrix_norm(dense - reference) <= 1e-6 * torch.linalg.matrix_norm(reference)
     assert not torch.allclose(recorded.moment(layer, "prior").dense(), reference, rtol=1e-3)
     assert bench.calibrated(folder, 1) == out  # cached
