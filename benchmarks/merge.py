@@ -328,6 +328,28 @@ def bench_inference(unet, ortho, plain, repeats: int, latent: int) -> dict[str, 
     return {"base": base, "stacked": stacked, "separate": separate}
 
 
+def peak_anon_mb_during(fn) -> float:
+    """Run ``fn`` while a thread samples ``RssAnon`` every 2 ms; the peak it added, in MB."""
+    import threading
+
+    anon0 = status_kb("RssAnon")
+    peak, done = [anon0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], status_kb("RssAnon"))
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        sampler.join()
+    return (max(peak[0], status_kb("RssAnon")) - anon0) / 1024
+
+
 def memory_child(folder: str, n: int, quick: bool, stream: bool) -> None:
     """Runs in a fresh process: memory that compose + fuse of the first n adapters adds to the built model.
 
@@ -335,29 +357,19 @@ def memory_child(folder: str, n: int, quick: bool, stream: bool) -> None:
     read-only from the page cache) and the peak anonymous memory (``RssAnon`` sampled every 2 ms: what compose
     allocates itself; mapped file pages are the kernel's cache and are dropped under pressure).
     """
-    import threading
-
     unet = build_unet(quick)
     names = [os.path.join(folder, f"ortho{i}") for i in range(n)]
     reset = reset_peak_rss()  # building the UNet set a high-water mark that would hide compose otherwise
-    rss0, anon0 = status_kb("VmRSS"), status_kb("RssAnon")
-    peak_anon, done = [anon0], threading.Event()
+    rss0 = status_kb("VmRSS")
 
-    def sample():
-        while not done.is_set():
-            peak_anon[0] = max(peak_anon[0], status_kb("RssAnon"))
-            time.sleep(0.002)
+    def run():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compose(names, progress=False, stream=stream).fuse(unet)
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        compose(names, progress=False, stream=stream).fuse(unet)
-    done.set()
-    sampler.join()
-    peak_anon[0] = max(peak_anon[0], status_kb("RssAnon"))
+    anon_mb = peak_anon_mb_during(run)
     rss = (status_kb("VmHWM") - rss0) / 1024 if reset else float("nan")
-    print(json.dumps({"n": n, "rss_mb": rss, "anon_mb": (peak_anon[0] - anon0) / 1024}))
+    print(json.dumps({"n": n, "rss_mb": rss, "anon_mb": anon_mb}))
 
 
 def measure_memory(folder: str, ns: list[int], quick: bool, stream: bool) -> dict[int, float]:
@@ -410,27 +422,14 @@ def regmean_memory_child(folder: str, n: int, quick: bool) -> None:
     Measured after the model and the synthetic statistics are built (both are inputs), with ``stream=True`` so that
     nothing per adapter is kept between the checking pass and fuse's merge pass.
     """
-    import threading
-
     unet = build_unet(quick)
     layers = target_layers(unet)
     names = [os.path.join(folder, f"plain{i}") for i in range(n)]
     stats = synthetic_statistics(layers, names)
-    anon0 = status_kb("RssAnon")
-    peak, done = [anon0], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], status_kb("RssAnon"))
-            time.sleep(0.002)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    compose(names, method="regmean", statistics=stats, progress=False, stream=True).fuse(unet)
-    done.set()
-    sampler.join()
-    peak[0] = max(peak[0], status_kb("RssAnon"))
-    print(json.dumps({"n": n, "anon_mb": (peak[0] - anon0) / 1024}))
+    anon_mb = peak_anon_mb_during(
+        lambda: compose(names, method="regmean", statistics=stats, progress=False, stream=True).fuse(unet)
+    )
+    print(json.dumps({"n": n, "anon_mb": anon_mb}))
 
 
 def regmean_only(args) -> None:
