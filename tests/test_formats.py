@@ -73,12 +73,7 @@ def test_train_export_with_defaults_load_lora_weights_reproduces(family, tuner, 
     path = save_diffusers(peft_model, tmp_path / "out")  # no component: inferred from the model
     with safe_open(path, "pt") as f:
         assert {k.split(".", 1)[0] for k in f.keys()} == {component}
-    pipe = testing.empty_pipeline(name, **{component: build()})
-    base_out = testing.family_output(getattr(pipe, component), inputs)
-    pipe.load_lora_weights(str(tmp_path / "out"))
-    got = testing.family_output(getattr(pipe, component), inputs)
-    assert (expected - base_out).abs().max() > 1e-4  # the adapter changes the output: the check can fail
-    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+    _assert_loads_and_reproduces(family, tmp_path / "out", inputs, expected)
 
 
 def test_soda_folder_has_no_lora_file_and_says_so_in_one_line(tmp_path):
@@ -106,12 +101,7 @@ def test_soda_save_diffusers_exact_loads_with_load_lora_weights_and_reproduces(f
         provenance = json.loads(f.metadata()["peft_ortho_adapter_config"])
     assert provenance[component]["peft_type"] == "SODA"
     assert provenance[component]["soda_export"]["relative_error"] == 0.0
-    pipe = testing.empty_pipeline(name, **{component: build()})
-    base_out = testing.family_output(getattr(pipe, component), inputs)
-    pipe.load_lora_weights(str(tmp_path / "out"))
-    got = testing.family_output(getattr(pipe, component), inputs)
-    assert (expected - base_out).abs().max() > 1e-4  # the adapter changes the output: the check can fail
-    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+    _assert_loads_and_reproduces(family, tmp_path / "out", inputs, expected)
 
 
 def test_soda_save_diffusers_low_rank_reports_its_error_in_the_card(tmp_path):
@@ -141,6 +131,17 @@ def test_dit_adapter_named_unet_is_refused(tmp_path):
     assert save_diffusers(str(tmp_path / "folder"), tmp_path / "out").endswith(".safetensors")  # inferred
     with safe_open(str(tmp_path / "out" / "pytorch_lora_weights.safetensors"), "pt") as f:
         assert all(k.startswith("transformer.") for k in f.keys())
+
+
+def _assert_loads_and_reproduces(family, folder, inputs, expected):
+    """Plain ``load_lora_weights`` of ``folder`` into a fresh base reproduces ``expected`` (and the adapter matters)."""
+    name, component, build = family
+    pipe = testing.empty_pipeline(name, **{component: build()})
+    base_out = testing.family_output(getattr(pipe, component), inputs)
+    pipe.load_lora_weights(str(folder))
+    got = testing.family_output(getattr(pipe, component), inputs)
+    assert (expected - base_out).abs().max() > 1e-4  # the adapter changes the output: the check can fail
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
 
 
 def _tiny_t5():
