@@ -17,8 +17,8 @@ Reported: median step per arm and the median of the per-round paired ratios agai
 round run back to back, so that ratio is the most load-robust number). Then ``save_pretrained`` (sums → moments,
 eigen-sketches of the wide layers, the file) once, its wall time and the file size next to the adapter file's.
 
-    python benchmarks/input_statistics.py                 # writes the "Recording input statistics" section of docs/benchmarks.md
-    python benchmarks/input_statistics.py --quick         # smaller UNet, few steps
+    python -m benchmarks.input_statistics                 # writes the "Recording input statistics" section of docs/benchmarks.md
+    python -m benchmarks.input_statistics --quick         # smaller UNet, few steps
 """
 
 from __future__ import annotations
@@ -27,18 +27,15 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import peft_ortho
 
-import train_step as ts  # noqa: E402  (the same UNet, batches and adapter as the train-step benchmark)
-from _common import write_section  # noqa: E402
-
-import peft_ortho  # noqa: E402
+from . import train_step as ts  # the same UNet, batches and adapter as the train-step benchmark
+from ._common import write_section
 
 START, END = "<!-- statistics:start -->", "<!-- statistics:end -->"
 ARMS = ("no hooks", "hooks, not recording", "recording", "recording, float64 products")
@@ -154,7 +151,7 @@ def _iqr(values: list[float]) -> tuple[float, float]:
 def _report(args, r, wall_s: float, load_before: float) -> str:
     cfg = ts.unet_config(args.quick)
     batch = ts.QUICK_BATCH if args.quick else ts.FULL_BATCH
-    cmd = "python benchmarks/input_statistics.py" + (" --quick" if args.quick else "")
+    cmd = "python -m benchmarks.input_statistics" + (" --quick" if args.quick else "")
     if args.steps != 10:
         cmd += f" --steps {args.steps}"
     lines = [

@@ -20,8 +20,8 @@ Then unfused inference latency (one UNet forward) of the base, the base with one
 (composed), and with N separately loaded adapters active (diffusers ``set_adapters``); and the peak memory (RSS) of
 a fresh process running compose + fuse for several N, to show that streaming keeps it flat.
 
-    python benchmarks/merge.py            # full run, writes the "Merge" section of docs/benchmarks.md
-    python benchmarks/merge.py --quick    # smaller UNet and N, about a minute
+    python -m benchmarks.merge            # full run, writes the "Merge" section of docs/benchmarks.md
+    python -m benchmarks.merge --quick    # smaller UNet and N, about a minute
 """
 
 from __future__ import annotations
@@ -40,20 +40,19 @@ import warnings
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import peft_ortho
+from peft_ortho import BlockLoraConfig, OrthoLoraConfig
+from peft_ortho.merging import compose
+from peft_ortho.statistics import KINDS, AdapterStatistics, Moment
+from peft_ortho.tuners.block_lora.layout import block_span
+from peft_ortho.tuners.ortho_lora.layer import expected_basis
 
-from _common import reset_peak_rss, status_kb, write_section  # noqa: E402
-
-import peft_ortho  # noqa: E402
-from peft_ortho import BlockLoraConfig, OrthoLoraConfig  # noqa: E402
-from peft_ortho.merging import compose  # noqa: E402
-from peft_ortho.statistics import KINDS, AdapterStatistics, Moment  # noqa: E402
-from peft_ortho.tuners.block_lora.layout import block_span  # noqa: E402
-from peft_ortho.tuners.ortho_lora.layer import expected_basis  # noqa: E402
+from ._common import reset_peak_rss, status_kb, write_section
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 NUM_BLOCKS = 16  # BlockLoRA: 16 blocks of output channels (20 rows at width 320 hold rank 16)
 START, END = "<!-- merge:start -->", "<!-- merge:end -->"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def build_unet(quick: bool):
@@ -372,13 +371,18 @@ def memory_child(folder: str, n: int, quick: bool, stream: bool) -> None:
     print(json.dumps({"n": n, "rss_mb": rss, "anon_mb": anon_mb}))
 
 
+def _child(*args: str) -> str:
+    """Run this benchmark again in a fresh interpreter (``python -m benchmarks.merge *args`` from the repository
+    root) and return the last line it prints: each memory measurement starts from an empty process."""
+    cmd = [sys.executable, "-m", "benchmarks.merge", *args]
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout.strip().splitlines()[-1]
+
+
 def measure_memory(folder: str, ns: list[int], quick: bool, stream: bool) -> dict[int, float]:
     out = {}
     for n in ns:
-        cmd = [sys.executable, __file__, "--memory-child", folder, "--n", str(n)]
-        cmd += (["--quick"] if quick else []) + (["--stream"] if stream else [])
-        line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-        out[n] = json.loads(line)
+        flags = (["--quick"] if quick else []) + (["--stream"] if stream else [])
+        out[n] = json.loads(_child("--memory-child", folder, "--n", str(n), *flags))
     return out
 
 
@@ -461,10 +465,10 @@ def regmean_only(args) -> None:
             row["per_layer_ms"] = round(1000 * merge[0] / len(layers), 2)
             print(json.dumps(row), flush=True)
         for n in args.memory_ns or []:
-            cmd = [sys.executable, __file__, "--regmean-memory-child", folder, "--n", str(n)]
-            cmd += ["--quick"] if args.quick else []
-            line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-            print(line, flush=True)
+            print(
+                _child("--regmean-memory-child", folder, "--n", str(n), *(["--quick"] if args.quick else [])),
+                flush=True,
+            )
     print(json.dumps({"load_before": round(load0, 1), "load_after": round(os.getloadavg()[0], 1)}), flush=True)
 
 
@@ -488,7 +492,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5, help="forward passes per inference timing")
     p.add_argument("--timing-repeats", type=int, default=3, help="merges per timing (median reported)")
     p.add_argument("--svd-max-n", type=int, default=15, help="peft svd is slow: only up to this N")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks.md"))
+    p.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks.md"))
     p.add_argument("--latent", type=int, help="latent size for the inference timing (default 64: SD1.5 at 512 px)")
     p.add_argument("--memory-child", metavar="FOLDER")
     p.add_argument("--n", type=int)
@@ -562,7 +566,7 @@ def main() -> None:
     lines = [
         "## Merge: compose vs peft and diffusers",
         "",
-        f"`python benchmarks/merge.py{' --quick' if args.quick else ''}` on {os.cpu_count()} CPU cores, "
+        f"`python -m benchmarks.merge{' --quick' if args.quick else ''}` on {os.cpu_count()} CPU cores, "
         f"torch {torch.__version__}, peft {__import__('peft').__version__}, diffusers "
         f"{__import__('diffusers').__version__}, peft-ortho {peft_ortho.__version__}, {platform.machine()}. "
         f"UNet: {'quick 2-block' if args.quick else 'default UNet2DConditionModel (SD1.5 shapes)'} with "

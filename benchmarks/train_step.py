@@ -39,9 +39,9 @@ What is measured.
   UNet (their exact shapes and names, random weights, 94 M parameters) in a fresh process, ``get_peft_model`` with
   ``SodaConfig`` for each decomposition, and the memory of the frozen buffers.
 
-    python benchmarks/train_step.py                  # full run, writes the "Train step" section of docs/benchmarks.md
-    python benchmarks/train_step.py --quick          # smaller UNet, few steps, with BOFT
-    python benchmarks/train_step.py --arms lora,ortho --steps 20 --warmup 3 --out docs/benchmarks.md
+    python -m benchmarks.train_step                  # full run, writes the "Train step" section of docs/benchmarks.md
+    python -m benchmarks.train_step --quick          # smaller UNet, few steps, with BOFT
+    python -m benchmarks.train_step --arms lora,ortho --steps 20 --warmup 3 --out docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -54,18 +54,15 @@ import os
 import platform
 import resource
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import peft_ortho  # (registers ORTHO_LORA with peft)
 
-from _common import reset_peak_rss, status_kb, write_section  # noqa: E402
-
-import peft_ortho  # noqa: E402  (registers ORTHO_LORA with peft)
+from ._common import reset_peak_rss, status_kb, write_section
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 ALL_ARMS = (
@@ -464,7 +461,7 @@ def render(
     pmed = {name: statistics.median(v) for name, v in paired.items()}
     cfg = unet_config(args.quick)
     batch = QUICK_BATCH if args.quick else FULL_BATCH
-    cmd = "python benchmarks/train_step.py" + (" --quick" if args.quick else "")
+    cmd = "python -m benchmarks.train_step" + (" --quick" if args.quick else "")
     cmd += f" --rank {args.rank} --steps {args.steps} --warmup {args.warmup}"
     if args.arms != ",".join(default_arms(args.quick)):
         cmd += f" --arms {args.arms}"

@@ -25,8 +25,8 @@ adapter. Each pair is then merged with ``compose``:
 - ``sequential + refinement``: the same, then ``--refine_steps`` of end-to-end output matching.
 
 Printed: the greedy per-token accuracy (chance: ``1/K``) of each skill alone and after each merge, and of COPY
-(what the base could do). Measured numbers and what they mean: docs/llm.md. ``benchmarks/llm_composition.py`` and
-``benchmarks/llm_probes.py`` study why summed skill adapters interfere.
+(what the base could do). Measured numbers and what they mean: docs/llm.md. The studies ``studies/llm_composition.py``
+and ``studies/llm_probes.py`` ask why summed skill adapters interfere.
 """
 
 from __future__ import annotations
@@ -92,32 +92,12 @@ def accuracy(model, task: int, n: int = 500, seed: int = 1234, batches=make_batc
     return (cur[:, L + 2 :] == seq[:, L + 2 :]).float().mean().item()
 
 
-def tiny_gpt2(width: int, vocab_size: int = VOCAB, sep: int = SEP, tie_word_embeddings: bool = True):
-    """A freshly initialised 2-layer, 4-head GPT-2 from a config, no dropout, ``2L + 2`` positions."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    config = GPT2Config(
-        vocab_size=vocab_size,
-        n_positions=2 * L + 2,
-        n_embd=width,
-        n_layer=2,
-        n_head=4,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=sep,
-        eos_token_id=sep,
-        tie_word_embeddings=tie_word_embeddings,
-    )
-    return GPT2LMHeadModel(config)
-
-
 def build_base(width: int, steps: int, lr: float, seed: int = 0):
-    """A 2-layer GPT-2 from a config (no dropout), pretrained on COPY with all weights trainable."""
-    import torch
+    """A 2-layer, 4-head GPT-2 from a config (``peft_ortho.testing.tiny_gpt2``: no dropout), ``2L + 2`` positions,
+    pretrained on COPY with all weights trainable."""
+    from peft_ortho.testing import tiny_gpt2
 
-    torch.manual_seed(seed)
-    model = tiny_gpt2(width)
+    model = tiny_gpt2(seed, width, VOCAB, n_positions=2 * L + 2, eos_token_id=SEP)
     train(model, COPY, steps, lr, seed=seed)
     return model
 

@@ -1,4 +1,4 @@
-"""Tiny models built from configs, for tests, examples and benchmarks. Nothing here touches the network.
+"""Tiny models built from configs, for tests, examples, benchmarks and studies. Nothing here touches the network.
 
 ``tiny_sd_pipeline()`` returns a real ``diffusers.StableDiffusionPipeline`` (UNet2DConditionModel,
 CLIPTextModel, a CLIP BPE tokenizer whose vocabulary is written in code, AutoencoderKL, DDIM scheduler)
@@ -25,7 +25,14 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+)
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -82,6 +89,45 @@ def tiny_text_encoder(seed: int = 0, hidden_size: int = 32, vocab_size: int = 10
         pad_token_id=1,
     )
     return CLIPTextModel(config).eval()
+
+
+def tiny_gpt2(
+    seed: int = 0,
+    width: int = 32,
+    vocab_size: int = 100,
+    n_positions: int = 32,
+    eos_token_id: int | None = None,
+    tie_word_embeddings: bool = True,
+):
+    """A two-layer, four-head ``GPT2LMHeadModel`` built from a config, no dropout, random weights from ``seed``.
+
+    Args:
+        seed: seeds the random weights.
+        width: the hidden size (a multiple of 4).
+        vocab_size: its vocabulary size.
+        n_positions: the longest sequence it takes.
+        eos_token_id: its begin- and end-of-sequence token (default: the last token of the vocabulary).
+        tie_word_embeddings: whether the output head shares the token embedding.
+
+    Returns:
+        The model.
+    """
+    eos = vocab_size - 1 if eos_token_id is None else eos_token_id
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=n_positions,
+        n_embd=width,
+        n_layer=2,
+        n_head=4,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    return GPT2LMHeadModel(config).eval()
 
 
 def _byte_alphabet() -> list[str]:

@@ -120,7 +120,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_script(folder: str, name: str):
-    """``examples/<name>.py`` or ``benchmarks/<name>.py`` (``folder``) imported as a module, to call its ``main``."""
+    """``examples/<name>.py`` (``folder``: ``"examples"``) imported as a module by its path, to call its ``main``."""
     spec = importlib.util.spec_from_file_location(f"{folder}_{name}", os.path.join(ROOT, folder, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -10,7 +10,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(ROOT, "docs")
 PAGES = sorted(
-    [os.path.join(DOCS, f) for f in os.listdir(DOCS) if f.endswith(".md")] + [os.path.join(ROOT, "README.md")]
+    [os.path.join(DOCS, f) for f in os.listdir(DOCS) if f.endswith(".md")]
+    + [os.path.join(ROOT, f) for f in ("README.md", "benchmarks/README.md", "studies/README.md")]
 )
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)|!\[[^\]]*\]\(([^)\s]+)\)")
 RUNNABLE = re.compile(r"^```python runnable\n(.*?)^```", re.S | re.M)

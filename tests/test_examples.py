@@ -735,9 +735,10 @@ def test_llm_skills_train_record_statistics_and_merge_four_ways(tmp_path):
 
 
 def test_dreambooth_prior_benchmark_quick_run(tmp_path, capsys):
-    """``benchmarks/dreambooth_prior.py --quick``: both adapters train (one on generated class images, cached in the
-    work folder), and the printed JSON carries every field, finite."""
-    bench = load_script("benchmarks", "dreambooth_prior")
+    """``python -m studies.dreambooth_prior --quick``: both adapters train (one on generated class images, cached in
+    the work folder), and the printed JSON carries every field, finite."""
+    from studies import dreambooth_prior as bench
+
     results = bench.main(["--quick", "--work_dir", str(tmp_path)])
     out = capsys.readouterr().out
     printed = json.loads(out[out.rindex("\n{") + 1 :])  # the JSON block printed last

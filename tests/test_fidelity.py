@@ -1,4 +1,4 @@
-"""The merge-fidelity benchmark's pieces on a toy configuration (never the real cache under benchmarks/.cache)."""
+"""The merge-fidelity benchmark's pieces on a toy configuration (never the real cache under studies/.cache)."""
 
 import dataclasses
 import math
@@ -10,10 +10,10 @@ import torch
 
 pytest.importorskip("sklearn", reason="the fidelity benchmark's data (digits) ships with scikit-learn")
 
-from benchmarks.fidelity import concepts as C  # noqa: E402
-from benchmarks.fidelity import metrics as M  # noqa: E402
-from benchmarks.fidelity.base_model import BaseConfig, build_tokenizer, class_prompt, load_digits_data  # noqa: E402
-from benchmarks.fidelity.run import (  # noqa: E402
+from studies.fidelity import concepts as C  # noqa: E402
+from studies.fidelity import metrics as M  # noqa: E402
+from studies.fidelity.base_model import BaseConfig, build_tokenizer, class_prompt, load_digits_data  # noqa: E402
+from studies.fidelity.run import (  # noqa: E402
     START,
     RunConfig,
     choose_recipe,
@@ -177,7 +177,7 @@ def test_tokenizer_gives_each_rare_token_one_id():
 
 
 def test_dreambooth_batch_holds_as_many_class_images_as_instance_images():
-    from benchmarks.fidelity.methods import dreambooth_batch
+    from studies.fidelity.methods import dreambooth_batch
 
     instance = torch.arange(6.0).reshape(6, 1, 1, 1)
     pool = 100 + torch.arange(10.0).reshape(10, 1, 1, 1)
@@ -209,8 +209,8 @@ def test_dreambooth_batch_holds_as_many_class_images_as_instance_images():
 def test_every_training_step_feeds_the_class_prompt_with_class_images(tmp_path, family):
     """Spy on the UNet's forwards: each step runs the instance images under the concept prompt (erased samples under
     a foreign one) and as many class images under the class prompt; without a pool, no class forward at all."""
-    from benchmarks.fidelity.base_model import build_models, encode
-    from benchmarks.fidelity.methods import train_adapter
+    from studies.fidelity.base_model import build_models, encode
+    from studies.fidelity.methods import train_adapter
 
     cfg = BaseConfig(train_steps=1, block_out_channels=(16, 32))
     unet, text_encoder, tokenizer, scheduler = build_models(cfg)
@@ -337,9 +337,9 @@ def test_quick_run_end_to_end_on_a_toy_budget(tmp_path):
     docs.mkdir()
     (docs / "benchmarks.md").write_text("# Benchmarks\n\nkept text\n")
     results["machine"] = "test"
-    from benchmarks.fidelity.concepts import make_concepts
+    from studies.fidelity.concepts import make_concepts
 
-    write_docs(results, make_concepts(load_digits_data(), [0, 1, 2]), "python -m benchmarks.fidelity.run", str(docs))
+    write_docs(results, make_concepts(load_digits_data(), [0, 1, 2]), "python -m studies.fidelity.run", str(docs))
     page = (docs / "benchmarks.md").read_text()
     assert "kept text" in page and START in page and "Retained improvement" in page
     assert "**DreamBooth recipe**" in page and "Per-stage runtimes" in page and "without prior preservation" in page
@@ -354,8 +354,8 @@ def test_training_records_each_kind_and_calibration_copies_the_adapter(tmp_path)
     """Recorded statistics hold the three kinds; a calibrated copy keeps the adapter's files byte for byte and its
     text-side statistics are the Gram of the concept prompt's text states (a float64 computation done here)."""
     pytest.importorskip("peft_ortho.statistics", reason="needs the statistics recorder")
-    from benchmarks.fidelity.run import Benchmark
     from peft_ortho.statistics import calibrate, load_statistics  # noqa: F401
+    from studies.fidelity.run import Benchmark
 
     bench = Benchmark(TOY, str(tmp_path / "cache"), log=lambda *_: None)
     folder = bench.train("lora", 1e-2, 1)

@@ -1,28 +1,21 @@
-"""The LLM composition study's regularisers and merge (benchmarks/llm_composition.py) on a tiny GPT-2."""
+"""The LLM composition study's regularisers and merge (studies/llm_composition.py) on a tiny GPT-2."""
 
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
-from conftest import load_script
 from peft import get_peft_model
 from peft.tuners.lora import LoraLayer
 
 from peft_ortho import OrthoLoraConfig
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _benchmark(name: str):
-    return load_script("benchmarks", name)
+from studies import llm_composition, llm_probes
 
 
 @pytest.fixture(scope="module")
 def study():
-    return _benchmark("llm_composition")
+    return llm_composition
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +64,7 @@ def test_module_output_is_the_adapter_branch_energy(study, base):
 
 
 def test_merged_deltas_reproduce_each_adapter_and_add_trigger_rows(study, base):
-    models = [adapted(study, base, 0, study.NEG), adapted(study, base, 1, study.S.SUCC)]
+    models = [adapted(study, base, 0, study.NEG), adapted(study, base, 1, study.SUCC)]
     parts = [study.deltas(base, m) for m in models]
     assert any("wte" in k for k in parts[0]) and any("wte" in k for k in parts[1])
     ids = study.make_batch(study.NEG, 4, torch.Generator().manual_seed(0))[:, :-1]
@@ -81,7 +74,7 @@ def test_merged_deltas_reproduce_each_adapter_and_add_trigger_rows(study, base):
     merged = study.merged_model(base, parts)
     # Disjoint trigger rows: each adapter's row lands in the merged embedding untouched by the other.
     wte = merged.transformer.wte.weight
-    for part, task in zip(parts, (study.NEG, study.S.SUCC)):
+    for part, task in zip(parts, (study.NEG, study.SUCC)):
         delta = next(v for k, v in part.items() if "wte" in k)
         torch.testing.assert_close(wte[task], base.transformer.wte.weight[task] + delta[task])
 
@@ -96,7 +89,7 @@ def test_quick_run_prints_the_table(study, capsys):
 
 @pytest.fixture(scope="module")
 def probes():
-    return _benchmark("llm_probes")
+    return llm_probes
 
 
 def test_probe_answers_follow_each_task_token(probes):

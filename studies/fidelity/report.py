@@ -361,11 +361,11 @@ def markdown(results: dict, labels: dict[str, str], command: str) -> str:
         "",
         f"`{command}` ({results['wall_seconds'] / 60:.1f} min wall for this invocation on "
         f"{results.get('machine', 'CPU')}, a machine shared with other jobs; the base model and the trained "
-        "adapters are cached under `benchmarks/.cache/fidelity/`, so a rerun only evaluates). "
-        "`python -m benchmarks.fidelity.run --quick` is the smoke run (5 concepts, N = 1, 2, 5, its own smaller "
+        "adapters are cached under `studies/.cache/fidelity/`, so a rerun only evaluates). "
+        "`python -m studies.fidelity.run --quick` is the smoke run (5 concepts, N = 1, 2, 5, its own smaller "
         "base model and budget, no lr sweep) and writes no docs.",
         "",
-        "**Base model** (`benchmarks/fidelity/base_model.py`): a diffusers `UNet2DConditionModel` "
+        "**Base model** (`studies/fidelity/base_model.py`): a diffusers `UNet2DConditionModel` "
         f"(block_out_channels {tuple(base_cfg['block_out_channels'])}, cross-attention in every block, "
         f"cross_attention_dim {base_cfg['cross_attention_dim']}) and a {base_cfg['text_layers']}-layer transformers "
         "`CLIPTextModel`, both built from configs and trained jointly from scratch here on scikit-learn's digits "

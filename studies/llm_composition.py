@@ -1,7 +1,7 @@
 """Why two independently trained LLM skills do not survive a merge, and which training recipes help.
 
-The study behind docs/llm.md. It reuses the tasks of ``examples/llm_skills.py`` (a 2-layer GPT-2 built from a config,
-pretrained on ``COPY``; sequences ``[task, x_1..x_5, SEP, y_1..y_5]`` over 10 digits) with two token-map skills,
+The study behind docs/llm.md. It uses the sequence format of ``examples/llm_skills.py`` (``studies.llm_tasks``: a 2-layer GPT-2
+built from a config, pretrained on ``COPY``; sequences ``[task, x_1..x_5, SEP, y_1..y_5]`` over 10 digits) with two token-map skills,
 ``NEG`` (``y = 9 − x``, basis slot 0) and ``SUCC`` (``y = x + 1 mod 10``, slot 1), each an ``OrthoLoraConfig``
 adapter (rank 8 on ``c_attn, c_proj, c_fc``) trained alone from the base. The merged model is the base plus both
 adapters' deltas (peft ``merge_and_unload`` per adapter, deltas summed: exact by linearity). Printed per recipe and
@@ -20,34 +20,34 @@ Recipes (each adds to the one before):
 
 ``--ablate`` additionally merges with one module of one adapter left out, which locates the crosstalk.
 
-    python benchmarks/llm_composition.py --recipes kl trigger silent --seeds 0 1 2   # about 6 min per seed, 1 CPU
-    python benchmarks/llm_composition.py --recipes silent --seeds 0 --ablate
-    python benchmarks/llm_composition.py --quick                                      # smoke run, seconds
+    python -m studies.llm_composition --recipes kl trigger silent --seeds 0 1 2   # about 6 min per seed, 1 CPU
+    python -m studies.llm_composition --recipes silent --seeds 0 --ablate
+    python -m studies.llm_composition --quick                                      # smoke run, seconds
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import os
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
+from peft import get_peft_model
+from peft.tuners.lora import LoraLayer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "examples"))
+from peft_ortho import OrthoLoraConfig
+from peft_ortho.erasure import adapters_disabled
 
-import llm_skills as S  # noqa: E402
-from peft import get_peft_model  # noqa: E402
-from peft.tuners.lora import LoraLayer  # noqa: E402
+from . import llm_tasks as T
 
-from peft_ortho import OrthoLoraConfig  # noqa: E402
-from peft_ortho.erasure import adapters_disabled  # noqa: E402
-
-NEG = S.REV  # the example's second skill token, re-used for y = K - 1 - x
-SKILLS = {NEG: "NEG", S.SUCC: "SUCC", S.COPY: "COPY"}
+K, L = T.K, T.L
+COPY, NEG, SUCC = K, K + 1, K + 2
+UNTRAINED = (K + 3, K + 4, K + 5)  # task tokens no one trains: with COPY, the erasure pool
+SEP = K + 6
+VOCAB = SEP + 1
+SKILLS = {NEG: "NEG", SUCC: "SUCC", COPY: "COPY"}
 RECIPES = {
     "kl": {"kl": 1.0},
     "trigger": {"kl": 1.0, "trigger": True, "hidden": 1.0},
@@ -55,23 +55,25 @@ RECIPES = {
 }
 
 
+def answers(tasks: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``y`` under each task token: ``NEG`` gives ``K − 1 − x``, ``SUCC`` ``x + 1 mod K``, every other token copies."""
+    return torch.where(tasks == NEG, K - 1 - x, torch.where(tasks == SUCC, (x + 1) % K, x))
+
+
 def make_batch(task, n: int, generator) -> torch.Tensor:
-    seq = S.make_batch(task, n, generator)
-    if isinstance(task, int) and task == NEG:
-        seq[:, S.L + 2 :] = S.K - 1 - seq[:, 1 : S.L + 1]
-    return seq
+    """``(n, 2L + 2)`` sequences ``[task, x, SEP, y]``; ``task`` is a token or an ``(n, 1)`` tensor of tokens."""
+    return T.sequences(task, n, generator, answers, SEP)
 
 
 def accuracy(model, task: int, n: int = 500) -> float:
-    """Greedy per-token accuracy on ``n`` fresh sequences (the example's metric, with ``NEG`` answers)."""
-    return round(S.accuracy(model, task, n, batches=make_batch), 3)
+    """Greedy per-token accuracy on ``n`` fresh sequences of ``task``."""
+    return T.accuracy(model, task, make_batch, n)
 
 
 def build_base(width: int, steps: int, seed: int):
-    torch.manual_seed(seed)
-    model = S.tiny_gpt2(width, tie_word_embeddings=False)  # a trained trigger row must not also move the output head
-    S.train(model, S.COPY, steps, 3e-3, seed=seed)
-    return model
+    """The base: a 2-layer GPT-2 from a config, all weights pretrained on ``COPY``."""
+    model = T.base_model(seed, width, VOCAB, SEP)
+    return T.pretrain(model, lambda g: make_batch(COPY, 64, g), steps, 3e-3, seed, weight_decay=0.0)
 
 
 def skill_adapter(base, slot: int, rank: int, targets: list[str], trigger: int | None = None):
@@ -104,10 +106,10 @@ def train_skill(
     """AdamW on the skill's loss plus the recipe's regularisers (see the module docstring); returns the last loss.
 
     ``batches(task, n, generator)`` makes the sequences (default: this study's ``make_batch``); ``foreign`` holds the
-    erasure pool's task tokens (default: the example's task tokens other than the two skills').
+    erasure pool's task tokens (default: ``COPY`` and the tokens no one trains).
     """
     batches = batches or make_batch
-    foreign = torch.tensor(foreign or [t for t in S.TASK_TOKENS if t not in (NEG, S.SUCC)])
+    foreign = torch.tensor(foreign or (COPY, *UNTRAINED))
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
     store, handles = module_inputs(layers)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
@@ -119,7 +121,7 @@ def train_skill(
             with adapters_disabled(model), torch.no_grad():
                 model(input_ids=batch[:, :-1])
             base_inputs = dict(store)
-        loss = S.lm_loss(model, batch)
+        loss = T.answer_loss(model, batch)
         if recipe.get("confine"):
             loss = loss + recipe["confine"] * sum(
                 outside_slot(m, store[m] - base_inputs[m], base_inputs[m]) for m in layers
@@ -169,8 +171,8 @@ def kl_to_base(model, task: int, n: int = 256) -> float:
     inputs = make_batch(task, n, torch.Generator().manual_seed(5))[:, :-1]
     with torch.no_grad():
         with adapters_disabled(model):
-            teacher = model(input_ids=inputs).logits[:, S.L + 1 :].log_softmax(-1)
-        student = model(input_ids=inputs).logits[:, S.L + 1 :].log_softmax(-1)
+            teacher = model(input_ids=inputs).logits[:, L + 1 :].log_softmax(-1)
+        student = model(input_ids=inputs).logits[:, L + 1 :].log_softmax(-1)
     return float(F.kl_div(student.flatten(0, 1), teacher.flatten(0, 1), log_target=True, reduction="batchmean"))
 
 
@@ -196,14 +198,14 @@ def run(recipe_name: str, seed: int, args) -> dict:
     recipe = RECIPES[recipe_name]
     base = build_base(args.width, args.base_steps, seed)
     parts, row = [], {"recipe": recipe_name, "seed": seed}
-    for slot, task in enumerate((NEG, S.SUCC)):
+    for slot, task in enumerate((NEG, SUCC)):
         model = skill_adapter(base, slot, args.rank, args.targets, task if recipe.get("trigger") else None)
         train_skill(model, task, recipe, args.steps, args.lr, seed=seed * 100 + 10 + slot)
         row[f"{SKILLS[task]} alone"] = accuracy(model, task)
-        row[f"{SKILLS[task]} adapter's KL on the other skill"] = kl_to_base(model, S.SUCC if task == NEG else NEG)
+        row[f"{SKILLS[task]} adapter's KL on the other skill"] = kl_to_base(model, SUCC if task == NEG else NEG)
         parts.append(deltas(base, model))
     merged = merged_model(base, parts)
-    for task in (NEG, S.SUCC, S.COPY):
+    for task in (NEG, SUCC, COPY):
         row[f"{SKILLS[task]} merged"] = accuracy(merged, task)
     if args.ablate:
         modules = sorted({key.rsplit(".", 1)[0] for part in parts for key in part})
@@ -215,7 +217,7 @@ def run(recipe_name: str, seed: int, args) -> dict:
                     ),
                     t,
                 )
-                for drop, t in ((0, S.SUCC), (1, NEG))
+                for drop, t in ((0, SUCC), (1, NEG))
             ]
             for module in modules
         }
@@ -231,7 +233,7 @@ def main(argv=None) -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--targets", nargs="+", default=S.TARGETS, help="GPT-2 modules the adapters wrap")
+    parser.add_argument("--targets", nargs="+", default=T.TARGETS, help="GPT-2 modules the adapters wrap")
     parser.add_argument("--ablate", action="store_true", help="also merge with one module of one adapter left out")
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny step counts, one seed")
     args = parser.parse_args(argv)

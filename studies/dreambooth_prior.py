@@ -1,7 +1,7 @@
 """Prior drift of one DreamBooth adapter with and without prior preservation, on the trainer's tiny test pipeline.
 
-    python benchmarks/dreambooth_prior.py --steps 300
-    python benchmarks/dreambooth_prior.py --quick      # smoke run, seconds (tests/test_examples.py)
+    python -m studies.dreambooth_prior --steps 300
+    python -m studies.dreambooth_prior --quick      # smoke run, seconds (tests/test_examples.py)
 
 First the tiny pipeline's UNet (``peft_ortho.testing.tiny_sd_pipeline``, random weights) is trained here, fully, to
 know a "dog" (a green disk on grey, anywhere in the frame, prompt ``"a photo of a dog"``) and a "cat" (a yellow bar,
@@ -27,16 +27,14 @@ import argparse
 import importlib.util
 import json
 import os
-import sys
 import tempfile
 
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from peft_ortho import testing
 
-from peft_ortho import testing  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 INSTANCE, CLASS = "a photo of sks dog", "a photo of a dog"
 TIMESTEPS = [100, 300, 500, 700, 900]

@@ -1,6 +1,6 @@
 """Two further probes of LLM skill composition: a base that already knows several operations, and wider layers.
 
-Follows ``benchmarks/llm_composition.py`` (same merge, same module-level erasure) with its own token set. The base
+Follows ``studies/llm_composition.py`` (same merge, same module-level erasure) with its own token set. The base
 GPT-2 (2 layers, built from a config, untied head) is pretrained on four operations over 5 digits — ``COPY``,
 ``REV`` (reversed), ``NEG`` (``9 − x``), ``SUCC`` (``x + 1 mod 10``) — so it routes its task token the way an
 instruction-following model does. Two people then each teach it a new instruction token, ``TA`` (basis slot 0) and
@@ -16,24 +16,21 @@ person's token) with output erasure (``KL(base ‖ adapted)``, weight ``--kl``) 
 (``‖s·BAx‖² / ‖x‖²`` per adapted module, weight ``--module``). ``--trigger`` also gives the new token a trainable
 embedding row. Printed: each skill alone, both merged (exact sum of the two deltas), and the base operations merged.
 
-    python benchmarks/llm_probes.py --skills alias --width 128 --rank 4 --seeds 0 1   # about 4 min per seed
-    python benchmarks/llm_probes.py --quick                                            # smoke run, seconds
+    python -m studies.llm_probes --skills alias --width 128 --rank 4 --seeds 0 1   # about 4 min per seed
+    python -m studies.llm_probes --quick                                            # smoke run, seconds
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from . import llm_tasks as T
+from .llm_composition import deltas, merged_model, skill_adapter, train_skill
 
-from llm_composition import S, deltas, merged_model, skill_adapter, train_skill  # noqa: E402
-
-K, L = S.K, S.L
+K, L = T.K, T.L
 COPY, REV, NEG, SUCC, TA, TB = range(K, K + 6)
 BASE_TASKS = (COPY, REV, NEG, SUCC)
 UNTRAINED = tuple(range(K + 6, K + 10))  # task tokens no one trains: the erasure pool's other half
@@ -56,37 +53,29 @@ def answers(tasks: torch.Tensor, x: torch.Tensor, skills: str) -> torch.Tensor:
 
 def make_batch(tasks, n: int, generator, skills: str) -> torch.Tensor:
     """``(n, 2L + 2)`` sequences ``[task, x, SEP, y]``; ``tasks`` is a token or an ``(n, 1)`` tensor of tokens."""
-    x = torch.randint(0, K, (n, L), generator=generator)
-    tasks = torch.full((n, 1), tasks) if isinstance(tasks, int) else tasks
-    return torch.cat([tasks, x, torch.full((n, 1), SEP), answers(tasks, x, skills)], 1)
+    return T.sequences(tasks, n, generator, lambda t, x: answers(t, x, skills), SEP)
 
 
 def accuracy(model, task: int, skills: str, n: int = 500) -> float:
-    """The example's greedy per-token accuracy on this probe's tasks."""
-    return round(S.accuracy(model, task, n, batches=lambda t, m, g: make_batch(t, m, g, skills)), 3)
+    """Greedy per-token accuracy on this probe's tasks."""
+    return T.accuracy(model, task, lambda t, m, g: make_batch(t, m, g, skills), n)
 
 
 def build_base(width: int, steps: int, seed: int):
     """A 2-layer GPT-2 from a config, all weights pretrained on a uniform mix of the four base operations."""
-    torch.manual_seed(seed)
-    model = S.tiny_gpt2(width, vocab_size=VOCAB, sep=SEP, tie_word_embeddings=False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(seed)
     tasks = torch.tensor(BASE_TASKS)
-    for _ in range(steps):
-        batch = make_batch(tasks[torch.randint(0, len(tasks), (64, 1), generator=g)], 64, g, "alias")
-        S.lm_loss(model, batch).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    model.eval()
-    return model
+
+    def batch(g: torch.Generator) -> torch.Tensor:
+        return make_batch(tasks[torch.randint(0, len(tasks), (64, 1), generator=g)], 64, g, "alias")
+
+    return T.pretrain(T.base_model(seed, width, VOCAB, SEP), batch, steps, 3e-3, seed)  # AdamW's default decay
 
 
 def run(seed: int, args) -> dict:
     base = build_base(args.width, args.base_steps, seed)
     row, parts = {"seed": seed}, []
     for slot, task in enumerate((TA, TB)):
-        model = skill_adapter(base, slot, args.rank, S.TARGETS, task if args.trigger else None)
+        model = skill_adapter(base, slot, args.rank, T.TARGETS, task if args.trigger else None)
         train_skill(
             model,
             task,

@@ -15,8 +15,8 @@ images (fixed noise and timesteps) that the model after task ``t`` removes. 0 = 
 better. Average score and average forgetting are ``task_matrix_metrics`` (final-model definitions, see its
 docstring), averaged over ``--orders`` random task orders; the spread is the standard deviation over orders.
 
-    python benchmarks/continual.py            # 10 tasks, 2 orders; writes the "continual" section of docs/benchmarks.md
-    python benchmarks/continual.py --quick    # 4 tasks, 1 order, few steps: a smoke run, under a minute
+    python -m studies.continual            # 10 tasks, 2 orders; writes the "continual" section of docs/benchmarks.md
+    python -m studies.continual --quick    # 4 tasks, 1 order, few steps: a smoke run, under a minute
 """
 
 from __future__ import annotations
@@ -26,23 +26,19 @@ import copy
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from peft import LoraConfig
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from _common import write_section  # noqa: E402
-from peft import LoraConfig  # noqa: E402
-
-import peft_ortho  # noqa: E402
-from peft_ortho import OrthoLoraConfig  # noqa: E402
-from peft_ortho.continual import STATE_TENSORS, STRATEGIES, ContinualLearner, run_continual, task_matrix_metrics  # noqa: E402
-from peft_ortho.testing import UNET_TARGETS, tiny_sd_pipeline  # noqa: E402
+import peft_ortho
+from benchmarks._common import write_section
+from peft_ortho import OrthoLoraConfig
+from peft_ortho.continual import STATE_TENSORS, STRATEGIES, ContinualLearner, run_continual, task_matrix_metrics
+from peft_ortho.testing import UNET_TARGETS, tiny_sd_pipeline
 
 START, END = "<!-- continual:start -->", "<!-- continual:end -->"
 WORDS = ("zorp", "quil", "blen", "mava", "tesk", "fryn", "holo", "pibe", "wuxa", "dron", "kelt", "savo")
@@ -248,7 +244,7 @@ def main() -> None:
     m = example_matrix["merge_and_orthogonal_init"]
     elapsed = time.perf_counter() - started
     header = (
-        f"`python benchmarks/continual.py` on {os.cpu_count()} CPU cores (one torch thread), torch {torch.__version__},"
+        f"`python -m studies.continual` on {os.cpu_count()} CPU cores (one torch thread), torch {torch.__version__},"
         f" peft-ortho {peft_ortho.__version__}, {platform.machine()}; {elapsed / 60:.1f} min. Model: tiny "
         f"StableDiffusion built from configs (UNet {unet_numel / 1e6:.2f} M parameters, random init, then trained "
         f'{args.pretrain_steps} steps here on every shape × colour under the prompt "a photo"; random CLIP text '

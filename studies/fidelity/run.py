@@ -1,10 +1,10 @@
 """Merge-fidelity benchmark: does concept i survive a merge with N − 1 others? One command, from the repository root:
 
-    python -m benchmarks.fidelity.run            # full: 15 concepts, N = 1, 2, 5, 10, 15; writes docs/benchmarks.md
-    python -m benchmarks.fidelity.run --quick    # 5 concepts, N = 1, 2, 5, smaller base and budget; no docs
+    python -m studies.fidelity.run            # full: 15 concepts, N = 1, 2, 5, 10, 15; writes docs/benchmarks.md
+    python -m studies.fidelity.run --quick    # 5 concepts, N = 1, 2, 5, smaller base and budget; no docs
 
 Everything is built and trained here on the CPU (nothing is downloaded) and cached under
-``benchmarks/.cache/fidelity/``: the base model (``base_model.py``), the learning-rate sweep and every trained
+``studies/.cache/fidelity/``: the base model (``base_model.py``), the learning-rate sweep and every trained
 adapter, so a rerun only evaluates. For each method (``methods.py``) and N it merges subsets of N concepts with
 ``compose`` (or peft's own merge for the peft baselines) and reports, averaged over the concepts of every subset:
 retained improvement on the concept's own images and prompt, identity accuracy of sampled images (a classifier
@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from benchmarks._common import write_section
+
 from .base_model import DIGIT_WORDS, BaseConfig, class_prompt, load_or_build, sample
 from .concepts import MAX_CONCEPTS, TUNING_SET, make_concepts, make_tuning_concept
 from .methods import ALL_METHODS, ERASURE_P, available_methods, merge_into, records_statistics, train_adapter
@@ -42,7 +44,7 @@ from .metrics import (
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DEFAULT_CACHE = os.path.join(ROOT, "benchmarks", ".cache", "fidelity")
+DEFAULT_CACHE = os.path.join(ROOT, "studies", ".cache", "fidelity")
 START, END = "<!-- fidelity:start -->", "<!-- fidelity:end -->"
 NOTES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "notes.md")
 TUNING_CONCEPT = MAX_CONCEPTS - 1  # the learning-rate sweep trains this concept, which the benchmark never merges
@@ -911,7 +913,6 @@ def summarize(rows: list[dict], method: str) -> dict[int, dict]:
 def write_docs(results: dict, bench_concepts, command: str, docs_dir: str) -> None:
     """Figures into ``docs_dir`` (``fidelity_*.png``, one sample grid per method under ``fidelity_samples/``) and
     the fidelity section of ``docs_dir/benchmarks.md``."""
-    from .. import _common
     from .report import markdown, save_base_grid, save_concept_grid, save_method_grid, save_plot
 
     labels = {m["name"]: m["label"] for m in results["methods"]}
@@ -928,7 +929,7 @@ def write_docs(results: dict, bench_concepts, command: str, docs_dir: str) -> No
             path = os.path.join(docs_dir, "fidelity_samples", f"{name}.png")
             save_method_grid(bench_concepts, per_n, labels[name], path)
     text = markdown(results, labels, command)
-    _common.write_section(os.path.join(docs_dir, "benchmarks.md"), START, END, text)
+    write_section(os.path.join(docs_dir, "benchmarks.md"), START, END, text)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -980,7 +981,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = run(cfg, args.cache_dir)
     print(f"wall time {results['wall_seconds']:.0f} s")
     if (args.docs or not args.quick) and not args.no_docs:
-        command = "python -m benchmarks.fidelity.run" + (" --quick" if args.quick else "")
+        command = "python -m studies.fidelity.run" + (" --quick" if args.quick else "")
         command += (" --methods " + " ".join(args.methods)) if args.methods else ""
         command += (" --ns " + " ".join(map(str, args.ns))) if args.ns else ""
         command += " --cached-only" if args.cached_only else ""
