@@ -7,9 +7,17 @@ import os
 import sys
 import warnings
 
+import diffusers
+import transformers
+
+from ._io import atomic_dir, check_output, read_json_object
+from .diffusers_lora import save_diffusers
 from .errors import PeftOrthoError
+from .kohya_lora import save_kohya
+from .merging import compose
 from .merging.merge import CALIBRATED_METHODS as _CALIBRATED
 from .merging.merge import METHODS as _METHODS
+from .merging.merge import PRIOR_TARGET, PRIOR_TARGETS, PRIOR_WEIGHT, RIDGE
 
 
 def _positive_int(text: str) -> int:
@@ -86,8 +94,6 @@ def _format_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _merge_arguments(p: argparse.ArgumentParser) -> None:
-    from .merging.merge import PRIOR_TARGET, PRIOR_TARGETS, PRIOR_WEIGHT, RIDGE
-
     p.add_argument(
         "--method",
         default="auto",
@@ -144,12 +150,10 @@ def _load_base(path: str):
     ``config.architectures`` names, so a causal LM keeps its LM head (else ``AutoModelForCausalLM`` / ``AutoModel``).
     Weights are read from safetensors files only (``use_safetensors=True``):
     a folder holding only pickled ``.bin`` weights is refused by the loaders, never unpickled."""
-    from ._io import read_json_object
-
     if not os.path.isdir(path):
         raise PeftOrthoError(f"{path!r} is not a model folder")
     if os.path.isfile(os.path.join(path, "model_index.json")):
-        from diffusers import DiffusionPipeline
+        from diffusers import DiffusionPipeline  # imports diffusers' pipelines (seconds): only for a pipeline folder
 
         return DiffusionPipeline.from_pretrained(path, use_safetensors=True)
     config_path = os.path.join(path, "config.json")
@@ -157,15 +161,11 @@ def _load_base(path: str):
         raise PeftOrthoError(f"{path!r} has no config.json or model_index.json: not a saved model")
     config = read_json_object(config_path, adapter=None)
     if "_class_name" in config:
-        import diffusers
-
         name = config["_class_name"]
         cls = getattr(diffusers, name, None) if isinstance(name, str) else None
         if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
             raise PeftOrthoError(f"{path!r}: config.json names {name!r}, which is not a diffusers model class")
         return cls.from_pretrained(path, use_safetensors=True)
-    import transformers
-
     architectures = config.get("architectures") or []
     name = architectures[0] if isinstance(architectures, list) and architectures else None
     cls = getattr(transformers, name, None) if isinstance(name, str) else None
@@ -176,12 +176,7 @@ def _load_base(path: str):
 
 
 def _run(args) -> int:
-    from .merging import compose
-
     if args.command == "export":
-        from .diffusers_lora import save_diffusers
-        from .kohya_lora import save_kohya
-
         save = save_kohya if args.format == "kohya" else save_diffusers
         path = save(args.adapter, args.out, component=args.component, overwrite=args.overwrite, dtype=args.dtype)
         print(f"wrote {path}")
@@ -218,8 +213,6 @@ def _run(args) -> int:
             print(f"wrote {merged.report.plot(args.plot, overwrite=args.overwrite)}")
         return 0
     merged.svd_rank = args.svd_rank
-    from ._io import atomic_dir, check_output
-
     inputs = merged.input_paths + ([args.base] if args.base else [])
     check_output(args.out, inputs)  # before the merge is written or fused
     if args.format == "peft":

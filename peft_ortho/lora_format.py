@@ -21,6 +21,13 @@ import json
 import math
 import re
 from collections.abc import Iterable, Mapping
+from types import SimpleNamespace
+
+import diffusers
+from diffusers.loaders import lora_pipeline
+from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+from diffusers.utils.state_dict_utils import StateDictType
+from peft.utils.other import get_pattern_key
 
 from .errors import AdapterFileError, UnsupportedAdapterError
 
@@ -47,9 +54,7 @@ PLAIN_LORA_REFUSALS = {
 LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.(?P<param>weight|bias)$")
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# keys, scales, configs
-# --------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------- keys, scales, configs
 
 
 def parse_lora_key(key: str) -> re.Match | None:
@@ -113,8 +118,6 @@ def config_dict(config, *, default_peft_type: str | None = "LORA") -> dict:
 
 def module_rank_alpha(config: Mapping, module: str, default_r: int | None = None) -> tuple[int, float]:
     """``(r, lora_alpha)`` that peft gives ``module`` under ``config`` (the same pattern matching as peft)."""
-    from peft.utils.other import get_pattern_key
-
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
     r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), config.get("r", default_r))
@@ -145,9 +148,7 @@ def plain_lora_refusal(config: Mapping) -> str | None:
     return None
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# models and pipeline components
-# --------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------- models and pipeline components
 
 
 def _base(model):
@@ -294,8 +295,6 @@ def family_of_pipeline(pipeline) -> str | None:
 
 def pipeline_class(pipeline):
     """A diffusers pipeline class from a class, an instance, a class name or a family (``"flux"``...)."""
-    import diffusers
-
     if pipeline is None:
         return None
     if isinstance(pipeline, str):
@@ -309,8 +308,6 @@ def pipeline_class(pipeline):
 
 def loadable_components() -> set[str]:
     """Every component name some diffusers pipeline loads LoRAs into (the union of ``_lora_loadable_modules``)."""
-    from diffusers.loaders import lora_pipeline
-
     names: set[str] = set()
     for obj in vars(lora_pipeline).values():
         if isinstance(obj, type):
@@ -370,9 +367,7 @@ def check_loadable(layers: Mapping[str, Iterable[str]], pipeline=None, *, adapte
     return cls.__name__
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# community layouts
-# --------------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------- community layouts
 
 # Layer names a diffusers model of each component has (leaf modules LoRAs target); converted names must match.
 _UNET_LAYER = re.compile(
@@ -517,10 +512,6 @@ def convert_community(
     with a name no diffusers layer has. Alphas are returned for the layers whose scale the converter left out of
     the tensors (kohya SD/SDXL); Flux converters fold it into the factors.
     """
-    import diffusers
-    from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
-    from diffusers.utils.state_dict_utils import StateDictType
-
     fmt = community_format(tensors)
     if fmt in ("loha", "lokr"):
         example = next(k for k in tensors if (_LOHA if fmt == "loha" else _LOKR).search(k))
@@ -554,8 +545,6 @@ def convert_community(
             layer=key,
         )
     if family == "sdxl" and unet_config is None:
-        from types import SimpleNamespace
-
         unet_config = SimpleNamespace(layers_per_block=2)  # SDXL base / refiner
     mixin = getattr(diffusers.loaders, _FAMILY_MIXINS[family])
 

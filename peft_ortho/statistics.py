@@ -84,12 +84,27 @@ _ORTHONORMAL_TOL = 1e-4  # float32 bases: ‖UᵀU − I‖_max is ~1e-7·√in 
 
 
 def layer_key(component: str | None, layer: str) -> str:
-    """The statistics key of an adapter layer ``(component, layer)``: ``layer``, or ``"component.layer"``."""
+    """The statistics key of an adapter layer.
+
+    Args:
+        component: the pipeline component (``"unet"``, ``"text_encoder"``...), or ``None`` for a single model.
+        layer: the layer's name in the adapter's weight file.
+
+    Returns:
+        ``layer``, or ``"component.layer"``.
+    """
     return layer if component is None else f"{component}.{layer}"
 
 
 def is_statistics_file(filename: str) -> bool:
-    """Whether a file name is a statistics file (never an adapter's weights)."""
+    """Whether a file name is a statistics file (never an adapter's weights).
+
+    Args:
+        filename: a file name or path.
+
+    Returns:
+        True for ``adapter_statistics.safetensors`` and names ending in the statistics suffix.
+    """
     name = os.path.basename(filename)
     return name == STATISTICS_NAME or name.endswith(STATISTICS_SUFFIX)
 
@@ -119,7 +134,11 @@ class Moment:
         return self.gram is None
 
     def dense(self) -> torch.Tensor:
-        """``G`` as an ``(in, in)`` float64 matrix."""
+        """``G`` as a dense matrix.
+
+        Returns:
+            ``(in, in)`` float64.
+        """
         if self.gram is not None:
             return self.gram
         U, s = self.basis, self.values
@@ -128,7 +147,14 @@ class Moment:
         return G
 
     def right_multiply(self, M: torch.Tensor) -> torch.Tensor:
-        """``M G`` for ``M`` ``(r, in)``, in ``O(r·in·k)`` for a sketch (``G`` is never formed)."""
+        """``M G``, in ``O(r·in·k)`` for a sketch (``G`` is never formed).
+
+        Args:
+            M: ``(r, in)``.
+
+        Returns:
+            ``(r, in)`` float64.
+        """
         M = M.to(torch.float64)
         if self.gram is not None:
             return M @ self.gram
@@ -136,7 +162,11 @@ class Moment:
         return self.residual * M + ((M @ U) * (self.values - self.residual)) @ U.T
 
     def trace(self) -> float:
-        """``tr G`` (exact for a sketch too: ``Σσ + ρ·(in − k)`` is how ``ρ`` was chosen)."""
+        """The trace of ``G`` (exact for a sketch too: ``Σσ + ρ·(in − k)`` is how ``ρ`` was chosen).
+
+        Returns:
+            ``tr G``.
+        """
         if self.gram is not None:
             return float(self.gram.diagonal().sum())
         return float(self.values.sum()) + self.residual * (self.in_features - self.values.shape[0])
@@ -155,24 +185,58 @@ class AdapterStatistics:
     adapter: str | None = None
 
     def moment(self, layer: str, kind: str) -> Moment | None:
-        """The ``kind`` moment of ``layer``; ``None`` where that layer never saw an input of that kind."""
+        """The moment of one layer and kind.
+
+        Args:
+            layer: the layer's statistics key.
+            kind: one of ``KINDS``.
+
+        Returns:
+            The ``Moment``; ``None`` where that layer never saw an input of that kind.
+        """
         return self.layers.get(layer, {}).get(kind)
 
     def kinds(self) -> list[str]:
-        """The kinds present in at least one layer, in ``KINDS`` order."""
+        """The kinds present in at least one layer.
+
+        Returns:
+            Kind names, in ``KINDS`` order.
+        """
         present = {k for moments in self.layers.values() for k in moments}
         return [k for k in KINDS if k in present]
 
     def counts(self, kind: str) -> list[int]:
-        """The number of input rows behind each layer's ``kind`` moment (layers without it left out)."""
+        """The number of input rows behind each layer's moment of one kind.
+
+        Args:
+            kind: one of ``KINDS``.
+
+        Returns:
+            One count per layer that has that kind (layers without it left out).
+        """
         return [m[kind].count for m in self.layers.values() if kind in m]
 
     def with_prefix(self, component: str) -> AdapterStatistics:
-        """The same moments keyed ``"component.layer"`` (for a PEFT folder merged under a pipeline component)."""
+        """The same moments keyed ``"component.layer"`` (for a PEFT folder merged under a pipeline component).
+
+        Args:
+            component: the pipeline component.
+
+        Returns:
+            A new ``AdapterStatistics`` sharing the moments.
+        """
         return AdapterStatistics({layer_key(component, k): v for k, v in self.layers.items()}, self.adapter)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *, overwrite: bool = False) -> str:
-        """Write ``save_directory/adapter_statistics.safetensors``; returns its path. See ``save_statistics``."""
+        """Write ``save_directory/adapter_statistics.safetensors`` (see ``save_statistics``).
+
+        Args:
+            save_directory: the folder (created if missing), usually the adapter's own.
+            overwrite: replace an existing file.
+
+        Returns:
+            The file's path.
+        """
         os.makedirs(save_directory, exist_ok=True)
         return save_statistics(self, os.path.join(os.fspath(save_directory), STATISTICS_NAME), overwrite=overwrite)
 
@@ -198,6 +262,16 @@ def sketch_moment(
     Error bound of the sketch ``Ĝ = U diag(λ_1..k) Uᵀ + ρ (I − U Uᵀ)``: ``G − Ĝ = Σ_{j>k} (λ_j − ρ) u_j u_jᵀ``,
     so ``‖G − Ĝ‖₂ = max_{j>k} |λ_j − ρ| ≤ λ_{k+1}`` (both ``λ_j`` and ``ρ`` lie in ``[0, λ_{k+1}]``) and
     ``tr Ĝ = tr G``. The basis is stored in float32, which adds at most ~1e-7·√in·λ_1.
+
+    Args:
+        gram: ``G``, ``(in, in)`` float64, symmetric PSD.
+        count: the number of input rows behind it.
+        exact_max: the widest layer stored exactly.
+        rank: the sketch's rank ``k`` when ``G``'s numerical rank exceeds ``lossless_rank``.
+        lossless_rank: up to this numerical rank, the sketch keeps every eigenpair.
+
+    Returns:
+        The ``Moment``: exact, or a sketch.
     """
     n = gram.shape[0]
     if n <= exact_max:
@@ -367,7 +441,14 @@ class _Recorder:
 
     @contextlib.contextmanager
     def record(self, kind: str) -> Iterator[None]:
-        """Accumulate the inputs of every forward inside the block as ``kind`` (one of ``KINDS``)."""
+        """Accumulate the inputs of every forward inside the ``with`` block.
+
+        Args:
+            kind: what the inputs are, one of ``KINDS``.
+
+        Yields:
+            Nothing; on exit, at least one adapted layer must have seen an input.
+        """
         if kind not in KINDS:
             raise ValueError(f"unknown statistics kind {kind!r}; choose one of {KINDS}")
         if self._recording:
@@ -401,6 +482,9 @@ class _Recorder:
         Layers × kinds are reduced in one fixed order, with zeros where a process saw nothing, so processes that
         recorded different kinds cannot deadlock or mix up layers; afterwards every rank holds bit-identical sums.
         In a single process it is a no-op.
+
+        Args:
+            group: the ``torch.distributed`` process group (default: the world).
         """
         import torch.distributed as dist
 
@@ -441,6 +525,9 @@ class _Recorder:
         copy or write them out before recording more. Every value is exact (float64 sums, integer counts), so a
         run resumed through ``load_state_dict`` ends with bit-identical statistics. Layers that saw nothing of a
         kind have no entry; a fresh recorder's state is ``{}``.
+
+        Returns:
+            ``{key: tensor}`` as above.
         """
         out: dict[str, torch.Tensor] = {}
         for part, accs in zip(self._PARTS, (self._local, self._reduced)):
@@ -456,6 +543,10 @@ class _Recorder:
         kind and a layer of this recorder, sums and counts come in pairs, sums are ``(in, in)`` float64 and finite,
         counts non-negative integer scalars. The sums are copied to ``device`` (default: the device of each
         layer's weight), so the recorder never aliases the caller's tensors.
+
+        Args:
+            state: what ``state_dict`` returned.
+            device: where the sums go (default: each layer's weight's device).
         """
         pairs: dict[tuple[str, str, str], dict[str, torch.Tensor]] = {}
         for key, value in state.items():
@@ -512,10 +603,16 @@ class _Recorder:
         rank: int = SKETCH_RANK,
         lossless_rank: int = LOSSLESS_RANK,
     ) -> AdapterStatistics:
-        """What was recorded, as ``AdapterStatistics`` in stored form (see ``sketch_moment`` for the arguments).
+        """What was recorded, in stored form.
 
         Layers that never saw an input of a kind have no moment of that kind. Layers whose sums are bit-identical
         (they were fed the same tensors) share one ``Moment`` object, and one entry in the saved file.
+
+        Args:
+            exact_max, rank, lossless_rank: the stored form, as in ``sketch_moment``.
+
+        Returns:
+            The ``AdapterStatistics``.
         """
         if _world_size() > 1 and any(a.count for a in self._local.values()):
             raise RuntimeError(
@@ -606,12 +703,8 @@ def _adapted_layers(model, adapter_name: str | None) -> tuple[dict[str, tuple[nn
 class InputStatistics(_Recorder):
     """Records, per adapted layer and kind, the second moment ``XᵀX`` of the layer's inputs (float64) and their count.
 
-    ``model``: a ``PeftModel`` (LoRA, OrthoLoRA, BlockLoRA, ...), a model with adapters injected in place
-    (``inject_adapter_in_model``, diffusers' ``add_adapter``), either under DDP / accelerate / ``torch.compile``
-    wrappers, or a mapping ``{component: model}`` / a diffusers pipeline whose components carry adapters (layer names
-    are then prefixed with the component, as in a diffusers LoRA file). ``adapter_name``: whose layers (default: the
-    only adapter). Inputs: ``nn.Linear`` and ``Conv1D`` tokens ``(…, in)``; ``nn.Conv2d`` unfolded patches
-    ``(C_in·kh·kw)`` with the conv's stride, padding and dilation.
+    Inputs: ``nn.Linear`` and ``Conv1D`` tokens ``(…, in)``; ``nn.Conv2d`` unfolded patches ``(C_in·kh·kw)`` with
+    the conv's stride, padding and dilation.
 
     Example::
 
@@ -626,14 +719,22 @@ class InputStatistics(_Recorder):
     Forwards that run during a backward pass (gradient-checkpointing recomputations) are not counted. Costs one
     Python call per adapted layer and forward when not recording; ``remove()`` takes the hooks out.
 
-    ``product_dtype``: the dtype of each forward's ``XᵀX`` product; the running sums are float64 whatever it is.
-    Default (``None``): the inputs' own precision — float64 for float64 inputs, float32 for everything else
+    The dtype of each forward's ``XᵀX`` product (``product_dtype``; the running sums are float64 whatever it is),
+    by default the inputs' own precision — float64 for float64 inputs, float32 for everything else
     (float32, and float16 / bfloat16 inputs widened to float32), never TF32. A float32 product of ``n`` rows is
     within ``γ_n = n·u / (1 − n·u)`` (``u = 2⁻²⁴``) of the exact one elementwise, relative to ``|X|ᵀ|X|``, for any
     summation order; measured on attention-shaped batches (hundreds to 32k rows, 320–768 wide) its relative
     Frobenius error is about 1e-7 per batch (tests/test_statistics.py checks ≤ 1e-6), far below what the merge
     can resolve (its ridge is 1e-3 of the mean eigenvalue). It costs half a float64 product on CPUs and much less
     on GPUs without fast float64 (docs/benchmarks.md). ``torch.float64`` forces products exact to float64 rounding.
+
+    Args:
+        model: a ``PeftModel`` (LoRA, OrthoLoRA, BlockLoRA, ...), a model with adapters injected in place
+            (``inject_adapter_in_model``, diffusers' ``add_adapter``), either under DDP / accelerate /
+            ``torch.compile`` wrappers, or a mapping ``{component: model}`` / a diffusers pipeline whose components
+            carry adapters (layer names are then prefixed with the component, as in a diffusers LoRA file).
+        adapter_name: whose layers (default: the only adapter).
+        product_dtype: the dtype of each forward's product (default ``None``: as above).
     """
 
     def __init__(self, model, *, adapter_name: str | None = None, product_dtype: torch.dtype | None = None):
@@ -642,6 +743,7 @@ class InputStatistics(_Recorder):
 
     @property
     def layer_names(self) -> list[str]:
+        """The statistics keys of the layers this records."""
         return list(self._layers)
 
     def save_pretrained(
@@ -655,8 +757,15 @@ class InputStatistics(_Recorder):
     ) -> str:
         """Write ``save_directory/adapter_statistics.safetensors`` (exact Grams for small layers, sketches for large).
 
-        In a multi-process run call ``all_reduce()`` on every process first; it is refused otherwise. Returns the
-        file's path.
+        In a multi-process run call ``all_reduce()`` on every process first; it is refused otherwise.
+
+        Args:
+            save_directory: the folder (created if missing), usually the adapter's own.
+            overwrite: replace an existing file.
+            exact_max, rank, lossless_rank: the stored form, as in ``sketch_moment``.
+
+        Returns:
+            The file's path.
         """
         stats = self.statistics(exact_max=exact_max, rank=rank, lossless_rank=lossless_rank)
         return stats.save_pretrained(save_directory, overwrite=overwrite)
@@ -666,12 +775,20 @@ class InputStatistics(_Recorder):
 
 
 def save_statistics(stats: AdapterStatistics, path: str | os.PathLike, *, overwrite: bool = False) -> str:
-    """Write ``stats`` to one safetensors file, atomically (temporary file, then one rename); returns the path.
+    """Write statistics to one safetensors file, atomically (temporary file, then one rename).
 
     Layout: per distinct moment ``i`` the tensors ``"{i}.gram"`` (float64 ``(in, in)``) or ``"{i}.basis"``
     (float32 ``(in, k)``) and ``"{i}.values"`` (float64 ``(k,)``); metadata ``format``, ``format_version``,
     ``moments`` (JSON list of ``{count, in_features, residual, sketch}``) and ``layers`` (JSON
     ``{layer: {kind: i}}``). Moments shared by several layers are written once.
+
+    Args:
+        stats: the statistics.
+        path: the file to write.
+        overwrite: replace an existing file.
+
+    Returns:
+        ``path``.
     """
     from safetensors.torch import save_file
 
@@ -758,6 +875,13 @@ def load_statistics(path_or_folder: str | os.PathLike, *, adapter: str) -> Adapt
     ``(in, k)`` with ``1 ≤ k ≤ in``, ``values`` ``(k,)``), dtypes, finiteness, exact symmetry and a non-negative
     diagonal of Grams, non-negative eigenvalues and residual, orthonormal bases, and that no tensor is missing or
     left over. Any failure raises ``AdapterFileError`` naming ``adapter`` and the layer.
+
+    Args:
+        path_or_folder: the file, or a folder holding ``adapter_statistics.safetensors``.
+        adapter: the adapter name errors name.
+
+    Returns:
+        The ``AdapterStatistics``.
     """
     from safetensors import safe_open
 
@@ -865,7 +989,13 @@ def _read_moment(f, i: int, meta: dict, adapter: str, owner: tuple[str, str]) ->
 
 
 def check_statistics(stats: AdapterStatistics, in_features: Mapping[str, int], *, adapter: str) -> None:
-    """Refuse statistics whose layers are not the adapter's (``in_features``: ``{layer key: in}``) or of another width."""
+    """Refuse statistics whose layers are not the adapter's, or of another width (``AdapterFileError``).
+
+    Args:
+        stats: the statistics.
+        in_features: the adapter's layers, ``{layer key: in}``.
+        adapter: the adapter name errors name.
+    """
     for layer, by_kind in stats.layers.items():
         if layer not in in_features:
             raise AdapterFileError(
@@ -1116,7 +1246,14 @@ def compare_statistics(
     - ``overlap = ‖U_calᵀ U_rec‖_F² / r`` of the top-``r`` eigenvectors of the two (1: the same ``r``-dimensional
       input subspace dominates both; ``r/in``: no better than chance).
 
-    Returns ``{layer key: {"relative_error", "overlap"}}`` for the layers both hold ``kind`` for.
+    Args:
+        calibrated: statistics from ``calibrate``.
+        recorded: statistics recorded while training.
+        adapter: the loaded adapter (``peft_ortho.merging.load.Adapter``) whose ``A`` factors weigh the comparison.
+        kind: which moments to compare.
+
+    Returns:
+        ``{layer key: {"relative_error", "overlap"}}`` for the layers both hold ``kind`` for.
     """
     out = {}
     for comp, layer in adapter.layers():

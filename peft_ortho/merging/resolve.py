@@ -11,8 +11,19 @@ import os
 import re
 from dataclasses import dataclass
 
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+)
+from huggingface_hub.file_download import REGEX_COMMIT_HASH
+from huggingface_hub.utils import validate_repo_id
+from tqdm.auto import tqdm
+
 from .._io import PICKLE_SUFFIXES, refuse_pickle
-from ..errors import AdapterFileError
+from ..errors import AdapterFileError, IncompatibleAdaptersError
 from ..statistics import is_statistics_file
 
 ADAPTER_FILES = ["adapter_config.json", "*.safetensors"]  # weights, and adapter_statistics.safetensors when present
@@ -36,7 +47,14 @@ class Source:
 
 
 def split_revision(name: str) -> tuple[str, str | None]:
-    """``"alice/rex@v1.2"`` → ``("alice/rex", "v1.2")``; ``"alice/rex@"`` (an empty revision) is an error."""
+    """Split a Hub name from its revision: ``"alice/rex@v1.2"`` → ``("alice/rex", "v1.2")``.
+
+    Args:
+        name: an adapter name, optionally ``@revision``; ``"alice/rex@"`` (an empty revision) is refused.
+
+    Returns:
+        ``(repo id or path, revision or None)``.
+    """
     if "@" in name:
         repo, _, revision = name.partition("@")
         if not revision:
@@ -56,6 +74,13 @@ def check_revision(revision: str, *, adapter: str | None = None) -> str:
 
     The Hub cache looks a branch or tag up as the file ``refs/<revision>``: a revision such as ``../../x`` would read
     a file outside the repository's cache folder.
+
+    Args:
+        revision: a branch, tag or commit name.
+        adapter: the adapter name the error names.
+
+    Returns:
+        ``revision``, unchanged.
     """
     if not isinstance(revision, str) or not revision or len(revision) > 255 or _BAD_REF.search(revision):
         raise AdapterFileError(
@@ -66,10 +91,15 @@ def check_revision(revision: str, *, adapter: str | None = None) -> str:
 
 def check_repo_id(repo_id: str, *, adapter: str | None = None) -> str:
     """Refuse what the Hub's own rules (``huggingface_hub.utils.validate_repo_id``) refuse, and a name without its
-    ``owner/``: a bare name is a typo'd local path more often than a repo."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
+    ``owner/``: a bare name is a typo'd local path more often than a repo.
 
+    Args:
+        repo_id: ``owner/name``, without a revision.
+        adapter: the adapter name the error names.
+
+    Returns:
+        ``repo_id``, unchanged.
+    """
     if repo_id.count("/") != 1:
         raise AdapterFileError(
             "not a local folder, a .safetensors file, or a Hub repo id ('owner/name[@revision]')", adapter=adapter
@@ -88,7 +118,17 @@ def check_repo_id(repo_id: str, *, adapter: str | None = None) -> str:
 
 
 def resolve(name: str, *, token: str | bool | None = None, cache_dir: str | None = None) -> Source:
-    """Resolve one adapter name to local files (downloading through the Hub cache only when needed)."""
+    """Resolve one adapter name to local files (downloading through the Hub cache only when needed).
+
+    Args:
+        name: a local adapter folder, a diffusers LoRA folder, a ``.safetensors`` file, or a Hub repo id
+            (``owner/name[@revision]``).
+        token: the Hub token (as ``huggingface_hub`` takes it).
+        cache_dir: the Hub cache (default: ``huggingface_hub``'s).
+
+    Returns:
+        The ``Source``: a folder or a file, and for a Hub name the commit it resolved to.
+    """
     if os.path.isdir(name):
         folder = os.path.abspath(name)
         if os.path.isfile(os.path.join(folder, "adapter_config.json")):
@@ -120,15 +160,6 @@ def resolve(name: str, *, token: str | bool | None = None, cache_dir: str | None
 
 
 def _resolve_hub(name: str, repo_id: str, revision: str | None, *, token, cache_dir) -> Source:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        HfHubHTTPError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
-    from huggingface_hub.file_download import REGEX_COMMIT_HASH
-
     try:
         folder = snapshot_download(
             repo_id,
@@ -177,17 +208,23 @@ def _resolve_hub(name: str, repo_id: str, revision: str | None, *, token, cache_
 
 
 def resolve_all(names: list[str], *, token=None, cache_dir=None, progress: bool = True) -> list[Source]:
-    """Resolve every name (a progress bar when there are many); duplicates are refused."""
-    from tqdm.auto import tqdm
+    """Resolve every name (a progress bar when there are many); duplicates are refused.
 
+    Args:
+        names: adapter names, as ``resolve`` takes them.
+        token: the Hub token.
+        cache_dir: the Hub cache.
+        progress: show a progress bar (only from 4 names on).
+
+    Returns:
+        One ``Source`` per name, in order.
+    """
     sources = []
     seen: dict[tuple, str] = {}
     for name in tqdm(names, desc="resolving adapters", disable=not progress or len(names) < 4):
         source = resolve(name, token=token, cache_dir=cache_dir)
         identity = (source.repo_id, source.commit) if source.kind == "hub" else (os.path.realpath(source.path),)
         if identity in seen:
-            from ..errors import IncompatibleAdaptersError
-
             raise IncompatibleAdaptersError(
                 f"is the same adapter as {seen[identity]!r}; each adapter may appear once (use weights to scale)",
                 adapter=name,
