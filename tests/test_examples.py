@@ -445,7 +445,9 @@ def test_dreambooth_block_adapter(dreambooth, sd_data, tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(str(sd_data / "model"), safety_checker=None)
     pipe.load_lora_weights(str(out))
     with torch.no_grad():
-        torch.testing.assert_close(pipe.unet(**inputs).sample, ref, atol=1e-6, rtol=0)
+        # a few float32 ulps of the output (|y| ~ 1) on top of 1e-6: the block product and the zero-padded LoRA
+        # round differently (1.8e-6 at y = 1.08 under diffusers 0.41 / peft 0.21.0); a wrong export is off by ~ΔW
+        torch.testing.assert_close(pipe.unet(**inputs).sample, ref, atol=1e-6, rtol=4e-6)
     assert "blocklora" in ModelCard.load(str(out / "README.md")).data.tags
 
 
