@@ -521,3 +521,88 @@ def test_recorded_statistics_files_drive_auto_and_the_cli(mlp, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "Statistics merge (regmean)" in result.stdout and "μ=0.5" in result.stdout
     assert "output change" in result.stdout and "retention" in result.stdout
+
+
+# ------------------------------------------------------------------------------- the report's batched factor path
+
+
+def _random_moment(g, width: int, sketch: bool) -> Moment:
+    if not sketch:
+        X = torch.randn(3 * width, width, generator=g, dtype=torch.float64)
+        return Moment(3 * width, gram=X.T @ X / (3 * width))
+    k = min(5, width - 1)
+    U = torch.linalg.qr(torch.randn(width, k, generator=g, dtype=torch.float64))[0]
+    values = torch.linspace(4.0, 1.0, k, dtype=torch.float64)
+    return Moment(100, basis=U, values=values, residual=0.2)
+
+
+def _dense_gram(m: Moment) -> torch.Tensor:
+    """``G`` written out here: exact, or ``U diag(σ) Uᵀ + ρ (I − U Uᵀ)``."""
+    if m.gram is not None:
+        return m.gram
+    U = m.basis
+    return U @ torch.diag(m.values) @ U.T + m.residual * (torch.eye(U.shape[0], dtype=torch.float64) - U @ U.T)
+
+
+@pytest.mark.parametrize("sketch", [False, True], ids=["exact", "sketch"])
+@pytest.mark.parametrize("method", ["linear", "regmean", "ties"])  # stacked (same A), stacked (solved A), dense ΔW
+def test_report_batched_path_equals_dense_computation(mlp, tmp_path, method, sketch):
+    """Every number of the report against a float64 computation from the dense ΔW, E_i and G of each layer, on
+    Linear and Conv2d (k×k and 1×1) layers, unequal ranks and weights ≠ 1 (one negative)."""
+    targets = ["lin0", "lin1", "conv", "conv1x1"]
+    folders = [build(mlp, lora(targets, r=2 + i, lora_alpha=3 + i), tmp_path / f"c{i}", seed=i) for i in range(3)]
+    weights = [0.8, 1.3, -0.6]
+    g = torch.Generator().manual_seed(7)
+    widths = {"lin0": 32, "lin1": 64, "conv": 16 * 9, "conv1x1": 8}
+    stats = {
+        f: AdapterStatistics(
+            layers={
+                layer: {kind: _random_moment(g, w, sketch) for kind in ("concept", "unconditional", "prior")}
+                for layer, w in widths.items()
+            }
+        )
+        for f in folders
+    }
+    merged = compose(folders, weights, method, statistics=stats, base=mlp)
+    report = merged.report
+    num = torch.zeros(3, dtype=torch.float64)
+    den = torch.zeros(3, dtype=torch.float64)
+    drift = [0.0, 0.0, 0.0]  # ‖ΔW X0‖², mean_i ‖E_i X0‖², ‖W X0‖²
+    for (_, layer), ml in merged.layers.items():
+        dW = ml.delta.double() if ml.delta is not None else ml.B.double() @ ml.A.double()
+        facs = [a.factors((None, layer), dtype=torch.float64) for a in merged.adapters]
+        E = [w * f.scale * f.B @ f.A for w, f in zip(weights, facs)]
+        s = [stats[f].layers[layer] for f in folders]
+        for i, f in enumerate(folders):
+            G = (_dense_gram(s[i]["concept"]) + _dense_gram(s[i]["unconditional"])) / 2
+            D = dW - E[i]
+            d2, e2 = float(torch.trace(D @ G @ D.T)), float(torch.trace(E[i] @ G @ E[i].T))
+            assert report.output_change[f][layer] == pytest.approx((d2 / e2) ** 0.5, rel=1e-9, abs=1e-12)
+            num[i] += d2
+            den[i] += e2
+        G0 = sum(_dense_gram(x["prior"]) for x in s) / 3
+        W = mlp.get_submodule(layer).weight.detach().double().reshape(dW.shape[0], -1)
+        m2, s2 = float(torch.trace(dW @ G0 @ dW.T)), sum(float(torch.trace(e @ G0 @ e.T)) for e in E) / 3
+        entry = report.layers[layer]
+        assert entry["drift"]["vs_single"] == pytest.approx((m2 / s2) ** 0.5, rel=1e-9)
+        assert entry["drift"]["relative"] == pytest.approx((m2 / float(torch.trace(W @ G0 @ W.T))) ** 0.5, rel=1e-9)
+        drift = [drift[0] + m2, drift[1] + s2, drift[2] + float(torch.trace(W @ G0 @ W.T))]
+        # basis relations and sign conflicts, from the dense deltas and the down-projections
+        for i, fi in enumerate(folders):
+            own = float((E[i] @ facs[i].A.T).square().sum())
+            for j, fj in enumerate(folders):
+                if i == j:
+                    continue
+                cross = float((E[j] @ facs[i].A.T).square().sum())
+                assert entry["basis_response"][f"{fi} <- {fj}"] == pytest.approx((cross / own) ** 0.5, rel=1e-9)
+                if i < j:
+                    overlap = float((facs[i].A @ facs[j].A.T).norm()) / (facs[i].rank * facs[j].rank) ** 0.5
+                    assert entry["overlap"][f"{fi} | {fj}"] == pytest.approx(overlap, rel=1e-9)
+                    both = (E[i] != 0) & (E[j] != 0)
+                    expected = float(((E[i] * E[j] < 0) & both).sum()) / float(both.sum())
+                    assert entry["sign_conflicts"][f"{fi} | {fj}"] == expected
+    for i, f in enumerate(folders):
+        assert report.concepts[f]["output_change"] == pytest.approx(float(num[i] / den[i]) ** 0.5, rel=1e-9)
+    assert report.drift["vs_single"] == pytest.approx((drift[0] / drift[1]) ** 0.5, rel=1e-9)
+    assert report.drift["relative"] == pytest.approx((drift[0] / drift[2]) ** 0.5, rel=1e-9)
+    assert report.drift["layers"] == len(targets)
