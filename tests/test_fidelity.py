@@ -375,3 +375,25 @@ def test_training_records_each_kind_and_calibration_copies_the_adapter(tmp_path)
     assert torch.linalg.matrix_norm(dense - reference) <= 1e-6 * torch.linalg.matrix_norm(reference)
     assert not torch.allclose(recorded.moment(layer, "prior").dense(), reference, rtol=1e-3)
     assert bench.calibrated(folder, 1) == out  # cached
+
+
+def test_recipe_section_says_when_the_adapters_are_not_trained_with_the_chosen_recipe():
+    """A rerun whose probe picks another recipe than the configured one must not claim the adapters use it."""
+    from studies.fidelity.report import recipe_section
+
+    def trial(weight, ratio, steps, lr, loss):
+        return {"prior_loss_weight": weight, "class_ratio": ratio, "steps": steps, "lr": lr, "loss": loss,
+                "base_loss": 0.44, "identity": 0.9, "prior_drift": 0.09, "train_seconds": 50.0}  # fmt: skip
+
+    configured, other = trial(2.0, 1, 120, 1e-2, 0.16), trial(2.0, 2, 240, 5e-3, 0.15)
+    config = {"images_per_concept": 6, "repeats": 1, "prior_loss_weight": 2.0, "class_ratio": 1, "steps": 120}
+    for best, claimed in ((configured, True), (other, False)):
+        results = {
+            "recipe": {"trials": [configured, other], "chosen": best, "within": True, "drift_max": 0.1},
+            "config": config,
+            "lrs": {"lora": 1e-2},
+            "concepts": [],
+        }
+        text = "\n".join(recipe_section(results))
+        assert ("every adapter below is trained with it" in text) is claimed
+        assert ("the adapters below are not" in text) is not claimed

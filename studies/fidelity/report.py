@@ -246,6 +246,22 @@ def tuning_table(tuned: dict) -> str:
     return "\n".join(lines)
 
 
+def _trained_recipe_note(results: dict, best: dict) -> str:
+    """Whether the adapters below were trained with the recipe the rule chose (a rerun whose probe picks another
+    recipe than the configured one says so instead of claiming it)."""
+    cfg = results["config"]
+    lr = results.get("lrs", {}).get("lora", best["lr"])
+    trained = (float(cfg["prior_loss_weight"]), int(cfg["class_ratio"]), int(cfg["steps"]), float(lr))
+    picked = (float(best["prior_loss_weight"]), int(best["class_ratio"]), int(best["steps"]), float(best["lr"]))
+    if trained == picked:
+        return "every adapter below is trained with it."
+    return (
+        f"**the adapters below are not**: they are trained with prior_loss_weight {trained[0]:g}, {trained[1]}× "
+        f"class images per step, {trained[2]} steps at lr {trained[3]:g} (the configured recipe; see the note at "
+        "the end of this section)."
+    )
+
+
 def recipe_section(results: dict) -> list[str]:
     """The DreamBooth recipe probe on the tuning concept (the rule and the chosen row in bold), the single-adapter
     drift with and without prior preservation, as markdown lines."""
@@ -280,7 +296,7 @@ def recipe_section(results: dict) -> list[str]:
             "many) and steps/lr. Rule: "
             + verdict
             + f". Chosen: prior_loss_weight {best['prior_loss_weight']:g}, {best['class_ratio']}× class images per "
-            f"step, {best['steps']} steps at lr {best['lr']:g}; every adapter below is trained with it.",
+            f"step, {best['steps']} steps at lr {best['lr']:g}; " + _trained_recipe_note(results, best),
             "",
             *lines,
         ]
