@@ -537,10 +537,10 @@ class Report:
                         conflict_layers[i, j] += 1
             name = _layer_name(layer)
             if merged_layer is not None and any(with_stats[i] for i in owners):
-                self._predict_layer(
+                energies = self._predict_layer(
                     entry, name, layer, merged_layer, adapters, owners, stack, index, cache, base_energy
                 )
-                for p, (d2, e2) in entry.pop("_energies").items():
+                for p, (d2, e2) in energies.items():
                     change[owners[p]] += d2
                     own[owners[p]] += e2
                 d = entry.get("drift")
@@ -569,7 +569,9 @@ class Report:
                 self.drift["single_relative"] = _ratio(drift["single"], drift["base"])
             self.drift["layers"] = drift["layers"]
 
-    def _predict_layer(self, entry, name, layer, merged_layer, adapters, owners, stack, index, cache, base):
+    def _predict_layer(self, entry, name, layer, merged_layer, adapters, owners, stack, index, cache, base) -> dict:
+        """Fill ``entry``'s predictions for one layer; returns ``{owner position: (d2, e2)}``, the energies the
+        per-concept totals sum (``_layer_predictions``)."""
         concepts = {}  # owner position → G_p as [(coefficient, Moment)]
         for p, i in enumerate(owners):
             stats = adapters[i].statistics
@@ -581,12 +583,11 @@ class Report:
                 concepts[p] = concept_terms({"concept": concept, "unconditional": uncond})
         priors = prior_terms(adapters, owners, layer)
         entry["output_change"] = {}
-        entry["_energies"] = {}
         if not concepts and not priors:
-            return
+            return {}
         got = _layer_predictions(stack, _Merged(merged_layer, stack), concepts, priors, index, cache)
-        for p, (d2, e2) in got.get("concepts", {}).items():
-            entry["_energies"][p] = (d2, e2)
+        energies = got.get("concepts", {})
+        for p, (d2, e2) in energies.items():
             value = _ratio(d2, e2)
             entry["output_change"][self.names[owners[p]]] = value
             self.output_change[self.names[owners[p]]][name] = value
@@ -596,6 +597,7 @@ class Report:
             if base and layer in base:
                 entry["drift"]["relative"] = _ratio(m2, base[layer])
                 entry["drift"]["_base"] = base[layer]
+        return energies
 
     def max_overlap(self) -> float:
         return max((v for e in self.layers.values() for v in e["overlap"].values()), default=0.0)
