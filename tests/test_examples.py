@@ -285,6 +285,30 @@ def test_dreambooth_prior_preservation_generates_caches_and_mixes(dreambooth, sd
     assert resumed["adapter_sha256"] == result["adapter_sha256"]
 
 
+def test_dreambooth_prior_loss_target_base_is_the_frozen_base_prediction(dreambooth, sd_data, tmp_path):
+    """``--prior_loss_target base``: the class samples regress onto the frozen base's prediction. At the first step
+    the adapter is the identity, so the class term is exactly 0 and the step's loss equals the run without a class
+    term (``--prior_loss_weight 0``) bit for bit; with the noise target it does not. From the second step the
+    adapter has moved and the class term pulls it back: the runs differ."""
+    argv = ["--with_prior_preservation", "--class_prompt", CLASS_PROMPT, "--class_data_dir", str(sd_data / "classes")]
+    argv += ["--num_class_images", "3", "--train_batch_size", "2", "--max_train_steps", "2", "--slot", "1"]
+    argv += ["--no_statistics"]
+    runs = {}
+    for name, extra in {
+        "base": ["--prior_loss_target", "base"],
+        "none": ["--prior_loss_target", "base", "--prior_loss_weight", "0"],
+        "noise": [],
+    }.items():
+        _reset_accelerate()
+        runs[name] = dreambooth.main(_argv(sd_data, tmp_path / name, *argv, *extra))
+    assert runs["base"]["losses"][0] == runs["none"]["losses"][0]
+    assert runs["noise"]["losses"][0] > runs["none"]["losses"][0]
+    assert runs["base"]["losses"][1] != runs["none"]["losses"][1]
+    assert runs["base"]["adapter_sha256"] != runs["none"]["adapter_sha256"] != runs["noise"]["adapter_sha256"]
+    card = (tmp_path / "base" / "README.md").read_text()
+    assert "target: the base's prediction" in card
+
+
 def _refuse_pipeline(*args, **kwargs):
     raise AssertionError("a pipeline was built although nothing needed one")
 
@@ -576,6 +600,7 @@ def test_dreambooth_refuses_bad_input(dreambooth, sd_data, tmp_path, capsys):
         (["--class_prompt", "a dog"], "--class_prompt needs --with_prior_preservation"),
         (["--with_prior_preservation", "--class_prompt", "a dog"], "needs --class_prompt and --class_data_dir"),
         (["--class_data_dir", "x"], "--class_data_dir needs --with_prior_preservation"),
+        (["--prior_loss_target", "base"], "--prior_loss_target needs --with_prior_preservation"),
         (["--output_erasure"], "--output_erasure needs --class_prompt or --foreign_prompts"),
         (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be positive"),
         (["--adapter", "soda", "--soda_export_rank", "0"], "--soda_export_rank must be a positive integer"),

@@ -238,6 +238,28 @@ def test_every_training_step_feeds_the_class_prompt_with_class_images(tmp_path, 
     assert not any(all(c[1]) for c in calls)
 
 
+def test_distilled_prior_regresses_the_class_half_onto_the_frozen_base(tmp_path):
+    """``class_target="base"`` (family ``lora-distill``): the prior term's target is the base's own prediction, so at
+    the first step, where the adapter is still the identity, the prior loss is exactly 0; the noise target's is
+    not. After a step the adapter has moved and the term is positive."""
+    from studies.fidelity.base_model import build_models, encode
+    from studies.fidelity.methods import class_target, train_adapter
+
+    assert class_target("lora-distill") == "base" and class_target("lora") == "noise"
+    cfg = BaseConfig(train_steps=1, block_out_channels=(16, 32))
+    unet, text_encoder, tokenizer, scheduler = build_models(cfg)
+    base = type("Base", (), {"unet": unet, "scheduler": scheduler})()
+    base.encode = lambda prompts: encode(text_encoder, tokenizer, prompts)
+    concept = C.make_concept(load_digits_data(), 3, images_per_concept=2)
+    pool = (torch.rand(6, 1, 8, 8) * 2 - 1, [class_prompt(3)] * 6)
+    kw = dict(rank=1, lr=1e-2, repeats=1, seed=0, class_images=pool, record_statistics=False)
+    first = {t: train_adapter(base, concept, "lora", steps=1, out_dir=str(tmp_path / t), class_target=t, **kw)
+             for t in ("base", "noise")}  # fmt: skip
+    assert first["base"]["final_prior_loss"] == 0.0 and first["noise"]["final_prior_loss"] > 0.1
+    later = train_adapter(base, concept, "lora", steps=3, out_dir=str(tmp_path / "later"), class_target="base", **kw)
+    assert 0 < later["final_prior_loss"] < first["noise"]["final_prior_loss"]
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 
 
@@ -397,3 +419,14 @@ def test_recipe_section_says_when_the_adapters_are_not_trained_with_the_chosen_r
         text = "\n".join(recipe_section(results))
         assert ("every adapter below is trained with it" in text) is claimed
         assert ("the adapters below are not" in text) is not claimed
+    # The distilled prior chosen, and its family in the run: that family is named, the others' target stated.
+    distilled = {**configured, "target": "base", "loss": 0.14}
+    results = {
+        "recipe": {"trials": [configured, distilled], "chosen": distilled, "within": True, "drift_max": 0.1},
+        "config": config,
+        "lrs": {"lora": 1e-2, "lora-distill": 1e-2},
+        "concepts": [],
+    }
+    text = "\n".join(recipe_section(results))
+    assert "the `lora-distill` adapters below are trained with it" in text and "noise target" in text
+    assert "every adapter below" not in text

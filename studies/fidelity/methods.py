@@ -3,6 +3,10 @@
 Training *families* (one adapter per concept and family, same budget for all: steps, batch, rank):
 
 - ``lora``: peft ``LoraConfig`` (A and B trained);
+- ``<family>-distill`` (``lora-distill``, ``ortho-disjoint-distill``): as ``<family>``, but the prior-preservation
+  term regresses the class predictions onto the frozen base's own prediction on the same noised class image instead
+  of onto the added noise (prior preservation as distillation; ``examples/train_dreambooth.py
+  --prior_loss_target base``);
 - ``ortho-random``: ``OrthoLoraConfig(slot="random")``: each concept draws its own ``r`` random basis rows (drawn
   from a seeded RNG per concept so reruns are identical; the paper's behaviour);
 - ``ortho-disjoint``: ``OrthoLoraConfig(slot=i)``: concept ``i`` owns rows ``[i·r, (i+1)·r)``;
@@ -77,6 +81,17 @@ ALL_METHODS = [
     # prior target) are chosen on the tuning concepts (run.tune_statistics_merge) and filled in by the run.
     Method("lora-stats", "lora", "compose-regmean", "LoRA, statistics merge"),
     Method("lora-stats-calibrated", "lora", "compose-regmean-calibrated", "LoRA, statistics merge (calibrated)"),
+    Method("lora-distill-avg", "lora-distill", "compose-avg", "LoRA (distilled prior), average"),
+    Method("lora-distill-stats", "lora-distill", "compose-regmean", "LoRA (distilled prior), statistics merge"),
+    Method(
+        "ortho-disjoint-distill", "ortho-disjoint-distill", "compose-exact", "orthogonal disjoint (distilled prior)"
+    ),
+    Method(
+        "ortho-disjoint-distill-stats",
+        "ortho-disjoint-distill",
+        "compose-regmean",
+        "orthogonal disjoint (distilled prior), statistics merge",
+    ),
     Method("ortho-disjoint-stats", "ortho-disjoint", "compose-regmean", "orthogonal disjoint, statistics merge"),
     Method("block-stats", "block", "compose-regmean", "BlockLoRA, statistics merge"),
     Method(
@@ -102,6 +117,13 @@ ALL_METHODS = [
         "lora",
         "sequential",
         "LoRA, sequential + 50 refine steps",
+        (("prior_weight", 0.3), ("ridge", 1e-3), ("refine_steps", 50)),
+    ),
+    Method(
+        "lora-distill-sequential-refine",
+        "lora-distill",
+        "sequential",
+        "LoRA (distilled prior), sequential + 50 refine steps",
         (("prior_weight", 0.3), ("ridge", 1e-3), ("refine_steps", 50)),
     ),
     Method(
@@ -183,6 +205,7 @@ def peft_config(family: str, index: int, rank: int, unet, num_blocks: int = 16):
     """The peft config concept ``index`` trains with in ``family`` (rank ``r``, ``lora_alpha = r``: scale 1)."""
     from peft import LoraConfig
 
+    family = family.removesuffix("-distill")  # a training recipe, not another adapter
     if family == "lora":
         return LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS)
     if family == "ortho-random":
@@ -241,9 +264,14 @@ def dreambooth_batch(
 STATISTICS_FAMILIES = ("lora", "ortho-disjoint", "ortho-disjoint-erasure", "block", "block-erasure")
 
 
+def class_target(family: str) -> str:
+    """What ``family``'s prior-preservation term regresses the class predictions onto (``train_adapter``)."""
+    return "base" if family.endswith("-distill") else "noise"
+
+
 def records_statistics(family: str) -> bool:
     """Whether ``family``'s adapters record input statistics in this checkout (the statistics merge reads them)."""
-    return family in STATISTICS_FAMILIES and hasattr(peft_ortho, "InputStatistics")
+    return family.removesuffix("-distill") in STATISTICS_FAMILIES and hasattr(peft_ortho, "InputStatistics")
 
 
 def statistics_recorder(model):
@@ -268,6 +296,7 @@ def train_adapter(
     class_images: tuple[torch.Tensor, list[str]] | None = None,
     prior_loss_weight: float = 1.0,
     class_ratio: int = 1,
+    class_target: str = "noise",
     record_statistics: bool = True,
 ) -> dict:
     """Train concept's adapter on its images with the noise-prediction loss, save it (peft folder), return stats.
@@ -275,7 +304,9 @@ def train_adapter(
     Each step sees every concept image ``repeats`` times at random timesteps and noises (Adam, constant ``lr``).
     With ``class_images`` (DreamBooth prior preservation: ``(images, prompts)``) every step also holds as many class
     images (``class_ratio`` × as many) under their class prompts, and the loss is ``L_instance + prior_loss_weight · L_prior`` (diffusers'
-    ``train_dreambooth --with_prior_preservation``). The ``-erasure`` family swaps a fraction of the instance
+    ``train_dreambooth --with_prior_preservation``). ``class_target``: what ``L_prior`` regresses the class
+    predictions onto, ``"noise"`` (the added noise, diffusers' recipe) or ``"base"`` (the frozen base's own
+    prediction on the same noised class image: prior preservation as distillation, no sampling noise in the target). The ``-erasure`` family swaps a fraction of the instance
     prompts for foreign ones (``erasure_prompts``) and pulls those predictions onto the frozen base's
     (``peft_ortho.erasure.OutputErasure``).
 
@@ -289,6 +320,7 @@ def train_adapter(
     from peft import get_peft_model
 
     from peft_ortho._io import atomic_dir
+    from peft_ortho.erasure import adapters_disabled
 
     unet = copy.deepcopy(base.unet)
     with warnings.catch_warnings():
@@ -352,8 +384,12 @@ def train_adapter(
                 model(x_t, t, encode([""] * n))
         if x_prior is not None:
             xp_t, tp, noise_p = noised(x_prior)
+            states_p = encode(prior_prompts)
+            if class_target == "base":
+                with torch.no_grad(), adapters_disabled(model):
+                    noise_p = model(xp_t, tp, states_p).sample
             with record("prior"):
-                prior = F.mse_loss(model(xp_t, tp, encode(prior_prompts)).sample, noise_p)
+                prior = F.mse_loss(model(xp_t, tp, states_p).sample, noise_p)
             loss = loss + prior_loss_weight * prior
             prior_losses.append(prior.item())
         opt.zero_grad(set_to_none=True)

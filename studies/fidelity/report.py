@@ -13,7 +13,7 @@ TARGET_METHODS = ("ortho-disjoint", "block", "ortho-disjoint-erasure", "block-er
 PLAIN_LORA = ("lora-sum", "lora-avg", "peft-ties", "peft-svd")
 # Merges that keep or combine the weights only (no statistics, no calibration inputs): what the statistics merge
 # must beat on both retention and drift.
-WEIGHT_SPACE = (*PLAIN_LORA, "ortho-random", *TARGET_METHODS, "soda")
+WEIGHT_SPACE = (*PLAIN_LORA, "ortho-random", *TARGET_METHODS, "soda", "lora-distill-avg", "ortho-disjoint-distill")
 STATISTICS = (
     "lora-stats",
     "ortho-disjoint-stats",
@@ -25,6 +25,9 @@ STATISTICS = (
     "lora-sequential-refine",
     "lora-sequential-refine150",
     "lora-sequential-mu1",
+    "lora-distill-stats",
+    "ortho-disjoint-distill-stats",
+    "lora-distill-sequential-refine",
 )
 
 
@@ -220,11 +223,15 @@ def target_lines(results: dict, n_max: int) -> list[str]:
         (f, float(np.mean([v["prior_drift"] for v in per.values()]))) for f, per in results.get("single", {}).items()
     ]
     if pp:
-        worst = max(pp, key=lambda x: x[1])
+        met = [f"`{f}`" for f, d in pp if d <= 0.10]
+        missed = [f"`{f}`" for f, d in pp if not d <= 0.10]
         out.append(
-            "- Single adapter trained with prior preservation, prior drift ≤ 10 %: "
+            "- Single adapter trained with prior preservation, prior drift ≤ 10 % (mean over the concepts): "
             + ", ".join(f"`{f}` {100 * d:+.1f} %" for f, d in pp)
-            + f" ({'met' if worst[1] <= 0.10 else 'missed'} for the worst, `{worst[0]}`)."
+            + f"; met by {', '.join(met) or 'none'}"
+            + (f", missed by {', '.join(missed)}" if missed else "")
+            + " (`-distill`: the class term's target is the frozen base's prediction; the others: the noise, as in "
+            "diffusers)."
         )
     return out
 
@@ -246,57 +253,76 @@ def tuning_table(tuned: dict) -> str:
     return "\n".join(lines)
 
 
+TARGET_WORDS = {"noise": "noise", "base": "base's prediction"}
+
+
 def _trained_recipe_note(results: dict, best: dict) -> str:
-    """Whether the adapters below were trained with the recipe the rule chose (a rerun whose probe picks another
-    recipe than the configured one says so instead of claiming it)."""
+    """Which families below are trained with the recipe the rule chose (a rerun whose probe picks another recipe
+    than the configured one says so instead of claiming it)."""
     cfg = results["config"]
-    lr = results.get("lrs", {}).get("lora", best["lr"])
-    trained = (float(cfg["prior_loss_weight"]), int(cfg["class_ratio"]), int(cfg["steps"]), float(lr))
+    shared = (float(cfg["prior_loss_weight"]), int(cfg["class_ratio"]), int(cfg["steps"]))
     picked = (float(best["prior_loss_weight"]), int(best["class_ratio"]), int(best["steps"]), float(best["lr"]))
-    if trained == picked:
-        return "every adapter below is trained with it."
+    target = best.get("target", "noise")
+    family = {"noise": "lora", "base": "lora-distill"}[target]
+    lr = results.get("lrs", {}).get(family, best["lr"])
+    if (*shared, float(lr)) == picked:
+        if family == "lora" and "lora-distill" not in results.get("lrs", {}):
+            return "every adapter below is trained with it."
+        return (
+            f"the `{family}` adapters below are trained with it; every other family with prior_loss_weight "
+            f"{shared[0]:g}, {shared[1]}× class images per step, {shared[2]} steps at its own lr, and "
+            + ("the noise target (diffusers' recipe)." if family != "lora" else "the base's prediction as target.")
+        )
     return (
-        f"**the adapters below are not**: they are trained with prior_loss_weight {trained[0]:g}, {trained[1]}× "
-        f"class images per step, {trained[2]} steps at lr {trained[3]:g} (the configured recipe; see the note at "
-        "the end of this section)."
+        f"**the adapters below are not**: they are trained with prior_loss_weight {shared[0]:g}, {shared[1]}× "
+        f"class images per step, {shared[2]} steps (the configured recipe; see the note at the end of this "
+        "section)."
     )
 
 
 def recipe_section(results: dict) -> list[str]:
-    """The DreamBooth recipe probe on the tuning concept (the rule and the chosen row in bold), the single-adapter
+    """The DreamBooth recipe probe on the recipe concepts (the rule and the chosen row in bold), the single-adapter
     drift with and without prior preservation, as markdown lines."""
     rec = results.get("recipe")
     out: list[str] = []
     if rec:
         best = rec["chosen"]
+        concepts = rec.get("concepts", [15])
         lines = [
-            "| prior_loss_weight | class images per step | steps | lr | loss on own images (base) | identity "
-            "| prior drift | train s |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| prior_loss_weight | class images per step | steps | lr | target | loss on own images (base) "
+            "| identity | prior drift | per concept | train s |",
+            "|---:|---:|---:|---:|---|---:|---:|---:|---|---:|",
         ]
         for t in rec["trials"]:
             b = "**" if t == best else ""
             per_step = t["class_ratio"] * results["config"]["images_per_concept"] * results["config"]["repeats"]
+            per = " / ".join(f"{100 * p['prior_drift']:+.1f}" for p in t.get("per_concept", []))
             lines.append(
                 f"| {b}{t['prior_loss_weight']:g}{b} | {b}{per_step}{b} | {b}{t['steps']}{b} | {b}{t['lr']:g}{b} "
-                f"| {t['loss']:.4f} ({t['base_loss']:.4f}) | {t['identity']:.2f} | {100 * t['prior_drift']:+.1f} % "
-                f"| {t['train_seconds']:.0f} |"
+                f"| {b}{TARGET_WORDS[t.get('target', 'noise')]}{b} | {t['loss']:.4f} ({t['base_loss']:.4f}) "
+                f"| {t['identity']:.2f} | {100 * t['prior_drift']:+.1f} % | {per} | {t['train_seconds']:.0f} |"
             )
+        mean = "mean " if len(concepts) > 1 else ""
         verdict = (
-            f"the lowest loss on the concept's own images among the settings whose prior drift is ≤ "
+            f"the lowest {mean}loss on the concepts' own images among the settings whose {mean}prior drift is ≤ "
             f"{100 * rec['drift_max']:.0f} %"
             if rec["within"]
             else f"**no setting drifted ≤ {100 * rec['drift_max']:.0f} %**, so the rule falls back to the lowest drift"
         )
+        names = ", ".join(f"`sks{c}`" for c in concepts)
         out += [
             "",
-            "**DreamBooth recipe** (chosen on the tuning concept `sks15`, underlined 5, never merged; one LoRA per "
-            "setting, measured alone): the settings a DreamBooth user turns when the class drifts, the prior loss "
-            "weight, the class images per step (as many as the 6 instance images, diffusers' default, or twice as "
-            "many) and steps/lr. Rule: "
+            f"**DreamBooth recipe** (chosen on the tuning concept{'s' if len(concepts) > 1 else ''} {names}, never "
+            "merged; one LoRA per setting and concept, measured alone; the columns are means over the concepts, "
+            "*per concept* gives each one's drift): the settings a DreamBooth user turns when the class drifts, the "
+            "prior loss weight, the class images per step (as many as the 6 instance images, diffusers' default, "
+            "or twice as many), steps/lr, and what the class samples' predictions regress onto: the added noise "
+            "(diffusers' prior loss) or the frozen base's own prediction on the same noised class image "
+            "(`examples/train_dreambooth.py --prior_loss_target base`). Rule: "
             + verdict
             + f". Chosen: prior_loss_weight {best['prior_loss_weight']:g}, {best['class_ratio']}× class images per "
-            f"step, {best['steps']} steps at lr {best['lr']:g}; " + _trained_recipe_note(results, best),
+            f"step, {best['steps']} steps at lr {best['lr']:g}, target: {TARGET_WORDS[best.get('target', 'noise')]}; "
+            + _trained_recipe_note(results, best),
             "",
             *lines,
         ]
@@ -613,6 +639,7 @@ def interpretation(results: dict, width: int = 32) -> str:
         ("lora-sequential-mu1", "μ = 1"),
         ("lora-sequential-refine", "μ = 0.3, then 50 end-to-end refinement steps"),
         ("lora-sequential-refine150", "μ = 1, then 150 end-to-end refinement steps"),
+        ("lora-distill-sequential-refine", "μ = 0.3, then 50 refinement steps, on the distilled-prior LoRAs"),
     ):
         if m in summary and n_max in summary[m]:
             per_n = ", ".join(f"N = {n}: {summary[m][n]['retained']:.2f}" for n in sorted(summary[m]) if n != n_max)
