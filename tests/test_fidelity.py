@@ -109,6 +109,18 @@ def test_recipe_rule_picks_the_lowest_loss_within_the_drift_bound():
     assert best["name"] == "b" and not within  # none within: the lowest drift, and the rule says so
 
 
+def test_evaluation_keys_ignore_the_recipe_probe_but_not_the_training():
+    """Cached evaluations are named by what changes their numbers: trying more recipes (or on more concepts) must
+    not throw away every evaluation, a different training recipe must."""
+    from studies.fidelity.run import FULL
+
+    key = FULL.eval_key("lora", 1e-2, (("n", 15),))
+    probe = dataclasses.replace(FULL, recipe_grid=FULL.recipe_grid[:2], recipe_concepts=(15,), no_prior_concepts=())
+    assert probe.eval_key("lora", 1e-2, (("n", 15),)) == key
+    assert dataclasses.replace(FULL, prior_loss_weight=1.0).eval_key("lora", 1e-2, (("n", 15),)) != key
+    assert FULL.eval_key("lora-distill", 1e-2, (("n", 15),)) != key  # another family: another training
+
+
 def test_subsets_cover_every_concept():
     for n in (1, 2, 5, 10, 15):
         groups = subsets(15, n)

@@ -127,6 +127,20 @@ ALL_METHODS = [
         (("prior_weight", 0.3), ("ridge", 1e-3), ("refine_steps", 50)),
     ),
     Method(
+        "lora-distill-sequential-refine150",
+        "lora-distill",
+        "sequential",
+        "LoRA (distilled prior), sequential + 150 refine steps",
+        (("prior_weight", 0.3), ("ridge", 1e-3), ("refine_steps", 150)),
+    ),
+    Method(
+        "lora-distill-sequential-mu1-refine150",
+        "lora-distill",
+        "sequential",
+        "LoRA (distilled prior), sequential (μ = 1) + 150 refine steps",
+        (("prior_weight", 1.0), ("ridge", 1e-3), ("refine_steps", 150)),
+    ),
+    Method(
         "lora-sequential-refine150",
         "lora",
         "sequential",

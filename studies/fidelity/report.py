@@ -28,6 +28,8 @@ STATISTICS = (
     "lora-distill-stats",
     "ortho-disjoint-distill-stats",
     "lora-distill-sequential-refine",
+    "lora-distill-sequential-refine150",
+    "lora-distill-sequential-mu1-refine150",
 )
 
 
@@ -342,7 +344,7 @@ def recipe_section(results: dict) -> list[str]:
         mean_wo = float(np.mean([r["without"] for r in nop]))
         out += [
             "",
-            f"Single LoRA, the chosen recipe with and without prior preservation (same steps, lr and instance "
+            f"Single LoRA (`lora`, the noise target) with and without prior preservation (same steps, lr and instance "
             f"batch; without it the batch holds the instance half only): mean {100 * mean_w:+.1f} % vs "
             f"{100 * mean_wo:+.1f} %.",
             "",
@@ -437,8 +439,10 @@ def markdown(results: dict, labels: dict[str, str], command: str) -> str:
         f"the concept's images {cfg['repeats']}× ({cfg['images_per_concept'] * cfg['repeats']} samples) under the "
         f"concept prompt **and {'as many' if cfg.get('class_ratio', 1) == 1 else str(cfg['class_ratio']) + '× as many'} "
         "class images under their class prompts** (DreamBooth prior preservation, "
-        f"loss = L_instance + {cfg['prior_loss_weight']:g} · L_prior as in diffusers' `train_dreambooth`; the "
-        "recipe chosen by the probe below). The "
+        f"loss = L_instance + {cfg['prior_loss_weight']:g} · L_prior as in diffusers' `train_dreambooth`, whose "
+        "L_prior regresses the class predictions onto the added noise; the `-distill` families regress them onto the "
+        "frozen base's own prediction on the same noised class image instead, `train_dreambooth.py "
+        "--prior_loss_target base`; see the recipe probe below). The "
         f"class images are the base model's own samples of the class prompts ({cfg['class_images']} per digit, as "
         "diffusers' script generates them), not held-out digits: those measure the prior drift and stay unseen. "
         "Classes: "
@@ -640,6 +644,8 @@ def interpretation(results: dict, width: int = 32) -> str:
         ("lora-sequential-refine", "μ = 0.3, then 50 end-to-end refinement steps"),
         ("lora-sequential-refine150", "μ = 1, then 150 end-to-end refinement steps"),
         ("lora-distill-sequential-refine", "μ = 0.3, then 50 refinement steps, on the distilled-prior LoRAs"),
+        ("lora-distill-sequential-refine150", "μ = 0.3, then 150 refinement steps, on the distilled-prior LoRAs"),
+        ("lora-distill-sequential-mu1-refine150", "μ = 1, then 150 refinement steps, on the distilled-prior LoRAs"),
     ):
         if m in summary and n_max in summary[m]:
             per_n = ", ".join(f"N = {n}: {summary[m][n]['retained']:.2f}" for n in sorted(summary[m]) if n != n_max)
@@ -661,6 +667,31 @@ def interpretation(results: dict, width: int = 32) -> str:
             "stop adapter j from reading *the directions adapter i uses*, not from reading concept i's inputs: with "
             f"{n_max} slots of rank {rank} on {width}-wide layers the other adapters read about (N−1)·r/in = "
             f"{frac:.0%} of an input's energy."
+        )
+    single = results.get("single", {})
+    pairs = [(f, f"{f}-distill") for f in ("lora", "ortho-disjoint") if f in single and f"{f}-distill" in single]
+    if pairs:
+
+        def mean(family: str, key: str) -> float:
+            return float(np.mean([v[key] for v in single[family].values()]))
+
+        merged = [
+            f"`{m}` R {get(m, n_max, 'retained'):.2f}, drift {100 * get(m, n_max, 'prior_drift'):+.0f} %, identity "
+            f"{get(m, n_max, 'identity'):.2f}"
+            for m in ("lora-distill-stats", "ortho-disjoint-distill-stats", "lora-distill-sequential-refine")
+            if n_max in summary.get(m, {})
+        ]
+        lines.append(
+            "- Prior preservation as distillation (`-distill`: the class term's target is the frozen base's "
+            "prediction instead of the noise): single adapters drift "
+            + ", ".join(
+                f"{100 * mean(d, 'prior_drift'):+.1f} % instead of {100 * mean(f, 'prior_drift'):+.1f} % "
+                f"(`{f}`; identity {mean(d, 'identity'):.2f} vs {mean(f, 'identity'):.2f})"
+                for f, d in pairs
+            )
+            + ". The noise target refits the class prompts to a few generated images and noise draws, which moves "
+            "the model by itself; the base's prediction asks for no change at all on class inputs. Merged at "
+            f"N = {n_max}: " + ("; ".join(merged) if merged else "not measured") + "."
         )
     if "soda" in summary:
         lines.append(

@@ -105,7 +105,7 @@ class RunConfig:
     prior_preservation: bool = True
     class_images: int = 24
     prior_classes: str = "all"
-    # 2: the recipe probe's choice on the tuning concept (docs/benchmarks.md); diffusers' default is 1.
+    # 2: the recipe probe's choice (docs/benchmarks.md); diffusers' default is 1.
     prior_loss_weight: float = 2.0
     class_ratio: int = 1  # class images per step, as a multiple of the instance half
     # The statistics merge's settings are chosen on the tuning concepts (never merged in the benchmark) at N =
@@ -167,7 +167,7 @@ class RunConfig:
     def eval_key(self, family: str, lr: float, options=()) -> str:
         """Names a method's cached evaluation: everything that changes its numbers (not the method list)."""
         skip = ("methods", "sweep", "lr_grid", "stats_grid", "drift_allowance", "stats_tuning", "ns", "sequential_ns")
-        skip += ("recipe_grid", "recipe_drift_max", "no_prior_concepts")  # evaluations are cached per N
+        skip += ("recipe_grid", "recipe_drift_max", "recipe_concepts", "no_prior_concepts")  # cached per N
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip and k != "tuning_identity"}
         blob = json.dumps(
             [fields, self.base.key(), self.train_key(family, lr), list(options), "eval-v2"],
@@ -538,8 +538,8 @@ def run(cfg: RunConfig, cache_dir: str = DEFAULT_CACHE, log=print) -> dict:
             )
         )
         picked = recipe_of(best)
-        trained = [f for f in ("lora", "lora-distill") if family_recipe(cfg, f) == picked]
-        log(f"  recipe chosen: {picked}, trained with it: {', '.join(trained) or 'no family'}")
+        users = [f for f in ("lora", "lora-distill") if family_recipe(cfg, f) == picked]
+        log(f"  recipe chosen: {picked}, the recipe of: {', '.join(users) or 'no family'}")
 
     methods = available_methods(list(cfg.methods) if cfg.methods else None)
     results["skipped_methods"] = [
