@@ -311,6 +311,15 @@ def test_compose_method_sequential_is_the_function_and_refuses_without_calibrati
     for key in want:
         torch.testing.assert_close(merged.layers[key].delta, want[key].delta)
     assert not merged.exact and "Sequential merge" in merged.statement
+    # The refinement's settings reach the function: the same steps at the same lr give the same deltas.
+    refined = compose(
+        names, method="sequential", calibrate=base, inputs=inputs, refine_steps=3, refine_lr=1e-2, progress=False
+    )
+    want = sequential_merge([a, b], [1.0, 1.0], base, inputs, refine_steps=3, refine_lr=1e-2)
+    other = sequential_merge([a, b], [1.0, 1.0], base, inputs, refine_steps=3)  # the default lr, 1e-3
+    for key in want:
+        torch.testing.assert_close(refined.layers[key].delta, want[key].delta)
+    assert any(not torch.allclose(want[k].delta, other[k].delta) for k in want)
     with pytest.raises(ValueError, match="calibrate=<base model> and inputs="):
         compose(names, method="sequential", inputs=inputs, progress=False)
     with pytest.raises(ValueError, match="calibrate=<base model> and inputs="):

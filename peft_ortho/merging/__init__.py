@@ -451,6 +451,7 @@ def compose(
     inputs: dict | None = None,
     prior_inputs: list | None = None,
     refine_steps: int = 0,
+    refine_lr: float = 1e-3,
     family: str | None = None,
 ) -> MergedAdapter:
     """Merge adapters given by name (Hub repo id ``owner/name[@revision]``, local folder, or ``.safetensors`` file).
@@ -491,7 +492,8 @@ def compose(
         inputs: for ``method="sequential"``: ``{adapter name: [batch, ...]}``, each adapter's calibration batches
             (tensors, dicts of keyword arguments or tuples for ``calibrate``, the base model); ``prior_inputs``:
             ordinary batches on which the base's outputs are kept (weight ``prior_weight``; ``ridge`` is λ);
-            ``refine_steps``: end-to-end output-matching steps after the closed form (``merging.sequential``).
+            ``refine_steps``: end-to-end output-matching steps after the closed form (``merging.sequential``),
+            ``refine_lr`` their Adam learning rate.
 
     Returns:
         A ``MergedAdapter``. Raises, naming the adapter and the layer, on anything it cannot merge correctly; warns
@@ -546,6 +548,7 @@ def compose(
             mu=prior_weight,
             lam=ridge,
             refine_steps=refine_steps,
+            refine_lr=refine_lr,
         )
         return merged
     calibrated = _calibrate(adapters, calibrate, prompts) if calibrate is not None else []

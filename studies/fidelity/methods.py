@@ -141,6 +141,20 @@ ALL_METHODS = [
         (("prior_weight", 1.0), ("ridge", 1e-3), ("refine_steps", 150)),
     ),
     Method(
+        "lora-distill-sequential-mu1-refine150-lr3e-3",
+        "lora-distill",
+        "sequential",
+        "LoRA (distilled prior), sequential (μ = 1) + 150 refine steps at lr 3e-3",
+        (("prior_weight", 1.0), ("ridge", 1e-3), ("refine_steps", 150), ("refine_lr", 3e-3)),
+    ),
+    Method(
+        "lora-distill-sequential-mu1-refine150-lr1e-2",
+        "lora-distill",
+        "sequential",
+        "LoRA (distilled prior), sequential (μ = 1) + 150 refine steps at lr 1e-2",
+        (("prior_weight", 1.0), ("ridge", 1e-3), ("refine_steps", 150), ("refine_lr", 1e-2)),
+    ),
+    Method(
         "lora-sequential-refine150",
         "lora",
         "sequential",
