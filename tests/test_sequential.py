@@ -293,6 +293,29 @@ def test_refinement_lowers_the_end_to_end_mismatch(base, tiny_gpt2, tmp_path):
     assert all(p.grad is None for p in tiny_gpt2.parameters())  # the base model's own gradients are untouched
 
 
+def test_balanced_refinement_weighs_each_adapter_by_its_own_effect(base, tmp_path):
+    """``refine_balance``: each adapter's term is divided by its own effect on its batches. One adapter alone: the
+    weight is exactly 1, nothing changes. A strong and a weak adapter on overlapping inputs: unbalanced, the weak
+    one's mismatch relative to its effect is left large for the strong one's benefit; balanced, it shrinks."""
+    a, ma = save_adapter(base, ["fc1", "fc2"], tmp_path / "a", seed=1, scale=1.0)
+    b, mb = save_adapter(base, ["fc1", "fc2"], tmp_path / "b", seed=2, scale=0.1)
+    g = torch.Generator().manual_seed(6)
+    inputs = [[torch.randn(20, 6, generator=g)], [torch.randn(20, 6, generator=g) + 0.3]]
+    kw = dict(refine_steps=20, refine_lr=1e-2)
+    alone = [sequential_merge([a], [1.0], base, inputs[:1], refine_balance=flag, **kw) for flag in (False, True)]
+    assert all(torch.equal(alone[0][k].delta, alone[1][k].delta) for k in alone[0])
+
+    def relative(layers, single, batches):
+        with torch.no_grad():
+            x = batches[0]
+            effect = (single(x) - base(x)).double().pow(2).mean()
+            return float((fused(base, layers)(x) - single(x)).double().pow(2).mean() / effect)
+
+    plain = sequential_merge([a, b], [1.0, 1.0], base, inputs, **kw)
+    balanced = sequential_merge([a, b], [1.0, 1.0], base, inputs, refine_balance=True, **kw)
+    assert relative(balanced, mb, inputs[1]) < relative(plain, mb, inputs[1])
+
+
 def test_compose_method_sequential_is_the_function_and_refuses_without_calibration(base, tmp_path):
     from peft_ortho import compose
 

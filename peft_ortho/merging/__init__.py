@@ -452,6 +452,7 @@ def compose(
     prior_inputs: list | None = None,
     refine_steps: int = 0,
     refine_lr: float = 1e-3,
+    refine_balance: bool = False,
     family: str | None = None,
 ) -> MergedAdapter:
     """Merge adapters given by name (Hub repo id ``owner/name[@revision]``, local folder, or ``.safetensors`` file).
@@ -493,7 +494,8 @@ def compose(
             (tensors, dicts of keyword arguments or tuples for ``calibrate``, the base model); ``prior_inputs``:
             ordinary batches on which the base's outputs are kept (weight ``prior_weight``; ``ridge`` is λ);
             ``refine_steps``: end-to-end output-matching steps after the closed form (``merging.sequential``),
-            ``refine_lr`` their Adam learning rate.
+            ``refine_lr`` their Adam learning rate, ``refine_balance`` weighs each adapter's term by the inverse of
+            its own effect on its batches.
 
     Returns:
         A ``MergedAdapter``. Raises, naming the adapter and the layer, on anything it cannot merge correctly; warns
@@ -549,6 +551,7 @@ def compose(
             lam=ridge,
             refine_steps=refine_steps,
             refine_lr=refine_lr,
+            refine_balance=refine_balance,
         )
         return merged
     calibrated = _calibrate(adapters, calibrate, prompts) if calibrate is not None else []

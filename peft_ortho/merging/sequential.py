@@ -40,7 +40,10 @@ the end-to-end mismatch ``Σ_s (μ_s / Σ μ) · mean_batches D(f_merged(x), f_s
 (``f_s``: single model ``i``, or the base for ``prior``; ``μ_s`` 1, or ``mu`` for ``prior``), with ``D`` the
 ``KL(f_s ‖ f_merged)`` of the next-token distributions for outputs that have ``logits``, else the mean squared error
 of the output tensor (``.sample`` for diffusers models). The targets are computed once; each step is one forward and
-backward pass per calibration batch.
+backward pass per calibration batch. With ``refine_balance`` each adapter's term is divided by its own effect
+``e_i = mean_batches D(f_base(x), f_i(x))`` and multiplied by the adapters' mean effect ``ē``: every adapter's
+mismatch then counts relative to how much it changes the model, so an adapter that changes little is not left to
+the others' benefit (the prior term keeps ``μ`` relative to an adapter of mean effect).
 
 The result is a dense ``ΔW`` per layer (``MergedLayer(delta=...)``): ``fuse`` uses it exactly; the LoRA exports
 re-factor it with a truncated SVD of rank ``svd_rank`` (default ``Σ r_i``) and record the error in the card.
@@ -82,6 +85,7 @@ def sequential_merge(
     cache: bool = True,
     refine_steps: int = 0,
     refine_lr: float = 1e-3,
+    refine_balance: bool = False,
 ) -> dict[tuple[str | None, str], MergedLayer]:
     """Merge ``adapters`` layer by layer so the merged model reproduces each single model's layer outputs.
 
@@ -106,6 +110,8 @@ def sequential_merge(
             the merged model's *final* outputs to each single model's on its calibration batches (and to the base's
             on ``prior``); see the module docstring. ``0``: the closed form alone.
         refine_lr: Adam's learning rate for the refinement.
+        refine_balance: weigh each adapter's refinement term by the inverse of its own effect on its batches
+            (module docstring).
 
     Returns:
         ``{(component, layer): MergedLayer(delta=ΔW)}`` with ``ΔW`` ``(out, in)`` float32 (flattened for convs),
@@ -156,7 +162,7 @@ def sequential_merge(
         with torch.no_grad():
             deltas = _solve(problem, lam, cache)
         if refine_steps:
-            deltas = _refine(problem, deltas, refine_steps, refine_lr)
+            deltas = _refine(problem, deltas, refine_steps, refine_lr, refine_balance)
     finally:
         root.train(was_training)
     result = {}
@@ -260,13 +266,24 @@ def _solve(problem: _Problem, lam: float, cache: bool) -> dict[str, torch.Tensor
     return deltas
 
 
-def _refine(problem: _Problem, deltas: dict[str, torch.Tensor], steps: int, lr: float) -> dict[str, torch.Tensor]:
+def _refine(
+    problem: _Problem, deltas: dict[str, torch.Tensor], steps: int, lr: float, balance: bool = False
+) -> dict[str, torch.Tensor]:
     """Adam on all ``ΔW`` at once: match the merged model's outputs to each set's target model, end to end."""
-    targets = []
+    targets, effects = [], []
     with torch.no_grad():
         for i, group, _ in problem.sets:
             params = problem.single(i)
             targets.append([_output(_call(problem.root, params, batch)) for batch in group])
+            if balance and i is not None:  # e_i: how far single model i is from the base on its own batches
+                base = [_output(_call(problem.root, {}, batch)) for batch in group]
+                effects.append(float(sum(_divergence(b, t) for b, t in zip(base, targets[-1]))) / len(group))
+            else:
+                effects.append(None)
+    known = [e for e in effects if e is not None and e > 0]
+    mean_effect = sum(known) / len(known) if known else 1.0
+    # An adapter without effect on its batches asks for the base there, like a prior set: weight 1.
+    balanced = [mean_effect / e if e is not None and e > 0 else 1.0 for e in effects]
     dtype = next(iter(problem.targets.values()))[0].dtype
     free = {n: d.to(dtype).clone().requires_grad_(True) for n, d in deltas.items()}
     optimizer = torch.optim.Adam(free.values(), lr=lr)
@@ -279,9 +296,9 @@ def _refine(problem: _Problem, deltas: dict[str, torch.Tensor], steps: int, lr: 
             weight, transposed = problem.targets[name]
             params[problem.param[name]] = weight.detach() + (d.t() if transposed else d.reshape(weight.shape))
         loss = 0.0
-        for (_, group, w), outs in zip(problem.sets, targets):
+        for (_, group, w), outs, k in zip(problem.sets, targets, balanced):
             for batch, target in zip(group, outs):
-                loss = loss + (w / total / len(group)) * _divergence(
+                loss = loss + (k * w / total / len(group)) * _divergence(
                     _output(_call(problem.root, params, batch)), target
                 )
         optimizer.zero_grad(set_to_none=True)

@@ -155,6 +155,13 @@ ALL_METHODS = [
         (("prior_weight", 1.0), ("ridge", 1e-3), ("refine_steps", 150), ("refine_lr", 1e-2)),
     ),
     Method(
+        "lora-distill-sequential-mu1-refine150-balanced",
+        "lora-distill",
+        "sequential",
+        "LoRA (distilled prior), sequential (μ = 1) + 150 balanced refine steps",
+        (("prior_weight", 1.0), ("ridge", 1e-3), ("refine_steps", 150), ("refine_balance", True)),
+    ),
+    Method(
         "lora-sequential-refine150",
         "lora",
         "sequential",

@@ -32,6 +32,7 @@ STATISTICS = (
     "lora-distill-sequential-mu1-refine150",
     "lora-distill-sequential-mu1-refine150-lr3e-3",
     "lora-distill-sequential-mu1-refine150-lr1e-2",
+    "lora-distill-sequential-mu1-refine150-balanced",
 )
 
 
@@ -650,6 +651,10 @@ def interpretation(results: dict, width: int = 32) -> str:
         ("lora-distill-sequential-mu1-refine150", "μ = 1, then 150 refinement steps, on the distilled-prior LoRAs"),
         ("lora-distill-sequential-mu1-refine150-lr3e-3", "μ = 1, then 150 refinement steps at lr 3e-3 (default 1e-3)"),
         ("lora-distill-sequential-mu1-refine150-lr1e-2", "μ = 1, then 150 refinement steps at lr 1e-2"),
+        (
+            "lora-distill-sequential-mu1-refine150-balanced",
+            "μ = 1, then 150 refinement steps, each concept's term divided by its own effect (`refine_balance`)",
+        ),
     ):
         if m in summary and n_max in summary[m]:
             per_n = ", ".join(f"N = {n}: {summary[m][n]['retained']:.2f}" for n in sorted(summary[m]) if n != n_max)
