@@ -337,6 +337,7 @@ def test_quick_run_end_to_end_on_a_toy_budget(tmp_path):
     recipe = results["recipe"]
     assert len(recipe["trials"]) == 2 and recipe["chosen"] in recipe["trials"]
     assert choose_recipe(recipe["trials"], TOY.recipe_drift_max) == (recipe["chosen"], recipe["within"])
+    assert recipe["families"] == []  # neither trial is TOY's own training recipe (weight 2, 1× class images, 4 steps)
     (nop,) = results["no_prior"]
     assert nop["concept"] == 0 and nop["with"] == results["single"]["lora"][0]["prior_drift"]
     assert nop["without"] != nop["with"]  # a different adapter (no class half in its batches)
@@ -422,8 +423,15 @@ def test_recipe_section_says_when_the_adapters_are_not_trained_with_the_chosen_r
     configured, other = trial(2.0, 1, 120, 1e-2, 0.16), trial(2.0, 2, 240, 5e-3, 0.15)
     config = {"images_per_concept": 6, "repeats": 1, "prior_loss_weight": 2.0, "class_ratio": 1, "steps": 120}
     for best, claimed in ((configured, True), (other, False)):
+        families = ["lora"] if claimed else []  # what the run finds trained with the chosen recipe
         results = {
-            "recipe": {"trials": [configured, other], "chosen": best, "within": True, "drift_max": 0.1},
+            "recipe": {
+                "trials": [configured, other],
+                "chosen": best,
+                "within": True,
+                "drift_max": 0.1,
+                "families": families,
+            },
             "config": config,
             "lrs": {"lora": 1e-2},
             "concepts": [],
@@ -434,7 +442,13 @@ def test_recipe_section_says_when_the_adapters_are_not_trained_with_the_chosen_r
     # The distilled prior chosen, and its family in the run: that family is named, the others' target stated.
     distilled = {**configured, "target": "base", "loss": 0.14}
     results = {
-        "recipe": {"trials": [configured, distilled], "chosen": distilled, "within": True, "drift_max": 0.1},
+        "recipe": {
+            "trials": [configured, distilled],
+            "chosen": distilled,
+            "within": True,
+            "drift_max": 0.1,
+            "families": ["lora-distill"],
+        },
         "config": config,
         "lrs": {"lora": 1e-2, "lora-distill": 1e-2},
         "concepts": [],

@@ -299,6 +299,10 @@ def dreambooth_batch(
 STATISTICS_FAMILIES = ("lora", "ortho-disjoint", "ortho-disjoint-erasure", "block", "block-erasure")
 
 
+# The LoRA family each prior-preservation target trains (the recipe probe's families).
+PROBE_FAMILIES = {"noise": "lora", "base": "lora-distill"}
+
+
 def class_target(family: str) -> str:
     """What ``family``'s prior-preservation term regresses the class predictions onto (``train_adapter``)."""
     return "base" if family.endswith("-distill") else "noise"

@@ -262,26 +262,25 @@ TARGET_WORDS = {"noise": "noise", "base": "base's prediction"}
 
 
 def _trained_recipe_note(results: dict, best: dict) -> str:
-    """Which families below are trained with the recipe the rule chose (a rerun whose probe picks another recipe
-    than the configured one says so instead of claiming it)."""
+    """Which families below are trained with the recipe the rule chose (``recipe["families"]``, found by the run;
+    a rerun whose probe picks another recipe than the configured one says so instead of claiming it)."""
     cfg = results["config"]
     shared = (float(cfg["prior_loss_weight"]), int(cfg["class_ratio"]), int(cfg["steps"]))
-    picked = (float(best["prior_loss_weight"]), int(best["class_ratio"]), int(best["steps"]), float(best["lr"]))
-    target = best.get("target", "noise")
-    family = {"noise": "lora", "base": "lora-distill"}[target]
-    lr = results.get("lrs", {}).get(family, best["lr"])
-    if (*shared, float(lr)) == picked:
-        if family == "lora" and "lora-distill" not in results.get("lrs", {}):
-            return "every adapter below is trained with it."
+    ran = results.get("lrs", {})
+    users = [f for f in results["recipe"].get("families", []) if f in ran]
+    if not users:
         return (
-            f"the `{family}` adapters below are trained with it; every other family with prior_loss_weight "
-            f"{shared[0]:g}, {shared[1]}× class images per step, {shared[2]} steps at its own lr, and "
-            + ("the noise target (diffusers' recipe)." if family != "lora" else "the base's prediction as target.")
+            f"**the adapters below are not**: they are trained with prior_loss_weight {shared[0]:g}, {shared[1]}× "
+            f"class images per step, {shared[2]} steps (the configured recipe; see the note at the end of this "
+            "section)."
         )
+    if len(users) == len(ran):
+        return "every adapter below is trained with it."
+    noise = best.get("target", "noise") == "noise"
     return (
-        f"**the adapters below are not**: they are trained with prior_loss_weight {shared[0]:g}, {shared[1]}× "
-        f"class images per step, {shared[2]} steps (the configured recipe; see the note at the end of this "
-        "section)."
+        f"the {', '.join(f'`{f}`' for f in users)} adapters below are trained with it; every other family with "
+        f"prior_loss_weight {shared[0]:g}, {shared[1]}× class images per step, {shared[2]} steps at its own lr, and "
+        + ("the base's prediction as target." if noise else "the noise target (diffusers' recipe).")
     )
 
 

@@ -35,6 +35,7 @@ from .concepts import MAX_CONCEPTS, TUNING_SET, make_concepts, make_tuning_conce
 from .methods import (
     ALL_METHODS,
     ERASURE_P,
+    PROBE_FAMILIES,
     available_methods,
     class_target,
     merge_into,
@@ -538,8 +539,8 @@ def run(cfg: RunConfig, cache_dir: str = DEFAULT_CACHE, log=print) -> dict:
             )
         )
         picked = recipe_of(best)
-        users = [f for f in ("lora", "lora-distill") if family_recipe(cfg, f) == picked]
-        log(f"  recipe chosen: {picked}, the recipe of: {', '.join(users) or 'no family'}")
+        results["recipe"]["families"] = [f for f in PROBE_FAMILIES.values() if family_recipe(cfg, f) == picked]
+        log(f"  recipe chosen: {picked}, the recipe of: {', '.join(results['recipe']['families']) or 'no family'}")
 
     methods = available_methods(list(cfg.methods) if cfg.methods else None)
     results["skipped_methods"] = [
@@ -783,7 +784,7 @@ def probe_recipe(bench: Benchmark, base_prior: float, recipe) -> dict:
     ``lora-distill``."""
     weight, ratio, steps, lr = recipe[:4]
     target = recipe[4] if len(recipe) > 4 else "noise"
-    family = {"noise": "lora", "base": "lora-distill"}[target]
+    family = PROBE_FAMILIES[target]
     variant = recipe_variant(bench.cfg, recipe)
     per = []
     for c in bench.cfg.recipe_concepts:
