@@ -77,7 +77,7 @@ from torch import nn
 
 from ._io import atomic_dir, mmap_safetensors, refuse_pickle
 from ._version import __version__
-from .errors import BasisError, PeftOrthoError, UnsupportedLayerError
+from .errors import BasisError, PeftOrthoError, UnsupportedFeatureError, UnsupportedLayerError
 from .lora_format import PLAIN_LORA_REFUSALS, config_dict
 from .tuners.ortho_lora import OrthoLoraConfig
 
@@ -237,9 +237,11 @@ class _MergeAndOrthogonalInit(Strategy):
                 layer=name,
             )
         if layer.lora_A[adapter_name].weight.shape[0] < 2:
-            raise ValueError(
-                f"merge_and_orthogonal_init needs rank >= 2 (at rank 1 the only vector orthogonal to a previous "
-                f"down-projection column is 0); layer {name!r} has rank 1"
+            raise UnsupportedFeatureError(
+                "merge_and_orthogonal_init needs rank >= 2 (at rank 1 the only vector orthogonal to a previous "
+                "down-projection column is 0); this layer has rank 1",
+                adapter=adapter_name,
+                layer=name,
             )
 
     def init_adapter(self, layers: dict[str, LoraLayer], adapter_name: str, extra: dict[str, torch.Tensor]) -> None:

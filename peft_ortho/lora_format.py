@@ -1,6 +1,7 @@
 """LoRA file-format rules, in one place: key names, scales, configs, pipeline components and community layouts.
 
-Every reader and writer in peft-ortho (``export``, ``compose``, ``hub``, ``continual``) asks this module:
+Every reader and writer in peft-ortho (``diffusers_lora``, ``kohya_lora``, ``merging``, ``hub``, ``continual``)
+asks this module:
 
 - **keys** — ``<module>.lora_A.weight`` / ``<module>.lora_B.weight`` (``parse_lora_key``, ``pair_lora_keys``);
 - **scales** — ``ΔW = s · B A`` with ``s = lora_alpha / r`` (``/ √r`` with rsLoRA), per-layer ``rank_pattern`` /

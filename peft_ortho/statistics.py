@@ -36,6 +36,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from ._io import refuse_pickle
@@ -662,8 +666,6 @@ def _adapters_of(layer) -> set[str]:
 
 
 def _adapted_layers(model, adapter_name: str | None) -> tuple[dict[str, tuple[nn.Module, nn.Module]], str]:
-    from peft import PeftModel
-    from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 
     components = None
     if isinstance(model, Mapping):
@@ -790,7 +792,6 @@ def save_statistics(stats: AdapterStatistics, path: str | os.PathLike, *, overwr
     Returns:
         ``path``.
     """
-    from safetensors.torch import save_file
 
     path = os.fspath(path)
     if os.path.exists(path) and not overwrite:
@@ -883,7 +884,6 @@ def load_statistics(path_or_folder: str | os.PathLike, *, adapter: str) -> Adapt
     Returns:
         The ``AdapterStatistics``.
     """
-    from safetensors import safe_open
 
     path = os.fspath(path_or_folder)
     if os.path.isdir(path):
@@ -1024,7 +1024,6 @@ def _pipeline_parts(target):
 
 def _locate(adapter, target) -> dict[str, tuple[nn.Module, tuple]]:
     """``{statistics key: (module of target, adapter layer)}``; every adapter layer must exist in the target."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
 
     parts = _pipeline_parts(target)
     roots = parts if parts is not None else {None: target}

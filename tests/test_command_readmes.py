@@ -1,8 +1,11 @@
 """``benchmarks/README.md`` and ``studies/README.md`` list every command of their folder, and every command they
 list runs: each module answers ``--help`` from the repository root (no ``sys.path`` edits) and knows each flag the
-README gives it."""
+README gives it, and each completes a smoke run (its ``--quick`` mode at the smallest sizes its flags allow; the
+studies' smoke runs are in their own tests: ``test_llm_composition``, ``test_examples``, and ``test_fidelity``'s
+end-to-end run of the fidelity study on a toy configuration)."""
 
 import ast
+import hashlib
 import os
 import re
 import shlex
@@ -73,3 +76,64 @@ def test_readme_commands_run(module):
     }
     unknown = sorted(f for f in flags if not re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", proc.stdout))
     assert not unknown, f"{module} --help does not know {unknown}"
+
+
+# The benchmarks' --quick runs at their smallest sizes, writing into a copy of the page instead of docs/.
+SMOKE = {
+    "benchmarks.train_step": [
+        "--arms",
+        "lora,ortho",
+        "--steps",
+        "2",
+        "--warmup",
+        "0",
+        "--threads",
+        "1",
+        "--memory-steps",
+        "1",
+        "--no-decomposition",
+    ],  # fmt: skip
+    "benchmarks.input_statistics": ["--steps", "1", "--warmup", "0"],
+    "benchmarks.merge": [
+        "--ns",
+        "2",
+        "--memory-ns",
+        "2",
+        "--timing-repeats",
+        "1",
+        "--repeats",
+        "1",
+        "--svd-max-n",
+        "0",
+        "--latent",
+        "8",
+    ],  # fmt: skip
+    "studies.continual": ["--no-write"],
+}
+SECTIONS = {
+    "benchmarks.train_step": "<!-- train_step:start -->",
+    "benchmarks.input_statistics": "<!-- statistics:start -->",
+    "benchmarks.merge": "<!-- merge:start -->",
+}
+
+
+@pytest.mark.parametrize("module", sorted(SMOKE))
+def test_readme_commands_complete_a_smoke_run(module, tmp_path):
+    """The module's ``--quick`` run exits 0; a benchmark writes its section into the page it is given (the rest of
+    the page kept) and leaves the repository's docs alone."""
+    docs = os.path.join(ROOT, "docs", "benchmarks.md")
+    before = hashlib.sha256(open(docs, "rb").read()).hexdigest()
+    page = tmp_path / "benchmarks.md"
+    page.write_text("# Benchmarks\n\nkept text\n")
+    args = ["--quick", *SMOKE[module]] + (["--out", str(page)] if module in SECTIONS else [])
+    env = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if module in SECTIONS:
+        text = page.read_text()
+        assert "kept text" in text and SECTIONS[module] in text, text[:2000]
+    else:
+        assert "Best average score" in proc.stdout, proc.stdout[-2000:]
+    assert hashlib.sha256(open(docs, "rb").read()).hexdigest() == before

@@ -300,6 +300,101 @@ def test_kohya_sdxl_sgm_names_merge_exactly(tmp_path):
         compose([path], family="sd", progress=False)
 
 
+def _sdxl_pipe():
+    return testing.empty_pipeline(
+        "sdxl",
+        unet=testing.tiny_sdxl_unet(),
+        text_encoder=testing.tiny_text_encoder(),
+        text_encoder_2=testing.tiny_text_encoder(seed=1),
+    )
+
+
+def test_kohya_sdxl_file_with_diffusers_module_names_merges_exactly(tmp_path):
+    """sd-scripts' SDXL files in diffusers module names (``lora_unet_down_blocks_1_…``, ``lora_te1_`` and
+    ``lora_te2_`` for the two text encoders) land on the same layers (independent ΔW per layer)."""
+    q = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_1_attn1_to_q"
+    k = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k"
+    te1 = "lora_te1_text_model_encoder_layers_0_self_attn_v_proj"
+    te2 = "lora_te2_text_model_encoder_layers_1_mlp_fc2"
+    f = {**_pair(q, 64, 64, alpha=1), **_pair(k, 64, 64, alpha=3), **_pair(te1, 32, 32), **_pair(te2, 32, 64, alpha=2)}
+    expected = {
+        "unet.down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q": _delta(f, q),
+        "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k": _delta(f, k),
+        "text_encoder.encoder.layers.0.self_attn.v_proj": _delta(f, te1),
+        "text_encoder_2.encoder.layers.1.mlp.fc2": _delta(f, te2),
+    }
+    pipe = _sdxl_pipe()
+    merged = compose([_write(tmp_path, "sdxl_diffusers_names.safetensors", f)], base=pipe, progress=False)
+    assert merged.adapters[0].config["family"] == "sdxl"
+    _assert_deltas(_fused_deltas(merged, pipe, expected), expected)
+
+
+def test_lycoris_locon_conv_layers_merge_exactly(tmp_path):
+    """LyCORIS LoCon / kohya conv LoRA: ``lora_down`` ``(r, C_in, kh, kw)``, ``lora_up`` ``(C_out, r, 1, 1)`` on
+    ResNet convolutions (3×3 and a 1×1 shortcut), beside an attention layer; ΔW = (alpha / r) · up ⊗ down."""
+    g = torch.Generator().manual_seed(4)
+    f = {}
+    convs = {
+        "lora_unet_down_blocks_0_resnets_0_conv1": ("unet.down_blocks.0.resnets.0.conv1", 32, 32, 3, 4.0),
+        "lora_unet_down_blocks_1_resnets_0_conv_shortcut": (
+            "unet.down_blocks.1.resnets.0.conv_shortcut",
+            64,
+            32,
+            1,
+            1.0,
+        ),
+    }
+    expected = {}
+    for prefix, (layer, out, inn, k, alpha) in convs.items():
+        down = torch.randn(2, inn, k, k, generator=g)
+        up = torch.randn(out, 2, 1, 1, generator=g) * 0.1
+        f.update(
+            {
+                f"{prefix}.lora_down.weight": down,
+                f"{prefix}.lora_up.weight": up,
+                f"{prefix}.alpha": torch.tensor(alpha),
+            }
+        )
+        expected[layer] = (alpha / 2) * (up.double().flatten(1) @ down.double().flatten(1)).reshape(out, inn, k, k)
+    attn = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    f.update(_pair(attn, 32, 32, alpha=2))
+    expected["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"] = _delta(f, attn)
+    pipe = testing.tiny_sd_pipeline()
+    merged = compose([_write(tmp_path, "locon.safetensors", f)], progress=False)
+    _assert_deltas(_fused_deltas(merged, pipe, expected), expected)
+
+
+def test_cli_kohya_export_dtype_and_family(tmp_path, capsys):
+    """``--format kohya --dtype fp16`` writes what ``save_kohya(dtype="fp16")`` writes, for compose and export;
+    ``--family`` reaches the community-file reader: an SDXL file read as ``sd`` is refused in one line."""
+    from peft_ortho.cli import main
+
+    _sd_adapters(tmp_path)
+    names = [str(tmp_path / "unet_ad"), str(tmp_path / "te_ad")]
+    assert main(["compose", *names, "--out", str(tmp_path / "cli"), "--format", "kohya", "--dtype", "fp16"]) == 0
+    api = compose(names, progress=False).save_kohya(str(tmp_path / "api"), dtype="fp16")
+    (written,) = [f for f in os.listdir(tmp_path / "cli") if f.endswith(".safetensors")]
+    cli, ref = load_file(str(tmp_path / "cli" / written)), load_file(api)
+    assert cli.keys() == ref.keys() and {v.dtype for v in cli.values()} == {torch.float16}
+    assert all(torch.equal(cli[k], ref[k]) for k in ref)
+    out = tmp_path / "export"
+    assert main(["export", names[0], "--format", "kohya", "--dtype", "bf16", "--out", str(out)]) == 0
+    (written,) = [f for f in os.listdir(out) if f.endswith(".safetensors")]
+    exported = load_file(str(out / written))
+    assert {v.dtype for v in exported.values()} == {torch.bfloat16}
+    assert all(k.startswith("lora_unet_") for k in exported)
+
+    sgm = _write(
+        tmp_path, "sgm.safetensors", _pair("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q", 64, 64)
+    )
+    capsys.readouterr()
+    assert main(["inspect", sgm, "--family", "sdxl"]) == 0
+    code = main(["compose", sgm, "--family", "sd", "--out", str(tmp_path / "sd")])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1 and "family='sd'" in err and "sgm.safetensors" in err
+    assert not (tmp_path / "sd").exists()
+
+
 def test_sgm_key_that_stays_unmapped_is_refused_by_name(tmp_path):
     f = _pair("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q", 64, 64, alpha=1)
     f.update(_pair("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_zz", 64, 64, alpha=1))

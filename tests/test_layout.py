@@ -126,6 +126,7 @@ def test_the_import_graph_has_no_cycle():
     assert len(graph) > 30 and "peft_ortho.diffusers_lora" in graph  # the scan sees the package
     assert "peft_ortho.tuners.block_lora" in graph["peft_ortho.diffusers_lora"]  # package inits are edges
     assert _cycles(graph) == []
+    assert graph["peft_ortho.peft_types"] == set()  # the leaf every tuner and reader may import
 
 
 def test_the_cycle_check_can_fail():

@@ -257,6 +257,16 @@ class MergedAdapter:
         return out
 
     def card(self, *, diffusion: bool | None = None) -> str:
+        """The model card every save of this merge writes: its sources, the statement, the report and, for the
+        delta-space methods, the truncated SVD's error per layer.
+
+        Args:
+            diffusion: write the diffusers conventions (``text-to-image``, ``diffusers-training``...); ``None``: when
+                the merge adapts a ``unet`` or a ``transformer``.
+
+        Returns:
+            The card's markdown, YAML metadata included.
+        """
         rows = [
             {
                 "name": s.name,

@@ -26,6 +26,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 
 import torch
+from peft.utils import merge_utils
 
 from ..errors import AdapterFileError, IncompatibleAdaptersError
 from .check import check_adapter_finite, check_basis, check_shapes, prepare_basis_checks
@@ -443,8 +444,6 @@ def regmean_layers(adapters, weights, pending, options: RegMeanOptions, dtype) -
 
 
 def _combine_deltas(deltas, weights, method, density, majority_sign_method) -> torch.Tensor:
-    from peft.utils import merge_utils
-
     if method == "svd":  # the weighted sum, re-factored at export
         return merge_utils.task_arithmetic(deltas, weights)
     if method == "ties":

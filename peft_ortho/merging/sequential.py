@@ -57,6 +57,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from ..errors import IncompatibleAdaptersError, UnsupportedLayerError
 from ..lora_format import find_module
@@ -361,7 +362,7 @@ def _check_layer_type(module: nn.Module, name: str) -> None:
                 "grouped, 'same'-padded or non-zero-padded convolutions are not supported by the sequential merge",
                 layer=name,
             )
-    elif not isinstance(module, nn.Linear) and type(module).__name__ != "Conv1D":
+    elif not isinstance(module, (nn.Linear, Conv1D)):
         raise UnsupportedLayerError(
             f"{type(module).__name__} is not supported by the sequential merge (Linear, Conv1D, Conv2d)", layer=name
         )

@@ -76,6 +76,18 @@ class BlockLoraLayer(nn.Module, BaseTunerLayer):
         block_span: tuple[int, int],
         inference_mode: bool = False,
     ) -> None:
+        """Add adapter ``adapter_name``: factors that cover only its block of the layer.
+
+        Args:
+            adapter_name: the peft adapter name.
+            r: rank of the factors.
+            lora_alpha: the scale is ``lora_alpha / r``, as peft's LoRA.
+            lora_dropout: dropout probability on the block's inputs.
+            init_lora_weights: ``True``: ``B = 0`` (peft's default); ``False``: random ``B`` (tests).
+            block_axis: ``"out"`` (``B`` writes output rows ``block_span``) or ``"in"`` (``A`` reads input columns).
+            block_span: ``(start, end)`` of the block on ``block_axis``.
+            inference_mode: freeze the new factors.
+        """
         start, end = block_span
         size = end - start
         n_out = size if block_axis == "out" else self.out_features
