@@ -15,9 +15,9 @@ from .diffusers_lora import save_diffusers
 from .errors import PeftOrthoError
 from .kohya_lora import save_kohya
 from .merging import compose
-from .merging.merge import CALIBRATED_METHODS as _CALIBRATED
 from .merging.merge import METHODS as _METHODS
-from .merging.merge import PRIOR_TARGET, PRIOR_TARGETS, PRIOR_WEIGHT, RIDGE
+from .merging.merge import PRIOR_TARGET, PRIOR_TARGETS, PRIOR_WEIGHT, RIDGE, SEQUENTIAL_PRIOR_WEIGHT
+from .statistics import calibration_inputs
 
 
 def _positive_int(text: str) -> int:
@@ -97,15 +97,17 @@ def _merge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--method",
         default="auto",
-        choices=[m for m in _METHODS if m not in _CALIBRATED],  # sequential needs batches: Python API only
+        choices=list(_METHODS),
         help="auto (regmean when every adapter carries input statistics, else exact stacking), linear, regmean, "
-        "ties, dare_linear, dare_ties, svd",
+        "ties, dare_linear, dare_ties, svd, sequential (layer by layer on each adapter's own sampling of its "
+        "--prompt through the --calibrate pipeline)",
     )
     p.add_argument(
         "--prior-weight",
         type=float,
-        default=PRIOR_WEIGHT,
-        help="regmean: μ, weight of ordinary inputs (default %(default)s)",
+        default=None,
+        help=f"regmean / sequential: μ, weight of ordinary inputs (default {PRIOR_WEIGHT} for regmean, "
+        f"{SEQUENTIAL_PRIOR_WEIGHT} for sequential)",
     )
     p.add_argument(
         "--ridge",
@@ -131,6 +133,18 @@ def _merge_arguments(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="NAME=PROMPT",
         help="trigger prompt of adapter NAME for --calibrate (repeat per adapter)",
+    )
+    p.add_argument(
+        "--prior-prompt",
+        action="append",
+        default=[],
+        metavar="PROMPT",
+        help="sequential: an ordinary prompt (e.g. the class prompt) on whose sampling the base's outputs are kept "
+        "(repeat for several)",
+    )
+    p.add_argument("--refine-steps", type=int, default=0, help="sequential: end-to-end output-matching steps")
+    p.add_argument(
+        "--refine-lr", type=float, default=1e-3, help="sequential: their learning rate (default %(default)s)"
     )
 
 
@@ -184,8 +198,21 @@ def _run(args) -> int:
     prompts = _prompts(args.prompt)
     if prompts and not args.calibrate:
         raise PeftOrthoError("--prompt needs --calibrate MODEL_DIR (the model to run the prompts through)")
+    if args.method != "sequential" and (args.prior_prompt or args.refine_steps):
+        raise PeftOrthoError("--prior-prompt and --refine-steps are options of --method sequential")
+    if args.method == "sequential" and (not args.calibrate or not prompts):
+        raise PeftOrthoError("--method sequential needs --calibrate PIPELINE_DIR and --prompt NAME=PROMPT per adapter")
     calibrate = _load_base(args.calibrate) if args.calibrate else None
     base = _load_base(args.base) if args.base else None
+    sequential = {}
+    if args.method == "sequential":
+        if not hasattr(calibrate, "unet"):
+            raise PeftOrthoError(
+                f"--method sequential needs a diffusers pipeline folder for --calibrate: {args.calibrate}"
+            )
+        sequential = dict(refine_steps=args.refine_steps, refine_lr=args.refine_lr)
+        if args.prior_prompt:
+            sequential["prior_inputs"] = calibration_inputs(None, calibrate, list(args.prior_prompt))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         merged = compose(
@@ -201,6 +228,7 @@ def _run(args) -> int:
             component=args.component,
             family=args.family,
             progress=sys.stderr.isatty(),  # progress bars only for a person watching; logs get one-line errors
+            **sequential,
         )
     for w in caught:
         print(f"warning: {_one_line(w.message)}", file=sys.stderr)

@@ -57,6 +57,7 @@ __all__ = [
     "InputStatistics",
     "Moment",
     "calibrate",
+    "calibration_inputs",
     "check_statistics",
     "compare_statistics",
     "is_statistics_file",
@@ -1204,7 +1205,57 @@ def _run_lm(rec: _Recorder, model, prompt, kind: str, tokenizer) -> None:
             model(input_ids=ids.to(device))
 
 
-def _run_diffusion(rec, pipe, prompt, kind, *, record_uncond, steps, num_images, guidance_scale, seed) -> None:
+def calibration_inputs(
+    adapter,
+    pipeline,
+    prompt,
+    *,
+    steps: int = 4,
+    num_images: int = 2,
+    guidance_scale: float = 7.5,
+    seed: int = 0,
+) -> list[dict[str, torch.Tensor]]:
+    """What a pipeline's UNet is called with while it samples ``prompt`` with ``adapter`` applied: calibration batches
+    for the sequential merge (``compose(method="sequential", inputs=...)``) that need no training images.
+
+    The adapter is applied by forward hooks, as in ``calibrate``; the pipeline is bit-unchanged afterwards. The
+    trajectory is ``calibrate``'s: ``steps`` denoising steps of the pipeline's scheduler from ``num_images`` seeded
+    latents, stepped with classifier-free guidance ``ε_u + guidance_scale · (ε_c − ε_u)``, so the batches hold the
+    states the adapted model itself passes through, under the prompt and under the empty prompt.
+
+    Args:
+        adapter: a loaded ``peft_ortho.merging.load.Adapter``, or ``None`` for the base pipeline's own trajectory
+            (ordinary inputs for ``prior_inputs``, from a class or everyday prompt).
+        pipeline: a Stable Diffusion style diffusers pipeline (``tokenizer``, ``text_encoder``, ``unet``,
+            ``scheduler``) without adapters loaded.
+        prompt: a string (``num_images`` samples of it) or a list of strings (one sample each).
+        steps, num_images, guidance_scale, seed: the sampler, as in ``calibrate``.
+
+    Returns:
+        One batch per denoising step, keyword arguments of ``pipeline.unet``: ``{"sample": (2B, C, H, W),
+        "timestep": (2B,), "encoder_hidden_states": (2B, L, D)}`` with the conditional half first (``B`` prompts).
+    """
+    parts = _pipeline_parts(pipeline)
+    if parts is None:
+        raise ValueError("calibration_inputs needs a diffusers pipeline (for a causal LM, pass its prompts' ids)")
+    located = _locate(adapter, pipeline) if adapter is not None else {}
+    handles = [m.register_forward_hook(_delta_hook(m, adapter.factors(al))) for m, al in located.values()]
+    calls: list[dict[str, torch.Tensor]] = []
+    try:
+        with torch.no_grad(), _frozen_eval(list(parts.values())):
+            run = dict(steps=steps, num_images=num_images, guidance_scale=guidance_scale, seed=seed)
+            _run_diffusion(None, pipeline, prompt, None, record_uncond=False, calls=calls, **run)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def _run_diffusion(
+    rec, pipe, prompt, kind, *, record_uncond, steps, num_images, guidance_scale, seed, calls=None
+) -> None:
+    """Guided sampling of ``prompt`` through ``pipe`` (the UNet's inputs recorded under ``kind`` by ``rec``, and
+    appended to ``calls`` as one batch per step when given)."""
     for part in ("tokenizer", "text_encoder", "unet", "scheduler"):
         if getattr(pipe, part, None) is None:
             raise ValueError(f"calibration needs a Stable Diffusion style pipeline with a {part}")
@@ -1231,6 +1282,15 @@ def _run_diffusion(rec, pipe, prompt, kind, *, record_uncond, steps, num_images,
             eps_c = unet(x, t, encoder_hidden_states=cond).sample
         with _maybe_record(rec, "unconditional" if record_uncond else None):
             eps_u = unet(x, t, encoder_hidden_states=uncond).sample
+        if calls is not None:
+            both = torch.cat([x, x])
+            calls.append(
+                {
+                    "sample": both,
+                    "timestep": torch.as_tensor(t, device=both.device).reshape(1).expand(len(both)).clone(),
+                    "encoder_hidden_states": torch.cat([cond, uncond]),
+                }
+            )
         latents = scheduler.step(eps_u + guidance_scale * (eps_c - eps_u), t, latents).prev_sample
 
 

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 from conftest import build
-from peft import LoraConfig, PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 import peft_ortho
@@ -272,3 +272,41 @@ def test_subprocess_exit_codes(ad, tmp_path):
 
     usage = cli("compose", "--format", "onnx")
     assert usage.returncode == 2 and "usage:" in usage.stderr
+
+
+def test_compose_sequential_from_prompts_equals_the_api(tmp_path, capsys):
+    """``--method sequential --calibrate PIPELINE --prompt NAME=PROMPT``: each adapter's own sampling as its
+    calibration inputs, ``--prior-prompt`` the base's; the written adapter is the Python API's, and the method's
+    own flags are refused with another method."""
+    from diffusers import StableDiffusionPipeline
+
+    from peft_ortho.statistics import calibration_inputs
+
+    pipe = testing.tiny_sd_pipeline()
+    pipe.save_pretrained(str(tmp_path / "pipe"))
+    names = []
+    for seed, name in ((1, "a"), (2, "b")):
+        torch.manual_seed(seed)
+        config = LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "to_v"], init_lora_weights=False)
+        get_peft_model(copy.deepcopy(pipe.unet), config).save_pretrained(str(tmp_path / name))
+        names.append(str(tmp_path / name))
+    prompts = {names[0]: "a photo of sks dog", names[1]: "a photo of zwx cat"}
+    argv = ["compose", *names, "--method", "sequential", "--calibrate", tmp_path / "pipe"]
+    argv += [a for n, p in prompts.items() for a in ("--prompt", f"{n}={p}")]
+    argv += ["--prior-prompt", "a photo of a dog", "--refine-steps", "2", "--out", tmp_path / "cli"]
+    code = run(argv)
+    assert code == 0, capsys.readouterr().err
+    loaded = StableDiffusionPipeline.from_pretrained(str(tmp_path / "pipe"), use_safetensors=True)
+    prior = calibration_inputs(None, loaded, ["a photo of a dog"])
+    merged = compose(names, method="sequential", calibrate=loaded, prompts=prompts, prior_inputs=prior,
+                     refine_steps=2, progress=False)  # fmt: skip
+    merged.save_pretrained(str(tmp_path / "api"))
+    same_tensors(tmp_path / "cli" / "adapter_model.safetensors", tmp_path / "api" / "adapter_model.safetensors")
+    capsys.readouterr()
+    code = run(
+        ["compose", *names, "--method", "sequential", "--calibrate", tmp_path / "pipe", "--out", tmp_path / "x"]
+    )
+    assert_user_error(code, capsys.readouterr().err, "--prompt")
+    code = run(["compose", *names, "--refine-steps", "3", "--out", tmp_path / "y"])
+    assert_user_error(code, capsys.readouterr().err, "--method sequential")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -456,3 +456,36 @@ def test_recipe_section_says_when_the_adapters_are_not_trained_with_the_chosen_r
     text = "\n".join(recipe_section(results))
     assert "the `lora-distill` adapters below are trained with it" in text and "noise target" in text
     assert "every adapter below" not in text
+
+
+def test_trajectory_batch_is_the_adapters_guided_sampling_with_the_benchmarks_sampler(tmp_path):
+    """The trajectory calibration batch: ``calibration_inputs`` of the adapter with the benchmark's sampler (its
+    steps and guidance, tested against peft's own layers in test_sequential), all steps in one batch, from a noise
+    the identity measurement does not use."""
+    from peft_ortho.merging.load import load_adapter
+    from peft_ortho.merging.resolve import resolve
+    from peft_ortho.statistics import calibration_inputs
+    from studies.fidelity.run import Benchmark
+
+    bench = Benchmark(TOY, str(tmp_path / "cache"), log=lambda *_: None)
+    folder = bench.train("lora", 1e-2, 1)
+    k, steps = 2, TOY.sample_steps
+    batch = bench.trajectory_batch(folder, 1, k)
+    assert {len(v) for v in batch.values()} == {2 * k * steps}
+    calls = calibration_inputs(
+        load_adapter(resolve(folder)), bench.pipeline, bench.concept(1).prompt, steps=steps, num_images=k,
+        guidance_scale=TOY.guidance, seed=60_000 + 1,
+    )  # fmt: skip
+    for key, value in batch.items():
+        assert torch.equal(value, torch.cat([c[key] for c in calls]))
+    size = TOY.base.image_size
+    noise = torch.randn(k, 1, size, size, generator=torch.Generator().manual_seed(60_000 + 1))
+    assert torch.equal(batch["sample"][:k], noise)  # DDIM: init_noise_sigma 1, no input scaling
+    identity_noise = torch.randn(k, 1, size, size, generator=torch.Generator().manual_seed(10_000 + 1))
+    assert not torch.allclose(batch["sample"][:k], identity_noise)
+    assert bench.trajectory_batch(folder, 1, k) is batch  # computed once per adapter
+    prior = bench.prior_trajectory_batch()  # the base's own sampling of the ten class prompts
+    calls = calibration_inputs(None, bench.pipeline, [class_prompt(d) for d in range(10)], steps=steps,
+                               guidance_scale=TOY.guidance, seed=61_000)  # fmt: skip
+    assert {len(v) for v in prior.values()} == {2 * 10 * steps}
+    assert all(torch.equal(prior[key], torch.cat([c[key] for c in calls])) for key in prior)

@@ -349,3 +349,54 @@ def test_compose_method_sequential_is_the_function_and_refuses_without_calibrati
         compose(names, method="sequential", calibrate=base, progress=False)
     with pytest.raises(ValueError, match="calibration forward passes"):  # the weights-only pass cannot solve it
         next(iter(merged.iter_layers()))
+
+
+def test_calibration_inputs_are_the_adapted_pipelines_own_guided_sampling(tmp_path):
+    """``calibration_inputs``: per denoising step, the UNet's inputs of both guidance halves, where each next state is
+    the scheduler's step on the guided prediction of the *adapted* UNet (peft's own layers as the reference, not
+    the hooks); the pipeline is left bit-unchanged; compose builds the sequential merge's inputs from prompts."""
+    from peft_ortho import compose, testing
+    from peft_ortho.statistics import calibration_inputs
+
+    pipe = testing.tiny_sd_pipeline()
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    adapter, peft_unet = save_adapter(pipe.unet, ["to_q", "to_v"], tmp_path / "unet_lora", seed=3, scale=0.3)
+    prompt, steps, k, guidance = "a photo of a dog", 3, 2, 4.0
+    calls = calibration_inputs(adapter, pipe, prompt, steps=steps, num_images=k, guidance_scale=guidance, seed=5)
+    assert len(calls) == steps
+    scheduler = copy.deepcopy(pipe.scheduler)
+    scheduler.set_timesteps(steps)
+    size, channels = pipe.unet.config.sample_size, pipe.unet.config.in_channels
+    latents = torch.randn(k, channels, size, size, generator=torch.Generator().manual_seed(5))
+    latents = latents * scheduler.init_noise_sigma
+    ids = pipe.tokenizer([prompt] * k + [""] * k, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids  # fmt: skip
+    with torch.no_grad():
+        states = pipe.text_encoder(ids)[0]
+        for call, t in zip(calls, scheduler.timesteps):
+            x = scheduler.scale_model_input(latents, t)
+            torch.testing.assert_close(
+                call["sample"], torch.cat([x, x]), rtol=1e-4, atol=5e-5
+            )  # hooks vs peft: rounding
+            assert torch.equal(call["timestep"], t.reshape(1).expand(2 * k))
+            torch.testing.assert_close(call["encoder_hidden_states"], states)
+            eps_c, eps_u = peft_unet(**call).sample.chunk(2)
+            latents = scheduler.step(eps_u + guidance * (eps_c - eps_u), t, latents).prev_sample
+    assert all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items())
+    base_calls = calibration_inputs(None, pipe, prompt, steps=steps, num_images=k, guidance_scale=guidance, seed=5)
+    assert torch.equal(base_calls[0]["sample"], calls[0]["sample"])  # the same start ...
+    assert not torch.allclose(base_calls[-1]["sample"], calls[-1]["sample"], atol=1e-4)  # ... the base's own path
+
+    merged = compose(
+        [adapter.name], method="sequential", calibrate=pipe, prompts={adapter.name: prompt}, progress=False
+    )
+    want = sequential_merge([adapter], [1.0], pipe.unet, {adapter.name: calibration_inputs(adapter, pipe, prompt)})
+    assert merged.layers.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(merged.layers[key].delta, want[key].delta)
+    with pytest.raises(ValueError, match="calibrate=<pipeline> and prompts="):
+        compose([adapter.name], method="sequential", calibrate=pipe.unet, progress=False)
+    with pytest.raises(ValueError, match="a diffusers pipeline with a unet"):
+        compose(
+            [adapter.name], method="sequential", calibrate=pipe.unet, prompts={adapter.name: prompt}, progress=False
+        )

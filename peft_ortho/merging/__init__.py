@@ -15,7 +15,7 @@ from .._io import check_output
 from ..cards import model_card
 from ..errors import IncompatibleAdaptersError
 from ..lora_format import component_kind, family_of_pipeline, infer_component
-from ..statistics import AdapterStatistics
+from ..statistics import AdapterStatistics, calibration_inputs
 from ..statistics import calibrate as run_calibration
 from .check import CollisionWarning, check_configs, check_weights, warn_collisions
 from .fuse import check_fusable, fuse_layer, fuse_targets
@@ -489,7 +489,9 @@ def compose(
         calibrate: a pipeline or model to compute statistics with (``peft_ortho.statistics.calibrate``) for the
             adapters that carry none and have a prompt in ``prompts``; also the base for the report's drift.
         prompts: ``{adapter name: trigger prompt (or list of prompts)}`` for ``calibrate``; names must be adapters of
-            this merge.
+            this merge. With ``method="sequential"`` and a pipeline as ``calibrate``, instead of ``inputs``: each
+            adapter's calibration batches are the UNet calls of its own guided sampling of its prompt
+            (``statistics.calibration_inputs``: no training images needed).
         base: a model or pipeline whose weights ``W`` the report's drift ``‖ΔW X_0‖ / ‖W X_0‖`` uses.
         stream: keep peak memory independent of the number of adapters (for ``fuse`` of very many), at the cost of
             a second read of the files.
@@ -548,13 +550,25 @@ def compose(
                 )
             by_name[name].statistics = stats
     if method == "sequential":  # layer by layer through the partly merged model (merging.sequential)
-        if calibrate is None or not inputs or stream or prompts is not None:
-            raise ValueError("method='sequential' needs calibrate=<base model> and inputs={adapter: [batches]}")
+        if calibrate is None or stream or bool(inputs) == bool(prompts):
+            raise ValueError(
+                "method='sequential' needs calibrate=<base model> and inputs={adapter: [batches]}, or "
+                "calibrate=<pipeline> and prompts={adapter: prompt}"
+            )
+        model = calibrate
+        if prompts:  # each adapter's own sampling trajectory on its prompt (statistics.calibration_inputs)
+            if getattr(calibrate, "unet", None) is None:
+                raise ValueError(
+                    "method='sequential' with prompts= needs calibrate=<a diffusers pipeline with a unet>"
+                )
+            by_name = _by_name(adapters, prompts, "prompts")
+            inputs = {name: calibration_inputs(by_name[name], calibrate, p) for name, p in prompts.items()}
+            model = calibrate.unet
         merged = MergedAdapter(adapters, weights, method, svd_rank=svd_rank)
         merged.kept_layers = sequential_merge(
             adapters,
             weights,
-            calibrate,
+            model,
             inputs,
             prior=prior_inputs,
             mu=prior_weight,

@@ -161,6 +161,38 @@ ALL_METHODS = [
         "LoRA (distilled prior), sequential (μ = 1) + 150 balanced refine steps",
         (("prior_weight", 1.0), ("ridge", 1e-3), ("refine_steps", 150), ("refine_balance", True)),
     ),
+    # Calibration along each single model's own sampling trajectory (``trajectory_samples`` images of its concept,
+    # DDIM with guidance, both halves of every step, from noises the identity measurement never uses) on top of the
+    # noised-image batches: what the sampler feeds the model, where the noised training images do not reach.
+    Method(
+        "lora-distill-sequential-mu1-refine150-trajectory",
+        "lora-distill",
+        "sequential",
+        "LoRA (distilled prior), sequential (μ = 1) + 150 refine steps, trajectory calibration",
+        (("prior_weight", 1.0), ("ridge", 1e-3), ("refine_steps", 150), ("trajectory_samples", 2)),
+    ),
+    Method(
+        "lora-distill-sequential-mu4-refine150-trajectory",
+        "lora-distill",
+        "sequential",
+        "LoRA (distilled prior), sequential (μ = 4) + 150 refine steps, trajectory calibration",
+        (("prior_weight", 4.0), ("ridge", 1e-3), ("refine_steps", 150), ("trajectory_samples", 2)),
+    ),
+    # Prompts only, as for third-party files (compose(method="sequential", calibrate=pipe, prompts=...)): each
+    # adapter's own sampling trajectory (4 images) and, as ordinary inputs, the base's sampling of the class prompts.
+    Method(
+        "lora-distill-sequential-mu1-refine150-prompts",
+        "lora-distill",
+        "sequential",
+        "LoRA (distilled prior), sequential (μ = 1) + 150 refine steps, prompts only",
+        (
+            ("prior_weight", 1.0),
+            ("ridge", 1e-3),
+            ("refine_steps", 150),
+            ("trajectory_samples", 4),
+            ("prompts_only", True),
+        ),
+    ),
     Method(
         "lora-sequential-refine150",
         "lora",
@@ -467,6 +499,8 @@ def merge_into(
     unet = copy.deepcopy(base_unet)
     n = len(folders)
     options = dict(method.options)
+    for study_option in ("trajectory_samples", "prompts_only"):  # the study's calibration batches, not arguments
+        options.pop(study_option, None)
     start = time.perf_counter()
     if method.merge.startswith("compose-"):
         from peft_ortho import compose

@@ -252,6 +252,7 @@ class Benchmark:
         self._class_pools: dict[int, torch.Tensor] = {}
         self._singles: dict[str, dict] = {}
         self._single_images: dict[str, torch.Tensor] = {}
+        self._trajectories: dict[tuple[str, int] | None, dict] = {}
 
     def prior_pool(self, digit: int) -> tuple[torch.Tensor, list[str]] | None:
         """The class images and prompts concept training preserves: the concept's own class (``prior_classes =
@@ -484,6 +485,37 @@ class Benchmark:
             x_t = self.base.scheduler.add_noise(x, torch.randn(x.shape, generator=g), t)
             batches.append((x_t, t, self.states(prompts * 4)))
         return batches
+
+    def trajectory_batch(self, folder: str, index: int, samples: int) -> dict:
+        """The adapter's own guided sampling of its concept prompt as one calibration batch for the sequential merge:
+        ``peft_ortho.statistics.calibration_inputs`` with the benchmark's sampler (DDIM, ``sample_steps`` steps,
+        guidance ``guidance``), ``samples`` images from noises the identity measurement never uses, every step's
+        UNet call (both guidance halves) concatenated: ``2 · samples · sample_steps`` rows."""
+        if (folder, samples) not in self._trajectories:
+            from peft_ortho.merging.load import load_adapter
+            from peft_ortho.merging.resolve import resolve
+            from peft_ortho.statistics import calibration_inputs
+
+            calls = calibration_inputs(
+                load_adapter(resolve(folder)), self.pipeline, self.concept(index).prompt,
+                steps=self.cfg.sample_steps, num_images=samples, guidance_scale=self.cfg.guidance,
+                seed=60_000 + index,  # the identity samples use 10_000 + index
+            )  # fmt: skip
+            self._trajectories[(folder, samples)] = {k: torch.cat([c[k] for c in calls]) for k in calls[0]}
+        return self._trajectories[(folder, samples)]
+
+    def prior_trajectory_batch(self) -> dict:
+        """Ordinary inputs a user without class images has: the base's own guided sampling of the ten class prompts
+        (one image each, the benchmark's sampler), every step in one batch."""
+        if None not in self._trajectories:
+            from peft_ortho.statistics import calibration_inputs
+
+            calls = calibration_inputs(
+                None, self.pipeline, [class_prompt(d) for d in range(10)], steps=self.cfg.sample_steps,
+                guidance_scale=self.cfg.guidance, seed=61_000,
+            )  # fmt: skip
+            self._trajectories[None] = {k: torch.cat([c[k] for c in calls]) for k in calls[0]}
+        return self._trajectories[None]
 
 
 def run(cfg: RunConfig, cache_dir: str = DEFAULT_CACHE, log=print) -> dict:
@@ -907,9 +939,17 @@ def evaluate_method(bench, method, folders, base_loss, base_prior, singles, n_ma
         for subset in subsets(cfg.concepts, n):
             calibration, info = None, {}
             if method.merge == "sequential":
+                # Noised training images (the concept's and class images), and/or each adapter's own sampling
+                # trajectory; "prompts_only": what a user with nothing but each adapter's prompt has.
+                opts = dict(method.options)
+                k, prompts_only = opts.get("trajectory_samples", 0), opts.get("prompts_only", False)
                 calibration = (
-                    [bench.calibration_batches(i) for i in subset],
-                    bench.calibration_batches(0, prior=True),
+                    [
+                        ([] if prompts_only else bench.calibration_batches(i))
+                        + ([bench.trajectory_batch(family[i], i, k)] if k else [])
+                        for i in subset
+                    ],
+                    [bench.prior_trajectory_batch()] if prompts_only else bench.calibration_batches(0, prior=True),
                 )
             unet, seconds = merge_into(
                 bench.base.unet, method, [family[i] for i in subset], calibration=calibration, info=info
