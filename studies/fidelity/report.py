@@ -8,32 +8,38 @@ import numpy as np
 import torch
 
 from .base_model import DIGIT_WORDS
+from .methods import ALL_METHODS, Method
 
 TARGET_METHODS = ("ortho-disjoint", "block", "ortho-disjoint-erasure", "block-erasure")
 PLAIN_LORA = ("lora-sum", "lora-avg", "peft-ties", "peft-svd")
 # Merges that keep or combine the weights only (no statistics, no calibration inputs): what the statistics merge
 # must beat on both retention and drift.
 WEIGHT_SPACE = (*PLAIN_LORA, "ortho-random", *TARGET_METHODS, "soda", "lora-distill-avg", "ortho-disjoint-distill")
-STATISTICS = (
-    "lora-stats",
-    "ortho-disjoint-stats",
-    "block-stats",
-    "ortho-disjoint-erasure-stats",
-    "block-erasure-stats",
-    "lora-stats-calibrated",
-    "lora-sequential",
-    "lora-sequential-refine",
-    "lora-sequential-refine150",
-    "lora-sequential-mu1",
-    "lora-distill-stats",
-    "ortho-disjoint-distill-stats",
-    "lora-distill-sequential-refine",
-    "lora-distill-sequential-refine150",
-    "lora-distill-sequential-mu1-refine150",
-    "lora-distill-sequential-mu1-refine150-lr3e-3",
-    "lora-distill-sequential-mu1-refine150-lr1e-2",
-    "lora-distill-sequential-mu1-refine150-balanced",
-)
+# Merges that use each adapter's inputs (recorded statistics or calibration batches), in the methods' order.
+STATISTICS = tuple(m.name for m in ALL_METHODS if m.uses_statistics or m.merge == "sequential")
+
+
+def describe_sequential(method: Method) -> str:
+    """What a sequential-merge row does, from its options: μ, the refinement, the calibration batches."""
+    o = dict(method.options)
+    what = f"μ = {o.get('prior_weight', 1.0):g}"
+    if o.get("refine_steps"):
+        what += f", then {o['refine_steps']} end-to-end refinement steps"
+        what += f" at lr {o['refine_lr']:g} (default 1e-3)" if "refine_lr" in o else ""
+        what += ", each concept's term divided by its own effect (`refine_balance`)" if o.get("refine_balance") else ""
+    if method.family.endswith("-distill"):
+        what += ", on the distilled-prior LoRAs"
+    k = o.get("trajectory_samples", 0)
+    own = f"the adapter's own guided sampling of its prompt ({k} images, both guidance halves of every step)"
+    if o.get("prompts_only"):
+        batches = f"only {own}, and the base's own sampling of the ten class prompts as ordinary inputs"
+    else:
+        batches = (
+            "each concept's training images noised at 4 timesteps under its prompt and the empty prompt"
+            + (f", {own}" if k else "")
+            + ", and 20 class images under their class prompts"
+        )
+    return f"{what}; calibration batches: {batches}"
 
 
 def _to_grid(rows: list[list[torch.Tensor | None]], pad: int = 1) -> np.ndarray:
@@ -640,27 +646,13 @@ def interpretation(results: dict, width: int = 32) -> str:
                 else ""
             )
         )
-    for m, what in (
-        ("lora-sequential", "μ = 0.3"),
-        ("lora-sequential-mu1", "μ = 1"),
-        ("lora-sequential-refine", "μ = 0.3, then 50 end-to-end refinement steps"),
-        ("lora-sequential-refine150", "μ = 1, then 150 end-to-end refinement steps"),
-        ("lora-distill-sequential-refine", "μ = 0.3, then 50 refinement steps, on the distilled-prior LoRAs"),
-        ("lora-distill-sequential-refine150", "μ = 0.3, then 150 refinement steps, on the distilled-prior LoRAs"),
-        ("lora-distill-sequential-mu1-refine150", "μ = 1, then 150 refinement steps, on the distilled-prior LoRAs"),
-        ("lora-distill-sequential-mu1-refine150-lr3e-3", "μ = 1, then 150 refinement steps at lr 3e-3 (default 1e-3)"),
-        ("lora-distill-sequential-mu1-refine150-lr1e-2", "μ = 1, then 150 refinement steps at lr 1e-2"),
-        (
-            "lora-distill-sequential-mu1-refine150-balanced",
-            "μ = 1, then 150 refinement steps, each concept's term divided by its own effect (`refine_balance`)",
-        ),
-    ):
+    for method in [m for m in ALL_METHODS if m.merge == "sequential"]:
+        m = method.name
         if m in summary and n_max in summary[m]:
             per_n = ", ".join(f"N = {n}: {summary[m][n]['retained']:.2f}" for n in sorted(summary[m]) if n != n_max)
             lines.append(
-                f"- Sequential output matching (`{m}`, {what}; inputs re-measured through the partly merged model "
-                f"on calibration batches: each concept's training images noised at 4 timesteps under its prompt and "
-                f"the empty prompt, and 20 class images under their class prompts): R "
+                f"- Sequential output matching (`{m}`, {describe_sequential(method)}; inputs re-measured through "
+                f"the partly merged model): R "
                 f"{get(m, n_max, 'retained'):.2f} at N = {n_max}" + (f" ({per_n})" if per_n else "") + ", drift "
                 f"{100 * get(m, n_max, 'prior_drift'):+.0f} %, identity {get(m, n_max, 'identity'):.2f} (statistics "
                 f"merge: R {get('lora-stats', n_max, 'retained'):.2f}, drift "
