@@ -192,6 +192,13 @@ ALL_METHODS = [
         "LoRA (distilled prior), sequential (μ = 1) + 300 refine steps, trajectory calibration",
         (("prior_weight", 1.0), ("ridge", 1e-3), ("refine_steps", 300), ("trajectory_samples", 2)),
     ),
+    Method(
+        "lora-distill-sequential-mu1-refine300-trajectory8",
+        "lora-distill",
+        "sequential",
+        "LoRA (distilled prior), sequential (μ = 1) + 300 refine steps, trajectory calibration (8 images)",
+        (("prior_weight", 1.0), ("ridge", 1e-3), ("refine_steps", 300), ("trajectory_samples", 8)),
+    ),
     # Prompts only, as for third-party files (compose(method="sequential", calibrate=pipe, prompts=...)): each
     # adapter's own sampling trajectory (4 images) and, as ordinary inputs, the base's sampling of the class prompts.
     Method(
