@@ -667,7 +667,6 @@ def _adapters_of(layer) -> set[str]:
 
 
 def _adapted_layers(model, adapter_name: str | None) -> tuple[dict[str, tuple[nn.Module, nn.Module]], str]:
-
     components = None
     if isinstance(model, Mapping):
         components = dict(model)
@@ -793,7 +792,6 @@ def save_statistics(stats: AdapterStatistics, path: str | os.PathLike, *, overwr
     Returns:
         ``path``.
     """
-
     path = os.fspath(path)
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
@@ -885,7 +883,6 @@ def load_statistics(path_or_folder: str | os.PathLike, *, adapter: str) -> Adapt
     Returns:
         The ``AdapterStatistics``.
     """
-
     path = os.fspath(path_or_folder)
     if os.path.isdir(path):
         path = os.path.join(path, STATISTICS_NAME)
@@ -1025,18 +1022,8 @@ def _pipeline_parts(target):
 
 def _locate(adapter, target) -> dict[str, tuple[nn.Module, tuple]]:
     """``{statistics key: (module of target, adapter layer)}``; every adapter layer must exist in the target."""
-
     parts = _pipeline_parts(target)
-    roots = parts if parts is not None else {None: target}
-    for comp, root in roots.items():
-        for name, m in root.named_modules():
-            if isinstance(m, BaseTunerLayer):
-                where = layer_key(comp, name)
-                raise PeftOrthoError(
-                    f"calibration runs the base model, but the target has adapters loaded (on {where!r}); unload "
-                    "them first (pipe.unload_lora_weights(), model.unload())",
-                    adapter=adapter.name,
-                )
+    _refuse_loaded_adapters(target, adapter.name)
     layers = adapter.layers()
     home = None  # a PEFT folder's layers on a pipeline: the one component that has them all
     unplaced = [name for c, name in layers if c is None]
@@ -1062,6 +1049,19 @@ def _locate(adapter, target) -> dict[str, tuple[nn.Module, tuple]]:
             raise PeftOrthoError("the target has no such module", adapter=adapter.name, layer=layer_key(comp, layer))
         out[layer_key(comp, layer)] = (root.get_submodule(layer), (comp, layer))
     return out
+
+
+def _refuse_loaded_adapters(target, adapter_name: str | None) -> None:
+    """Calibration runs the *base* model: a target with peft adapters already loaded would run another model."""
+    parts = _pipeline_parts(target)
+    for comp, root in (parts if parts is not None else {None: target}).items():
+        for name, m in root.named_modules():
+            if isinstance(m, BaseTunerLayer):
+                raise PeftOrthoError(
+                    f"calibration runs the base model, but the target has adapters loaded (on "
+                    f"{layer_key(comp, name)!r}); unload them first (pipe.unload_lora_weights(), model.unload())",
+                    adapter=adapter_name,
+                )
 
 
 def _has(root: nn.Module, name: str) -> bool:
@@ -1238,7 +1238,11 @@ def calibration_inputs(
     parts = _pipeline_parts(pipeline)
     if parts is None:
         raise ValueError("calibration_inputs needs a diffusers pipeline (for a causal LM, pass its prompts' ids)")
-    located = _locate(adapter, pipeline) if adapter is not None else {}
+    if adapter is None:
+        _refuse_loaded_adapters(pipeline, None)  # the base's trajectory, not a loaded adapter's
+        located = {}
+    else:
+        located = _locate(adapter, pipeline)
     handles = [m.register_forward_hook(_delta_hook(m, adapter.factors(al))) for m, al in located.values()]
     calls: list[dict[str, torch.Tensor]] = []
     try:

@@ -15,7 +15,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from peft_ortho import IncompatibleAdaptersError, UnsupportedLayerError
+from peft_ortho import IncompatibleAdaptersError, PeftOrthoError, UnsupportedLayerError
 from peft_ortho.merging import MergedAdapter
 from peft_ortho.merging.load import load_adapter
 from peft_ortho.merging.resolve import resolve
@@ -394,6 +394,10 @@ def test_calibration_inputs_are_the_adapted_pipelines_own_guided_sampling(tmp_pa
     assert merged.layers.keys() == want.keys()
     for key in want:
         torch.testing.assert_close(merged.layers[key].delta, want[key].delta)
+    pipe.unet = peft_unet  # a pipeline with an adapter loaded does not run the base: refused, not used
+    with pytest.raises(PeftOrthoError, match="adapters loaded"):
+        calibration_inputs(None, pipe, prompt)
+    pipe.unet = peft_unet.unload()
     with pytest.raises(ValueError, match="calibrate=<pipeline> and prompts="):
         compose([adapter.name], method="sequential", calibrate=pipe.unet, progress=False)
     with pytest.raises(ValueError, match="a diffusers pipeline with a unet"):
